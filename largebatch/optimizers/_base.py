@@ -1,0 +1,297 @@
+"""What every largebatch optimizer shares.
+
+* argument validation that names the bad argument,
+* the `torch.optim.Optimizer` plumbing: closure, per-group dispatch, `__setstate__` defaults,
+  fused/foreach selection and the GradScaler protocol of torch's fused optimizers,
+* small tensor helpers used by the per-tensor and foreach bodies alike: fp32 norms, the
+  global gradient-clipping coefficient, bias corrections that stay tensors when capturable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim.optimizer import Optimizer, ParamsT, _default_to_fused_or_foreach, _use_grad_for_differentiable
+
+__all__ = [
+    "LargeBatchOptimizer",
+    "check_beta",
+    "check_lr",
+    "check_non_negative",
+    "check_positive",
+    "fp32_norm",
+    "param_norm",
+    "foreach_fp32_norms",
+    "global_grad_norm",
+    "clip_coefficient",
+    "debias_factor",
+    "debias_factors",
+    "resolve_foreach",
+]
+
+# torch.nn.utils.clip_grad_norm_ adds this to the norm before dividing; we clip the same way so a
+# model moved from `clip_grad_norm_(...)` + optimizer to `max_grad_norm=` trains identically.
+CLIP_NORM_EPS = 1e-6
+# The step counter's dtype, as torch.optim keeps it (a 0-dim float32 tensor).
+STEP_DTYPE = torch.float32
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def check_lr(lr: float | Tensor) -> None:
+    """`lr` is a non-negative float or a one-element tensor."""
+    if isinstance(lr, Tensor):
+        if lr.numel() != 1:
+            raise ValueError(f"lr as a Tensor must have one element, got shape {tuple(lr.shape)}")
+        value = float(lr.detach().cpu())  # __init__ only: never inside step()
+    else:
+        value = lr
+    if not value >= 0.0:  # also rejects NaN
+        raise ValueError(f"Invalid lr: {lr} (must be >= 0)")
+
+
+def check_non_negative(name: str, value: float | None, *, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0.0:
+        raise ValueError(f"Invalid {name}: {value!r} (must be a number >= 0)")
+
+
+def check_positive(name: str, value: float | None, *, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0.0:
+        raise ValueError(f"Invalid {name}: {value!r} (must be a number > 0)")
+
+
+def check_beta(name: str, value: float) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= value < 1.0:
+        raise ValueError(f"Invalid {name}: {value!r} (must be in [0, 1))")
+
+
+def check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"Invalid {name}: {value!r} (must be a bool)")
+
+
+# --------------------------------------------------------------------------- tensor helpers
+
+
+def norm_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Norms accumulate in float32 for fp32/bf16/fp16 tensors and in float64 for float64 ones."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def fp32_norm(tensor: Tensor) -> Tensor:
+    """L2 norm accumulated in (at least) float32 whatever the tensor's dtype; 0 for an empty tensor."""
+    return torch.linalg.vector_norm(tensor, dtype=norm_dtype(tensor.dtype))
+
+
+def param_norm(param: Tensor) -> Tensor:
+    """`fp32_norm` of a parameter that is about to be updated in place.
+
+    Under autograd (``differentiable=True``) the norm's backward needs the values from before
+    the update, so it is taken on a copy; otherwise no copy is made.
+    """
+    return fp32_norm(param.clone() if torch.is_grad_enabled() and param.requires_grad else param)
+
+
+def foreach_fp32_norms(tensors: Sequence[Tensor]) -> Tensor:
+    """`fp32_norm` of each tensor (one device and dtype), stacked into one vector."""
+    tensors = list(tensors)
+    return torch.stack(torch._foreach_norm(tensors, 2, dtype=norm_dtype(tensors[0].dtype)))
+
+
+def global_grad_norm(grads: Sequence[Tensor], *, foreach: bool) -> Tensor:
+    """L2 norm of all `grads` together, as one 0-dim tensor on the first grad's device.
+
+    Per device the squares are summed locally; only the partial sums cross devices. Accumulates
+    in float32 (float64 when any gradient is float64).
+    """
+    device = grads[0].device
+    dtype = norm_dtype(torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32)
+    if not foreach:
+        squares = [fp32_norm(g).to(device=device, dtype=dtype).square() for g in grads]
+        return torch.stack(squares).sum().sqrt()
+    grouped = Optimizer._group_tensors_by_device_and_dtype([list(grads)])  # type: ignore[arg-type]
+    partial = [
+        foreach_fp32_norms(device_grads).to(dtype).square().sum().to(device)
+        for (device_grads,), _ in grouped.values()
+    ]
+    return torch.stack(partial).sum().sqrt()
+
+
+def clip_coefficient(total_norm: Tensor, max_norm: float) -> Tensor:
+    """min(1, max_norm / (total_norm + 1e-6)): the multiplier torch's `clip_grad_norm_` applies."""
+    return torch.clamp(max_norm / (total_norm + CLIP_NORM_EPS), max=1.0)
+
+
+def debias_factor(beta: float, step: Tensor, capturable: bool) -> float | Tensor:
+    """1 − beta^t for one step counter.
+
+    Capturable: a tensor on the counter's device (CUDA-graph safe). Otherwise the counter lives on
+    the CPU, as torch.optim keeps it, so reading it is not a device synchronisation; a plain float
+    is returned, which every op (foreach included) accepts whatever device the parameters are on.
+    """
+    if capturable:
+        return 1 - beta**step
+    return 1 - beta ** step.item()
+
+
+def debias_factors(beta: float, steps: Sequence[Tensor], capturable: bool) -> list[Any]:
+    """`debias_factor` for each counter of a foreach group (one fused pow when capturable)."""
+    if capturable:
+        return [1 - power for power in torch._foreach_pow(beta, list(steps))]
+    return [debias_factor(beta, step, capturable) for step in steps]
+
+
+def resolve_foreach(params: Sequence[Tensor], foreach: bool | None, differentiable: bool) -> bool:
+    """torch's default: foreach on CUDA (and other native foreach devices), per-tensor elsewhere."""
+    if foreach is None:
+        _, foreach = _default_to_fused_or_foreach(list(params), differentiable, use_fused=False)
+    if foreach and differentiable:
+        raise RuntimeError("foreach=True does not support differentiable=True: torch._foreach ops have no autograd")
+    return bool(foreach)
+
+
+# --------------------------------------------------------------------------- the base class
+
+
+class LargeBatchOptimizer(Optimizer):
+    """Plumbing shared by LAMB, LARS, Adan and AdaGrad-Norm.
+
+    Subclasses set `_name` and implement `_init_group` (collect tensors, create state) and
+    `_step_group` (call the functional form for one group). Group keys that are hyper-parameters
+    with a boolean or None default are filled in by `__setstate__`, so states saved by an older
+    version load.
+    """
+
+    _name: str = "optimizer"
+    #: fused kernels exist for this optimizer (the largebatch.fused engine)
+    _has_fused: bool = False
+
+    def __init__(self, params: ParamsT, defaults: dict[str, Any]) -> None:
+        # Optimizer.__init__ sends every group through add_param_group, which validates it.
+        super().__init__(params, defaults)
+        if any(group["fused"] for group in self.param_groups):
+            # GradScaler hands us grad_scale/found_inf instead of unscaling first (torch's protocol).
+            self._step_supports_amp_scaling = True
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        try:
+            self._validate_group(self.param_groups[-1])
+        except (ValueError, RuntimeError):
+            self.param_groups.pop()  # a rejected group must not stay half-added
+            raise
+
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        """Raise ValueError naming any bad hyper-parameter of a (defaults-merged) group.
+
+        Subclasses extend it with their own hyper-parameters.
+        """
+        check_lr(group["lr"])
+        for flag in ("maximize", "capturable", "differentiable"):
+            check_bool(flag, group[flag])
+        for flag in ("foreach", "fused"):
+            if group[flag] is not None:
+                check_bool(flag, group[flag])
+        if group["fused"]:
+            if not self._has_fused:
+                raise RuntimeError(f"{self._name} has no fused implementation; use fused=None or False")
+            if group["foreach"]:
+                raise RuntimeError("`fused` and `foreach` cannot both be True")
+            if group["differentiable"]:
+                raise RuntimeError("`fused` does not support `differentiable`")
+            from largebatch.fused import check_fused_supported
+
+            check_fused_supported(group["params"])
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for key, value in self._setstate_defaults().items():
+                group.setdefault(key, value)
+            for p in group["params"]:
+                p_state = self.state.get(p, {})
+                step = p_state.get("step")
+                if step is not None and not torch.is_tensor(step):
+                    on_device = group["capturable"] or group["fused"]
+                    p_state["step"] = torch.tensor(
+                        float(step), dtype=STEP_DTYPE, device=p.device if on_device else None
+                    )
+
+    def _setstate_defaults(self) -> dict[str, Any]:
+        return {
+            "maximize": False,
+            "foreach": None,
+            "capturable": False,
+            "differentiable": False,
+            "fused": None,
+        }
+
+    def _new_step(self, param: Tensor, group: dict[str, Any]) -> Tensor:
+        """A fresh step counter: on the parameter's device when capturable or fused, else on the CPU."""
+        on_device = group["capturable"] or group["fused"]
+        return torch.zeros((), dtype=STEP_DTYPE, device=param.device if on_device else "cpu")
+
+    def _params_with_grad(self, group: dict[str, Any]) -> list[Tensor]:
+        params = []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError(f"{self._name} does not support sparse gradients")
+            if torch.is_complex(p):
+                raise RuntimeError(f"{self._name} does not support complex parameters")
+            params.append(p)
+        return params
+
+    def _grad_clip_coefficients(self) -> list[Tensor | None]:
+        """Per group, the global-norm clipping multiplier (None where the group sets no max_grad_norm).
+
+        The norm is over every gradient of the optimizer, as apex and timm compute it.
+        """
+        max_norms = [group.get("max_grad_norm") for group in self.param_groups]
+        if all(m is None for m in max_norms):
+            return [None] * len(max_norms)
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        if not grads:
+            return [None] * len(max_norms)
+        grad_scale = getattr(self, "grad_scale", None)
+        if any(group["fused"] for group in self.param_groups):
+            from largebatch.fused import fused_grad_norm
+
+            total = fused_grad_norm(grads, grad_scale)
+        else:
+            foreach = any(group["foreach"] for group in self.param_groups)
+            total = global_grad_norm(grads, foreach=bool(foreach))
+            if grad_scale is not None:
+                total = total / grad_scale.to(total.device)
+        return [None if m is None else clip_coefficient(total, m) for m in max_norms]
+
+    def _step_group(self, group: dict[str, Any], grad_clip_coef: Tensor | None) -> None:
+        raise NotImplementedError  # every subclass defines it
+
+    @_use_grad_for_differentiable
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """Perform one optimization step.
+
+        Args:
+            closure: re-evaluates the model and returns the loss (optional).
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group, coef in zip(self.param_groups, self._grad_clip_coefficients()):
+            self._step_group(group, coef)
+        return loss
+
+    def _amp_args(self) -> dict[str, Tensor | None]:
+        """grad_scale / found_inf that GradScaler sets on a fused optimizer before calling step()."""
+        return {"grad_scale": getattr(self, "grad_scale", None), "found_inf": getattr(self, "found_inf", None)}

@@ -1,0 +1,39 @@
+"""The layer-wise trust ratio, written once for LAMB and LARS (and the fused kernels' oracle).
+
+    r = coefficient · ‖x‖ / (‖u‖ + weight_decay · ‖x‖ + eps),   r = 1 where ‖x‖ = 0 or ‖u‖ = 0,
+    r ← min(r, max_ratio) when max_ratio is given.
+
+LAMB (You et al. 2019): u is the Adam update with decay folded in, coefficient 1, no weight_decay
+term, no eps. LARS (You et al. 2017): u is the raw gradient, coefficient η, the weight decay
+term and eps in the denominator.
+
+The inputs are fp32 norms (0-dim for one tensor, or a vector for a foreach group); the result is
+a tensor of the same shape, computed without any host synchronisation (`torch.where`, not `if`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["trust_ratio"]
+
+
+def trust_ratio(
+    param_norm: Tensor,
+    update_norm: Tensor,
+    *,
+    coefficient: float = 1.0,
+    weight_decay: float = 0.0,
+    eps: float = 0.0,
+    max_ratio: float | None = None,
+) -> Tensor:
+    """Layer-wise trust ratio r (see the module docstring), elementwise over the given norms."""
+    adaptable = (param_norm > 0) & (update_norm > 0)
+    denominator = update_norm + weight_decay * param_norm + eps
+    # A safe denominator where the ratio is not used keeps autograd (differentiable=True) free of 0/0.
+    denominator = torch.where(adaptable, denominator, torch.ones_like(denominator))
+    ratio = torch.where(adaptable, coefficient * param_norm / denominator, torch.ones_like(param_norm))
+    if max_ratio is not None:
+        ratio = torch.clamp(ratio, max=max_ratio)
+    return ratio

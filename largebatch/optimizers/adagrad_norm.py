@@ -1,0 +1,204 @@
+"""AdaGrad-Norm: AdaGrad with one scalar step size per group (Ward, Wu, Bottou 2019)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim.optimizer import Optimizer, ParamsT
+
+from ._base import (
+    LargeBatchOptimizer,
+    check_non_negative,
+    foreach_fp32_norms,
+    fp32_norm,
+    norm_dtype,
+    resolve_foreach,
+)
+
+__all__ = ["AdaGradNorm", "adagrad_norm"]
+
+
+class AdaGradNorm(LargeBatchOptimizer):
+    r"""AdaGrad-Norm (Ward, Wu, Bottou 2019, "AdaGrad stepsizes: sharp convergence over nonconvex
+    landscapes"), the base method of AdAdaGrad (Lau et al. 2024).
+
+    One accumulator per param group, over all of the group's gradients:
+
+    .. math::
+        g &\leftarrow g + \lambda x \quad (\text{weight\_decay}, \text{as torch.optim.Adagrad}) \\
+        b^2 &\leftarrow b^2 + \textstyle\sum_{\text{tensors}} \|g\|^2 \\
+        x &\leftarrow x - \text{lr} \cdot g / (b + \epsilon)
+
+    b² starts at ``initial_accumulator_value`` (b0²) and is kept in float32 (float64 for float64 params). It is stored as
+    ``state[group["params"][0]]["sum_sq"]`` (a 0-dim tensor on that parameter's device), so it
+    travels with ``state_dict()`` like any per-parameter state.
+
+    Args:
+        params: tensors, named parameters, or param-group dicts (every option can be set per group).
+        lr: learning rate α, a float or a 0-dim tensor (default 1e-2, as torch.optim.Adagrad).
+        initial_accumulator_value: b0² (default 0).
+        eps: added to b (default 1e-10, as torch.optim.Adagrad).
+        weight_decay: λ, L2 penalty added to the gradient (default 0).
+        maximize, foreach, differentiable: as in torch.optim.Adagrad. ``capturable`` is accepted
+            for symmetry (the update has no step-dependent scalar to capture) and ``fused`` is
+            not implemented for AdaGrad-Norm (raises).
+    """
+
+    _name = "AdaGradNorm"
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | Tensor = 1e-2,
+        initial_accumulator_value: float = 0.0,
+        eps: float = 1e-10,
+        weight_decay: float = 0.0,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            initial_accumulator_value=initial_accumulator_value,
+            eps=eps,
+            weight_decay=weight_decay,
+            maximize=maximize,
+            foreach=foreach,
+            capturable=capturable,
+            differentiable=differentiable,
+            fused=fused,
+        )
+        super().__init__(params, defaults)
+
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        super()._validate_group(group)
+        check_non_negative("initial_accumulator_value", group["initial_accumulator_value"])
+        check_non_negative("eps", group["eps"])
+        check_non_negative("weight_decay", group["weight_decay"])
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As torch's, except b² keeps its float32/64 dtype.
+
+        torch casts every floating-point state tensor to its parameter's dtype on load; for a
+        bf16 parameter that would round the accumulator to 8 bits of mantissa.
+        """
+        super().load_state_dict(state_dict)
+        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        params = [p for group in self.param_groups for p in group["params"]]
+        for saved_id, param in zip(saved_ids, params):
+            saved = state_dict["state"].get(saved_id, {})
+            if "sum_sq" in saved:
+                self.state[param]["sum_sq"] = saved["sum_sq"].to(
+                    device=param.device, dtype=norm_dtype(param.dtype), copy=True
+                )
+
+    def accumulator(self, group_index: int = 0) -> Tensor | None:
+        """b² of one group (None before its first step)."""
+        first = self.param_groups[group_index]["params"][0]
+        return self.state[first].get("sum_sq") if first in self.state else None
+
+    def _step_group(self, group: dict[str, Any], grad_clip_coef: Tensor | None) -> None:
+        params = self._params_with_grad(group)
+        if not params:
+            return
+        first_state = self.state[group["params"][0]]
+        if "sum_sq" not in first_state:
+            first_state["sum_sq"] = torch.full(
+                (),
+                float(group["initial_accumulator_value"]),
+                dtype=norm_dtype(group["params"][0].dtype),
+                device=group["params"][0].device,
+            )
+        steps = []
+        for p in params:
+            state = self.state[p]
+            if "step" not in state:
+                state["step"] = self._new_step(p, group)
+            steps.append(state["step"])
+        adagrad_norm(
+            params,
+            [p.grad for p in params],
+            first_state["sum_sq"],
+            steps,
+            foreach=group["foreach"],
+            differentiable=group["differentiable"],
+            lr=group["lr"],
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            maximize=group["maximize"],
+        )
+
+
+def adagrad_norm(
+    params: list[Tensor],
+    grads: list[Tensor],
+    sum_sq: Tensor,
+    state_steps: list[Tensor],
+    *,
+    foreach: bool | None = None,
+    differentiable: bool = False,
+    lr: float | Tensor,
+    eps: float,
+    weight_decay: float,
+    maximize: bool,
+) -> None:
+    """Functional AdaGrad-Norm: one step in place; ``sum_sq`` (b², 0-dim fp32) is updated too."""
+    hyper = dict(lr=lr, eps=eps, weight_decay=weight_decay, maximize=maximize)
+    if resolve_foreach(params, foreach, differentiable):
+        _multi_tensor_adagrad_norm(params, grads, sum_sq, state_steps, **hyper)
+    else:
+        _single_tensor_adagrad_norm(params, grads, sum_sq, state_steps, **hyper)
+
+
+def _single_tensor_adagrad_norm(
+    params: list[Tensor],
+    grads: list[Tensor],
+    sum_sq: Tensor,
+    state_steps: list[Tensor],
+    *,
+    lr: float | Tensor,
+    eps: float,
+    weight_decay: float,
+    maximize: bool,
+) -> None:
+    """The reference: the accumulator over all tensors first, then each tensor's step."""
+    grads = [-g if maximize else g for g in grads]
+    if weight_decay != 0:
+        grads = [g.add(p, alpha=weight_decay) for p, g in zip(params, grads)]
+    for grad, step_t in zip(grads, state_steps):
+        sum_sq.add_(fp32_norm(grad).square().to(sum_sq.device))
+        step_t += 1
+    scale = lr / (sum_sq.sqrt() + eps)
+    for param, grad in zip(params, grads):
+        param.sub_(grad * scale.to(param.device))
+
+
+def _multi_tensor_adagrad_norm(
+    params: list[Tensor],
+    grads: list[Tensor],
+    sum_sq: Tensor,
+    state_steps: list[Tensor],
+    *,
+    lr: float | Tensor,
+    eps: float,
+    weight_decay: float,
+    maximize: bool,
+) -> None:
+    """torch._foreach implementation: one norm pass, one update pass per (device, dtype) group."""
+    grouped = Optimizer._group_tensors_by_device_and_dtype([params, grads, state_steps])  # type: ignore[list-item]
+    prepared = []
+    for (_device, _), ((d_params, d_grads, d_steps), _) in grouped.items():
+        d_grads = torch._foreach_neg(d_grads) if maximize else list(d_grads)
+        if weight_decay != 0:
+            d_grads = torch._foreach_add(d_grads, d_params, alpha=weight_decay)
+        sum_sq.add_(foreach_fp32_norms(d_grads).square().sum().to(sum_sq.device))
+        torch._foreach_add_(d_steps, 1)
+        prepared.append((d_params, d_grads))
+    scale = lr / (sum_sq.sqrt() + eps)
+    for d_params, d_grads in prepared:
+        torch._foreach_sub_(d_params, torch._foreach_mul(d_grads, scale.to(d_params[0].device)))

@@ -1,0 +1,347 @@
+"""LAMB: layer-wise adaptive moments for large batches (You et al. 2019, Algorithm 2)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim.optimizer import Optimizer, ParamsT
+
+from ._base import (
+    LargeBatchOptimizer,
+    debias_factor,
+    debias_factors,
+    check_beta,
+    check_bool,
+    check_non_negative,
+    check_positive,
+    foreach_fp32_norms,
+    fp32_norm,
+    param_norm,
+    resolve_foreach,
+)
+from ._trust import trust_ratio
+
+__all__ = ["LAMB", "lamb"]
+
+
+class LAMB(LargeBatchOptimizer):
+    r"""LAMB (You et al. 2019, "Large Batch Optimization for Deep Learning: Training BERT in 76
+    minutes", Algorithm 2).
+
+    For each parameter tensor x with gradient g, at step t:
+
+    .. math::
+        m &\leftarrow \beta_1 m + (1-\beta_1) g \qquad (\text{or } \beta_1 m + g \text{ without grad\_averaging}) \\
+        v &\leftarrow \beta_2 v + (1-\beta_2) g^2 \\
+        \hat m &= m / (1-\beta_1^t), \quad \hat v = v / (1-\beta_2^t) \quad (\text{bias\_correction}) \\
+        u &= \hat m / (\sqrt{\hat v} + \epsilon) + \lambda x \\
+        r &= \|x\| / \|u\| \quad (r = 1 \text{ if either norm is } 0;\ r \le \text{trust\_clip}) \\
+        x &\leftarrow x - \text{lr} \cdot r \cdot u
+
+    Norms and r are computed in float32 whatever the parameter dtype.
+
+    Which tensors are adapted (r computed) and which use r = 1:
+
+    * ``layer_adaptation=False`` on a group excludes it (usual for biases and norm weights).
+    * ``always_adapt=False`` (default, as apex FusedLAMB and timm): a group with ``weight_decay=0``
+      uses r = 1. ``always_adapt=True`` adapts every layer, as the paper's algorithm does.
+
+    With ``weight_decay=0`` and ``always_adapt=False`` LAMB is exactly Adam.
+
+    Args:
+        params: tensors, named parameters, or param-group dicts (every option below can be
+            overridden per group).
+        lr: learning rate, a float or a 0-dim tensor (default 1e-3).
+        betas: (β1, β2) (default (0.9, 0.999)).
+        eps: added to √v̂ (default 1e-6, as apex and the paper's code).
+        weight_decay: λ, decoupled, inside u so it is scaled by r (default 0.01).
+        bias_correction: divide the moments by 1 − β^t (default True).
+        grad_averaging: scale g by 1 − β1 in the first moment (default True).
+        trust_clip: upper bound on r (default None: unbounded).
+        always_adapt: adapt groups with weight_decay 0 too (default False, see above).
+        layer_adaptation: compute r for this group (default True).
+        max_grad_norm: clip the global gradient norm (over all groups) to this value before the
+            update, as ``torch.nn.utils.clip_grad_norm_`` does (default None: no clipping; apex
+            clips at 1.0 without saying so, we do not).
+        maximize: maximize the objective instead of minimizing it.
+        foreach: use the ``torch._foreach`` implementation (default: on CUDA only).
+        capturable: keep the step counter on the device so the step can be CUDA-graph captured.
+        differentiable: let autograd run through the step (per-tensor implementation only).
+        fused: use the Triton multi-tensor kernels of ``largebatch.fused``.
+    """
+
+    _name = "LAMB"
+    _has_fused = True
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.01,
+        bias_correction: bool = True,
+        grad_averaging: bool = True,
+        trust_clip: float | None = None,
+        always_adapt: bool = False,
+        layer_adaptation: bool = True,
+        max_grad_norm: float | None = None,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            bias_correction=bias_correction,
+            grad_averaging=grad_averaging,
+            trust_clip=trust_clip,
+            always_adapt=always_adapt,
+            layer_adaptation=layer_adaptation,
+            max_grad_norm=max_grad_norm,
+            maximize=maximize,
+            foreach=foreach,
+            capturable=capturable,
+            differentiable=differentiable,
+            fused=fused,
+        )
+        super().__init__(params, defaults)
+
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        super()._validate_group(group)
+        betas = group["betas"]
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ValueError(f"Invalid betas: {betas!r} (must be a pair (beta1, beta2))")
+        check_beta("betas[0]", betas[0])
+        check_beta("betas[1]", betas[1])
+        check_non_negative("eps", group["eps"])
+        check_non_negative("weight_decay", group["weight_decay"])
+        check_positive("trust_clip", group["trust_clip"], allow_none=True)
+        check_positive("max_grad_norm", group["max_grad_norm"], allow_none=True)
+        for flag in ("bias_correction", "grad_averaging", "always_adapt", "layer_adaptation"):
+            check_bool(flag, group[flag])
+
+    def _setstate_defaults(self) -> dict[str, Any]:
+        return {
+            **super()._setstate_defaults(),
+            "bias_correction": True,
+            "grad_averaging": True,
+            "trust_clip": None,
+            "always_adapt": False,
+            "layer_adaptation": True,
+            "max_grad_norm": None,
+        }
+
+    def _step_group(self, group: dict[str, Any], grad_clip_coef: Tensor | None) -> None:
+        params = self._params_with_grad(group)
+        if not params:
+            return
+        exp_avgs, exp_avg_sqs, steps = [], [], []
+        for p in params:
+            state = self.state[p]
+            if not state:
+                state["step"] = self._new_step(p, group)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            steps.append(state["step"])
+        beta1, beta2 = group["betas"]
+        lamb(
+            params,
+            [p.grad for p in params],
+            exp_avgs,
+            exp_avg_sqs,
+            steps,
+            foreach=group["foreach"],
+            fused=group["fused"],
+            capturable=group["capturable"],
+            differentiable=group["differentiable"],
+            grad_clip_coef=grad_clip_coef,
+            lr=group["lr"],
+            beta1=beta1,
+            beta2=beta2,
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            bias_correction=group["bias_correction"],
+            grad_averaging=group["grad_averaging"],
+            trust_clip=group["trust_clip"],
+            adapt=lamb_adapts(group),
+            maximize=group["maximize"],
+            **self._amp_args(),
+        )
+
+
+def lamb_adapts(group: dict[str, Any]) -> bool:
+    """Whether a LAMB group uses the trust ratio (see the LAMB docstring)."""
+    return group["layer_adaptation"] and (group["always_adapt"] or group["weight_decay"] != 0)
+
+
+def lamb(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    foreach: bool | None = None,
+    fused: bool | None = None,
+    capturable: bool = False,
+    differentiable: bool = False,
+    grad_clip_coef: Tensor | None = None,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+    lr: float | Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    bias_correction: bool,
+    grad_averaging: bool,
+    trust_clip: float | None,
+    adapt: bool,
+    maximize: bool,
+) -> None:
+    """Functional LAMB: one step over the given tensors, in place. See :class:`LAMB`.
+
+    ``adapt`` says whether the trust ratio is used (the class derives it from ``layer_adaptation``,
+    ``always_adapt`` and ``weight_decay``); ``grad_clip_coef`` is the global clipping multiplier.
+    ``grad_scale``/``found_inf`` (GradScaler's protocol) are supported by the fused path only.
+    """
+    hyper = dict(
+        lr=lr,
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        weight_decay=weight_decay,
+        bias_correction=bias_correction,
+        grad_averaging=grad_averaging,
+        trust_clip=trust_clip,
+        adapt=adapt,
+        maximize=maximize,
+        grad_clip_coef=grad_clip_coef,
+    )
+    if fused:
+        from largebatch.fused import fused_lamb
+
+        fused_lamb(
+            params, grads, exp_avgs, exp_avg_sqs, state_steps, grad_scale=grad_scale, found_inf=found_inf, **hyper
+        )
+        return
+    if grad_scale is not None or found_inf is not None:
+        raise RuntimeError("grad_scale/found_inf are only supported with fused=True")
+    if resolve_foreach(params, foreach, differentiable):
+        _multi_tensor_lamb(params, grads, exp_avgs, exp_avg_sqs, state_steps, capturable=capturable, **hyper)
+    else:
+        _single_tensor_lamb(params, grads, exp_avgs, exp_avg_sqs, state_steps, capturable=capturable, **hyper)
+
+
+def _single_tensor_lamb(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    capturable: bool,
+    grad_clip_coef: Tensor | None,
+    lr: float | Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    bias_correction: bool,
+    grad_averaging: bool,
+    trust_clip: float | None,
+    adapt: bool,
+    maximize: bool,
+) -> None:
+    """The reference: one tensor at a time, reading like the equations."""
+    grad_weight = 1 - beta1 if grad_averaging else 1.0
+    for param, grad, exp_avg, exp_avg_sq, step_t in zip(params, grads, exp_avgs, exp_avg_sqs, state_steps):
+        grad = -grad if maximize else grad
+        if grad_clip_coef is not None:
+            grad = grad * grad_clip_coef.to(grad.device)
+        step_t += 1
+
+        exp_avg.mul_(beta1).add_(grad, alpha=grad_weight)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        if bias_correction:
+            bc1 = debias_factor(beta1, step_t, capturable)
+            bc2 = debias_factor(beta2, step_t, capturable)
+        else:
+            bc1 = bc2 = 1.0
+        update = (exp_avg / bc1) / ((exp_avg_sq / bc2).sqrt() + eps)
+        if weight_decay != 0:
+            update.add_(param, alpha=weight_decay)
+
+        if adapt:
+            ratio = trust_ratio(param_norm(param), fp32_norm(update), max_ratio=trust_clip)
+            param.sub_(update * (lr * ratio))
+        else:
+            param.sub_(update * lr)
+
+
+def _multi_tensor_lamb(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    capturable: bool,
+    grad_clip_coef: Tensor | None,
+    lr: float | Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    bias_correction: bool,
+    grad_averaging: bool,
+    trust_clip: float | None,
+    adapt: bool,
+    maximize: bool,
+) -> None:
+    """torch._foreach implementation, one pass per op over each (device, dtype) group; no host sync."""
+    grad_weight = 1 - beta1 if grad_averaging else 1.0
+    grouped = Optimizer._group_tensors_by_device_and_dtype(
+        [params, grads, exp_avgs, exp_avg_sqs, state_steps]  # type: ignore[list-item]
+    )
+    for (device, _), ((d_params, d_grads, d_exp_avgs, d_exp_avg_sqs, d_steps), _) in grouped.items():
+        # New lists: the caller's .grad tensors are never modified.
+        d_grads = torch._foreach_neg(d_grads) if maximize else list(d_grads)
+        if grad_clip_coef is not None:
+            d_grads = torch._foreach_mul(d_grads, grad_clip_coef.to(device))
+        torch._foreach_add_(d_steps, 1)
+
+        torch._foreach_mul_(d_exp_avgs, beta1)
+        torch._foreach_add_(d_exp_avgs, d_grads, alpha=grad_weight)
+        torch._foreach_mul_(d_exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(d_exp_avg_sqs, d_grads, d_grads, value=1 - beta2)
+
+        if bias_correction:
+            updates = torch._foreach_div(d_exp_avgs, debias_factors(beta1, d_steps, capturable))
+            denoms = torch._foreach_div(d_exp_avg_sqs, debias_factors(beta2, d_steps, capturable))
+        else:
+            updates = torch._foreach_div(d_exp_avgs, 1.0)
+            denoms = torch._foreach_div(d_exp_avg_sqs, 1.0)
+        torch._foreach_sqrt_(denoms)
+        torch._foreach_add_(denoms, eps)
+        torch._foreach_div_(updates, denoms)
+        if weight_decay != 0:
+            torch._foreach_add_(updates, d_params, alpha=weight_decay)
+
+        if adapt:
+            ratios = trust_ratio(foreach_fp32_norms(d_params), foreach_fp32_norms(updates), max_ratio=trust_clip)
+            scales = (ratios * lr).unbind()
+            torch._foreach_mul_(updates, scales)
+        else:
+            torch._foreach_mul_(updates, lr)
+        torch._foreach_sub_(d_params, updates)

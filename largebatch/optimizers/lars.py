@@ -1,0 +1,326 @@
+"""LARS: layer-wise adaptive rate scaling (You, Gitman, Ginsburg 2017)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim.optimizer import Optimizer, ParamsT
+
+from ._base import (
+    LargeBatchOptimizer,
+    check_bool,
+    check_non_negative,
+    check_positive,
+    foreach_fp32_norms,
+    fp32_norm,
+    param_norm,
+    resolve_foreach,
+)
+from ._trust import trust_ratio
+
+__all__ = ["LARS", "lars"]
+
+
+class LARS(LargeBatchOptimizer):
+    r"""LARS (You, Gitman, Ginsburg 2017, "Large Batch Training of Convolutional Networks").
+
+    SGD with momentum where each layer's step is scaled by a local learning rate:
+
+    .. math::
+        \text{local} &= \eta \, \|w\| / (\|g\| + \lambda \|w\| + \epsilon)
+            \quad (\text{local} = 1 \text{ if } \|w\| = 0 \text{ or } \|g\| = 0) \\
+        d &= \text{local} \cdot (g + \lambda w) \\
+        \text{buf} &\leftarrow \mu \, \text{buf} + (1 - \text{dampening}) \, d \\
+        w &\leftarrow w - \text{lr} \cdot \text{buf}
+            \qquad (\text{nesterov: } w \leftarrow w - \text{lr} \cdot (d + \mu \, \text{buf}))
+
+    Norms and the local rate are computed in float32 whatever the parameter dtype. Momentum
+    buffers start at zero (so with dampening ≠ 0 the first step differs from torch.optim.SGD,
+    which copies the first d into the buffer).
+
+    Options:
+
+    * ``trust_clip=True``: LARC's clip mode (apex), local ← min(local / lr, 1), so the effective
+      rate lr · local never exceeds lr.
+    * ``layer_adaptation=False`` on a group: local = 1 there (usual for biases and BatchNorm
+      parameters, which the paper's training code excludes, together with weight decay).
+    * ``lr_in_momentum``: the paper's (and TF's) form buf ← μ·buf + lr·d; w ← w − buf (nesterov:
+      w ← w − (lr·d + μ·buf)). It equals the default form (timm, LARC, MAE: lr outside the
+      buffer) while lr is constant and differs when a schedule changes lr. Default False.
+
+    Args:
+        params: tensors, named parameters, or param-group dicts (every option can be set per group).
+        lr: learning rate, a float or a 0-dim tensor (default 1.0, as timm; LARS is usually run at
+            lr ≈ 0.1·batch/256 with warmup).
+        momentum: μ (default 0.9).
+        dampening: (default 0).
+        weight_decay: λ (default 0).
+        nesterov: Nesterov momentum (default False; needs momentum > 0 and dampening = 0).
+        trust_coefficient: η (default 0.001, the paper's).
+        eps: added to the denominator of the local rate (default 1e-8).
+        trust_clip: LARC clipping, see above (default False).
+        layer_adaptation: compute the local rate for this group (default True).
+        lr_in_momentum: the paper's momentum form, see above (default False).
+        maximize, foreach, capturable, differentiable, fused: as in torch.optim.SGD / AdamW.
+    """
+
+    _name = "LARS"
+    _has_fused = True
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | Tensor = 1.0,
+        momentum: float = 0.9,
+        dampening: float = 0.0,
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
+        trust_coefficient: float = 0.001,
+        eps: float = 1e-8,
+        trust_clip: bool = False,
+        layer_adaptation: bool = True,
+        lr_in_momentum: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            dampening=dampening,
+            weight_decay=weight_decay,
+            nesterov=nesterov,
+            trust_coefficient=trust_coefficient,
+            eps=eps,
+            trust_clip=trust_clip,
+            layer_adaptation=layer_adaptation,
+            lr_in_momentum=lr_in_momentum,
+            maximize=maximize,
+            foreach=foreach,
+            capturable=capturable,
+            differentiable=differentiable,
+            fused=fused,
+        )
+        super().__init__(params, defaults)
+
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        super()._validate_group(group)
+        check_non_negative("momentum", group["momentum"])
+        check_non_negative("dampening", group["dampening"])
+        check_non_negative("weight_decay", group["weight_decay"])
+        check_positive("trust_coefficient", group["trust_coefficient"])
+        check_non_negative("eps", group["eps"])
+        for flag in ("nesterov", "trust_clip", "layer_adaptation", "lr_in_momentum"):
+            check_bool(flag, group[flag])
+        if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
+            raise ValueError("Invalid nesterov: Nesterov momentum requires momentum > 0 and dampening = 0")
+
+    def _setstate_defaults(self) -> dict[str, Any]:
+        return {
+            **super()._setstate_defaults(),
+            "nesterov": False,
+            "trust_clip": False,
+            "layer_adaptation": True,
+            "lr_in_momentum": False,
+        }
+
+    def _step_group(self, group: dict[str, Any], grad_clip_coef: Tensor | None) -> None:
+        params = self._params_with_grad(group)
+        if not params:
+            return
+        has_momentum = group["momentum"] != 0
+        buffers, steps = [], []
+        for p in params:
+            state = self.state[p]
+            if "step" not in state:
+                state["step"] = self._new_step(p, group)
+            if has_momentum and "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            steps.append(state["step"])
+            if has_momentum:
+                buffers.append(state["momentum_buffer"])
+        lars(
+            params,
+            [p.grad for p in params],
+            buffers if has_momentum else None,
+            steps,
+            foreach=group["foreach"],
+            fused=group["fused"],
+            differentiable=group["differentiable"],
+            lr=group["lr"],
+            momentum=group["momentum"],
+            dampening=group["dampening"],
+            nesterov=group["nesterov"],
+            weight_decay=group["weight_decay"],
+            trust_coefficient=group["trust_coefficient"],
+            eps=group["eps"],
+            trust_clip=group["trust_clip"],
+            adapt=group["layer_adaptation"],
+            lr_in_momentum=group["lr_in_momentum"],
+            maximize=group["maximize"],
+            **self._amp_args(),
+        )
+
+
+def lars(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor] | None,
+    state_steps: list[Tensor],
+    *,
+    foreach: bool | None = None,
+    fused: bool | None = None,
+    differentiable: bool = False,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+    lr: float | Tensor,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    weight_decay: float,
+    trust_coefficient: float,
+    eps: float,
+    trust_clip: bool,
+    adapt: bool,
+    lr_in_momentum: bool,
+    maximize: bool,
+) -> None:
+    """Functional LARS: one step over the given tensors, in place. See :class:`LARS`.
+
+    ``momentum_buffers`` is None when ``momentum`` is 0; ``adapt`` is the group's
+    ``layer_adaptation``. ``grad_scale``/``found_inf`` are supported by the fused path only.
+    """
+    hyper = dict(
+        lr=lr,
+        momentum=momentum,
+        dampening=dampening,
+        nesterov=nesterov,
+        weight_decay=weight_decay,
+        trust_coefficient=trust_coefficient,
+        eps=eps,
+        trust_clip=trust_clip,
+        adapt=adapt,
+        lr_in_momentum=lr_in_momentum,
+        maximize=maximize,
+    )
+    if (momentum_buffers is None) != (momentum == 0):
+        raise ValueError("momentum_buffers must be given exactly when momentum != 0")
+    if fused:
+        from largebatch.fused import fused_lars
+
+        fused_lars(params, grads, momentum_buffers, state_steps, grad_scale=grad_scale, found_inf=found_inf, **hyper)
+        return
+    if grad_scale is not None or found_inf is not None:
+        raise RuntimeError("grad_scale/found_inf are only supported with fused=True")
+    if resolve_foreach(params, foreach, differentiable):
+        _multi_tensor_lars(params, grads, momentum_buffers, state_steps, **hyper)
+    else:
+        _single_tensor_lars(params, grads, momentum_buffers, state_steps, **hyper)
+
+
+def _single_tensor_lars(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor] | None,
+    state_steps: list[Tensor],
+    *,
+    lr: float | Tensor,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    weight_decay: float,
+    trust_coefficient: float,
+    eps: float,
+    trust_clip: bool,
+    adapt: bool,
+    lr_in_momentum: bool,
+    maximize: bool,
+) -> None:
+    """The reference: one tensor at a time, reading like the equations."""
+    buffers = momentum_buffers if momentum_buffers is not None else [None] * len(params)
+    for param, grad, buf, step_t in zip(params, grads, buffers, state_steps):
+        grad = -grad if maximize else grad
+        step_t += 1
+
+        direction = grad.add(param, alpha=weight_decay) if weight_decay != 0 else grad.clone()
+        if adapt:
+            local = trust_ratio(
+                param_norm(param), fp32_norm(grad), coefficient=trust_coefficient, weight_decay=weight_decay, eps=eps
+            )
+            if trust_clip:
+                local = torch.clamp(local / lr, max=1.0)
+            direction.mul_(local)
+        if lr_in_momentum:
+            direction.mul_(lr)
+
+        if buf is not None:
+            buf.mul_(momentum).add_(direction, alpha=1 - dampening)
+            step_dir = direction.add(buf, alpha=momentum) if nesterov else buf
+        else:
+            step_dir = direction
+        param.sub_(step_dir if lr_in_momentum else step_dir * lr)
+
+
+def _multi_tensor_lars(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor] | None,
+    state_steps: list[Tensor],
+    *,
+    lr: float | Tensor,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    weight_decay: float,
+    trust_coefficient: float,
+    eps: float,
+    trust_clip: bool,
+    adapt: bool,
+    lr_in_momentum: bool,
+    maximize: bool,
+) -> None:
+    """torch._foreach implementation per (device, dtype) group; no host sync."""
+    lists: list[list[Tensor]] = [params, grads, state_steps]
+    if momentum_buffers is not None:
+        lists.append(momentum_buffers)
+    grouped = Optimizer._group_tensors_by_device_and_dtype(lists)  # type: ignore[arg-type]
+    for (_device, _), (device_lists, _) in grouped.items():
+        d_params, d_grads, d_steps = device_lists[:3]
+        d_buffers = device_lists[3] if momentum_buffers is not None else None
+        d_grads = torch._foreach_neg(d_grads) if maximize else list(d_grads)
+        torch._foreach_add_(d_steps, 1)
+
+        if weight_decay != 0:
+            directions = torch._foreach_add(d_grads, d_params, alpha=weight_decay)
+        else:
+            directions = torch._foreach_mul(d_grads, 1.0)  # a copy: the grads stay untouched
+        if adapt:
+            local = trust_ratio(
+                foreach_fp32_norms(d_params),
+                foreach_fp32_norms(d_grads),
+                coefficient=trust_coefficient,
+                weight_decay=weight_decay,
+                eps=eps,
+            )
+            if trust_clip:
+                local = torch.clamp(local / lr, max=1.0)
+            torch._foreach_mul_(directions, local.unbind())
+        if lr_in_momentum:
+            torch._foreach_mul_(directions, lr)
+
+        if d_buffers is not None:
+            torch._foreach_mul_(d_buffers, momentum)
+            torch._foreach_add_(d_buffers, directions, alpha=1 - dampening)
+            if nesterov:
+                torch._foreach_add_(directions, d_buffers, alpha=momentum)
+                step_dirs = directions
+            else:
+                step_dirs = d_buffers
+        else:
+            step_dirs = directions
+        torch._foreach_sub_(d_params, step_dirs if lr_in_momentum else torch._foreach_mul(step_dirs, lr))
