@@ -23,3 +23,10 @@ settings.register_profile(
     "dev", deadline=None, print_blob=True, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
 )
 settings.load_profile("ci" if os.environ.get("CI") else "dev")
+
+# Under pytest-xdist every worker would otherwise start one torch thread per core: on CI's two
+# cores that oversubscribes the machine and slows the suite. One thread per worker.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    import torch
+
+    torch.set_num_threads(1)

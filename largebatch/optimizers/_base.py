@@ -13,8 +13,11 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT, _default_to_fused_or_foreach, _use_grad_for_differentiable
+
+from ._sharding import complete_squares, shard_reduction, to_local
 
 __all__ = [
     "LargeBatchOptimizer",
@@ -174,7 +177,15 @@ class LargeBatchOptimizer(Optimizer):
     #: fused kernels exist for this optimizer (the largebatch.fused engine)
     _has_fused: bool = False
 
+    #: Group keys that describe this run's process setup, not the optimisation: a ProcessGroup
+    #: cannot be pickled and is different in the next run. Left out of state_dict(), and kept
+    #: from the live groups by load_state_dict().
+    _RUNTIME_GROUP_KEYS = ("shard_group",)
+
     def __init__(self, params: ParamsT, defaults: dict[str, Any]) -> None:
+        # shard_group: set per group to a ProcessGroup when the group's tensors are flat shards
+        # (see _sharding.py); DTensor parameters need nothing.
+        defaults = {**defaults, "shard_group": None}
         # Optimizer.__init__ sends every group through add_param_group, which validates it.
         super().__init__(params, defaults)
         if any(group["fused"] for group in self.param_groups):
@@ -200,6 +211,9 @@ class LargeBatchOptimizer(Optimizer):
         for flag in ("foreach", "fused"):
             if group[flag] is not None:
                 check_bool(flag, group[flag])
+        shard_group = group["shard_group"]
+        if shard_group is not None and not (dist.is_available() and isinstance(shard_group, dist.ProcessGroup)):
+            raise ValueError(f"Invalid shard_group: {shard_group!r} (must be a torch.distributed ProcessGroup or None)")
         if group["fused"]:
             if not self._has_fused:
                 raise RuntimeError(f"{self._name} has no fused implementation; use fused=None or False")
@@ -225,8 +239,22 @@ class LargeBatchOptimizer(Optimizer):
                         float(step), dtype=STEP_DTYPE, device=p.device if on_device else None
                     )
 
+    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+        state_dict = super().state_dict()
+        for group in state_dict["param_groups"]:
+            for key in self._RUNTIME_GROUP_KEYS:
+                group.pop(key, None)
+        return state_dict
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
+        runtime = [{key: group[key] for key in self._RUNTIME_GROUP_KEYS} for group in self.param_groups]
+        super().load_state_dict(state_dict)
+        for group, keep in zip(self.param_groups, runtime):
+            group.update(keep)
+
     def _setstate_defaults(self) -> dict[str, Any]:
         return {
+            "shard_group": None,
             "maximize": False,
             "foreach": None,
             "capturable": False,
@@ -254,24 +282,39 @@ class LargeBatchOptimizer(Optimizer):
     def _grad_clip_coefficients(self) -> list[Tensor | None]:
         """Per group, the global-norm clipping multiplier (None where the group sets no max_grad_norm).
 
-        The norm is over every gradient of the optimizer, as apex and timm compute it.
+        The norm is over every gradient of the optimizer, as apex and timm compute it. Sharded
+        groups contribute their squares summed over the shard ranks: one all-reduce per kind of
+        sharding for all their tensors together.
         """
         max_norms = [group.get("max_grad_norm") for group in self.param_groups]
         if all(m is None for m in max_norms):
             return [None] * len(max_norms)
-        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
-        if not grads:
-            return [None] * len(max_norms)
         grad_scale = getattr(self, "grad_scale", None)
-        if any(group["fused"] for group in self.param_groups):
-            from largebatch.fused import fused_grad_norm
+        local_squares: dict[Any, list[Tensor]] = {}
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = to_local([p.grad for p in params])
+            if group["fused"]:
+                from largebatch.fused import fused_grad_norm
 
-            total = fused_grad_norm(grads, grad_scale)
-        else:
-            foreach = any(group["foreach"] for group in self.param_groups)
-            total = global_grad_norm(grads, foreach=bool(foreach))
-            if grad_scale is not None:
-                total = total / grad_scale.to(total.device)
+                norm = fused_grad_norm(grads, grad_scale)
+            else:
+                norm = global_grad_norm(grads, foreach=bool(group["foreach"]))
+                if grad_scale is not None:
+                    norm = norm / grad_scale.to(norm.device)
+            reduction = shard_reduction(params, group["shard_group"])
+            local_squares.setdefault(reduction, []).append(norm.square().reshape(1))
+        if not local_squares:
+            return [None] * len(max_norms)
+        device = next(iter(local_squares.values()))[0].device
+        total_square = sum(
+            (complete_squares(torch.cat([s.to(device) for s in squares]), reduction).sum()
+             for reduction, squares in local_squares.items()),
+            torch.zeros((), device=device),
+        )
+        total = total_square.sqrt()
         return [None if m is None else clip_coefficient(total, m) for m in max_norms]
 
     def _step_group(self, group: dict[str, Any], grad_clip_coef: Tensor | None) -> None:

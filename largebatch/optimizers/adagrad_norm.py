@@ -16,6 +16,7 @@ from ._base import (
     norm_dtype,
     resolve_foreach,
 )
+from ._sharding import ShardReduction, complete_squares, shard_reduction, to_local
 
 __all__ = ["AdaGradNorm", "adagrad_norm"]
 
@@ -121,10 +122,11 @@ class AdaGradNorm(LargeBatchOptimizer):
                 state["step"] = self._new_step(p, group)
             steps.append(state["step"])
         adagrad_norm(
-            params,
-            [p.grad for p in params],
+            to_local(params),
+            to_local([p.grad for p in params]),
             first_state["sum_sq"],
             steps,
+            shard_reduction=shard_reduction(params, group["shard_group"]),
             foreach=group["foreach"],
             differentiable=group["differentiable"],
             lr=group["lr"],
@@ -142,13 +144,17 @@ def adagrad_norm(
     *,
     foreach: bool | None = None,
     differentiable: bool = False,
+    shard_reduction: ShardReduction | None = None,
     lr: float | Tensor,
     eps: float,
     weight_decay: float,
     maximize: bool,
 ) -> None:
-    """Functional AdaGrad-Norm: one step in place; ``sum_sq`` (b², 0-dim fp32) is updated too."""
-    hyper = dict(lr=lr, eps=eps, weight_decay=weight_decay, maximize=maximize)
+    """Functional AdaGrad-Norm: one step in place; ``sum_sq`` (b², 0-dim fp32) is updated too.
+
+    ``shard_reduction`` sums the squares across ranks when the tensors are local shards.
+    """
+    hyper = dict(lr=lr, eps=eps, weight_decay=weight_decay, maximize=maximize, shard_reduction=shard_reduction)
     if resolve_foreach(params, foreach, differentiable):
         _multi_tensor_adagrad_norm(params, grads, sum_sq, state_steps, **hyper)
     else:
@@ -165,13 +171,15 @@ def _single_tensor_adagrad_norm(
     eps: float,
     weight_decay: float,
     maximize: bool,
+    shard_reduction: ShardReduction | None,
 ) -> None:
     """The reference: the accumulator over all tensors first, then each tensor's step."""
     grads = [-g if maximize else g for g in grads]
     if weight_decay != 0:
         grads = [g.add(p, alpha=weight_decay) for p, g in zip(params, grads)]
-    for grad, step_t in zip(grads, state_steps):
-        sum_sq.add_(fp32_norm(grad).square().to(sum_sq.device))
+    squares = torch.stack([fp32_norm(g).square().to(device=sum_sq.device, dtype=sum_sq.dtype) for g in grads])
+    sum_sq.add_(complete_squares(squares, shard_reduction).sum())
+    for step_t in state_steps:
         step_t += 1
     scale = lr / (sum_sq.sqrt() + eps)
     for param, grad in zip(params, grads):
@@ -188,17 +196,19 @@ def _multi_tensor_adagrad_norm(
     eps: float,
     weight_decay: float,
     maximize: bool,
+    shard_reduction: ShardReduction | None,
 ) -> None:
     """torch._foreach implementation: one norm pass, one update pass per (device, dtype) group."""
     grouped = Optimizer._group_tensors_by_device_and_dtype([params, grads, state_steps])  # type: ignore[list-item]
-    prepared = []
-    for (_device, _), ((d_params, d_grads, d_steps), _) in grouped.items():
+    prepared, squares = [], []
+    for d_params, d_grads, d_steps in (lists for lists, _ in grouped.values()):
         d_grads = torch._foreach_neg(d_grads) if maximize else list(d_grads)
         if weight_decay != 0:
             d_grads = torch._foreach_add(d_grads, d_params, alpha=weight_decay)
-        sum_sq.add_(foreach_fp32_norms(d_grads).square().sum().to(sum_sq.device))
+        squares.append(foreach_fp32_norms(d_grads).square().sum().to(device=sum_sq.device, dtype=sum_sq.dtype))
         torch._foreach_add_(d_steps, 1)
         prepared.append((d_params, d_grads))
+    sum_sq.add_(complete_squares(torch.stack(squares), shard_reduction).sum())
     scale = lr / (sum_sq.sqrt() + eps)
     for d_params, d_grads in prepared:
         torch._foreach_sub_(d_params, torch._foreach_mul(d_grads, scale.to(d_params[0].device)))

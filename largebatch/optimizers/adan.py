@@ -18,6 +18,7 @@ from ._base import (
     debias_factors,
     resolve_foreach,
 )
+from ._sharding import to_local
 
 __all__ = ["Adan", "adan"]
 
@@ -118,13 +119,12 @@ class Adan(LargeBatchOptimizer):
                 buffers[key].append(state[key])
             steps.append(state["step"])
         beta1, beta2, beta3 = group["betas"]
+        # The update is elementwise: on shards it needs only their local tensors (the global
+        # clipping norm, the one whole-model quantity, is completed in _grad_clip_coefficients).
         adan(
-            params,
-            [p.grad for p in params],
-            buffers["exp_avg"],
-            buffers["exp_avg_diff"],
-            buffers["exp_avg_sq"],
-            buffers["prev_grad"],
+            to_local(params),
+            to_local([p.grad for p in params]),
+            *(to_local(buffers[key]) for key in keys),
             steps,
             foreach=group["foreach"],
             fused=group["fused"],

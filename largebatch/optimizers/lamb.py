@@ -21,6 +21,7 @@ from ._base import (
     param_norm,
     resolve_foreach,
 )
+from ._sharding import ShardReduction, complete_norms, shard_reduction, to_local
 from ._trust import trust_ratio
 
 __all__ = ["LAMB", "lamb"]
@@ -155,11 +156,12 @@ class LAMB(LargeBatchOptimizer):
             steps.append(state["step"])
         beta1, beta2 = group["betas"]
         lamb(
-            params,
-            [p.grad for p in params],
-            exp_avgs,
-            exp_avg_sqs,
+            to_local(params),
+            to_local([p.grad for p in params]),
+            to_local(exp_avgs),
+            to_local(exp_avg_sqs),
             steps,
+            shard_reduction=shard_reduction(params, group["shard_group"]),
             foreach=group["foreach"],
             fused=group["fused"],
             capturable=group["capturable"],
@@ -196,6 +198,7 @@ def lamb(
     capturable: bool = False,
     differentiable: bool = False,
     grad_clip_coef: Tensor | None = None,
+    shard_reduction: ShardReduction | None = None,
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
     lr: float | Tensor,
@@ -212,7 +215,8 @@ def lamb(
     """Functional LAMB: one step over the given tensors, in place. See :class:`LAMB`.
 
     ``adapt`` says whether the trust ratio is used (the class derives it from ``layer_adaptation``,
-    ``always_adapt`` and ``weight_decay``); ``grad_clip_coef`` is the global clipping multiplier.
+    ``always_adapt`` and ``weight_decay``); ``grad_clip_coef`` is the global clipping multiplier;
+    ``shard_reduction`` completes the norms across ranks when the tensors are local shards.
     ``grad_scale``/``found_inf`` (GradScaler's protocol) are supported by the fused path only.
     """
     hyper = dict(
@@ -229,6 +233,8 @@ def lamb(
         grad_clip_coef=grad_clip_coef,
     )
     if fused:
+        if shard_reduction is not None:
+            raise RuntimeError("LAMB(fused=True) does not support sharded parameters yet; use foreach=True")
         from largebatch.fused import fused_lamb
 
         fused_lamb(
@@ -238,9 +244,19 @@ def lamb(
     if grad_scale is not None or found_inf is not None:
         raise RuntimeError("grad_scale/found_inf are only supported with fused=True")
     if resolve_foreach(params, foreach, differentiable):
-        _multi_tensor_lamb(params, grads, exp_avgs, exp_avg_sqs, state_steps, capturable=capturable, **hyper)
+        impl: Any = _multi_tensor_lamb
     else:
-        _single_tensor_lamb(params, grads, exp_avgs, exp_avg_sqs, state_steps, capturable=capturable, **hyper)
+        impl = _single_tensor_lamb
+    impl(
+        params,
+        grads,
+        exp_avgs,
+        exp_avg_sqs,
+        state_steps,
+        capturable=capturable,
+        shard_reduction=shard_reduction,
+        **hyper,
+    )
 
 
 def _single_tensor_lamb(
@@ -252,6 +268,7 @@ def _single_tensor_lamb(
     *,
     capturable: bool,
     grad_clip_coef: Tensor | None,
+    shard_reduction: ShardReduction | None,
     lr: float | Tensor,
     beta1: float,
     beta2: float,
@@ -263,8 +280,12 @@ def _single_tensor_lamb(
     adapt: bool,
     maximize: bool,
 ) -> None:
-    """The reference: one tensor at a time, reading like the equations."""
+    """The reference: one tensor at a time, reading like the equations.
+
+    Two passes, so that sharded norms are completed with one all-reduce between them.
+    """
     grad_weight = 1 - beta1 if grad_averaging else 1.0
+    updates = []
     for param, grad, exp_avg, exp_avg_sq, step_t in zip(params, grads, exp_avgs, exp_avg_sqs, state_steps):
         grad = -grad if maximize else grad
         if grad_clip_coef is not None:
@@ -281,12 +302,17 @@ def _single_tensor_lamb(
         update = (exp_avg / bc1) / ((exp_avg_sq / bc2).sqrt() + eps)
         if weight_decay != 0:
             update.add_(param, alpha=weight_decay)
+        updates.append(update)
 
-        if adapt:
-            ratio = trust_ratio(param_norm(param), fp32_norm(update), max_ratio=trust_clip)
-            param.sub_(update * (lr * ratio))
-        else:
+    if not adapt:
+        for param, update in zip(params, updates):
             param.sub_(update * lr)
+        return
+    norms = [param_norm(p) for p in params] + [fp32_norm(u) for u in updates]
+    norms = complete_norms(norms, shard_reduction)
+    for param, update, p_norm, u_norm in zip(params, updates, norms[: len(params)], norms[len(params) :]):
+        ratio = trust_ratio(p_norm, u_norm, max_ratio=trust_clip)
+        param.sub_(update * (lr * ratio))
 
 
 def _multi_tensor_lamb(
@@ -298,6 +324,7 @@ def _multi_tensor_lamb(
     *,
     capturable: bool,
     grad_clip_coef: Tensor | None,
+    shard_reduction: ShardReduction | None,
     lr: float | Tensor,
     beta1: float,
     beta2: float,
@@ -309,11 +336,15 @@ def _multi_tensor_lamb(
     adapt: bool,
     maximize: bool,
 ) -> None:
-    """torch._foreach implementation, one pass per op over each (device, dtype) group; no host sync."""
+    """torch._foreach implementation, one pass per op over each (device, dtype) group; no host sync.
+
+    Two loops over the groups, so that sharded norms are completed with one all-reduce between them.
+    """
     grad_weight = 1 - beta1 if grad_averaging else 1.0
     grouped = Optimizer._group_tensors_by_device_and_dtype(
         [params, grads, exp_avgs, exp_avg_sqs, state_steps]  # type: ignore[list-item]
     )
+    buckets = []
     for (device, _), ((d_params, d_grads, d_exp_avgs, d_exp_avg_sqs, d_steps), _) in grouped.items():
         # New lists: the caller's .grad tensors are never modified.
         d_grads = torch._foreach_neg(d_grads) if maximize else list(d_grads)
@@ -337,11 +368,15 @@ def _multi_tensor_lamb(
         torch._foreach_div_(updates, denoms)
         if weight_decay != 0:
             torch._foreach_add_(updates, d_params, alpha=weight_decay)
+        buckets.append((d_params, updates))
 
-        if adapt:
-            ratios = trust_ratio(foreach_fp32_norms(d_params), foreach_fp32_norms(updates), max_ratio=trust_clip)
-            scales = (ratios * lr).unbind()
-            torch._foreach_mul_(updates, scales)
-        else:
-            torch._foreach_mul_(updates, lr)
+    if not adapt:
+        for d_params, updates in buckets:
+            torch._foreach_sub_(d_params, torch._foreach_mul(updates, lr))
+        return
+    norms = [norm for d_params, updates in buckets for norm in (foreach_fp32_norms(d_params), foreach_fp32_norms(updates))]
+    norms = complete_norms(norms, shard_reduction)
+    for (d_params, updates), p_norms, u_norms in zip(buckets, norms[::2], norms[1::2]):
+        ratios = trust_ratio(p_norms, u_norms, max_ratio=trust_clip)
+        torch._foreach_mul_(updates, (ratios * lr).unbind())
         torch._foreach_sub_(d_params, updates)

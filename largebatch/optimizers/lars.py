@@ -18,6 +18,7 @@ from ._base import (
     param_norm,
     resolve_foreach,
 )
+from ._sharding import ShardReduction, complete_norms, shard_reduction, to_local
 from ._trust import trust_ratio
 
 __all__ = ["LARS", "lars"]
@@ -145,10 +146,11 @@ class LARS(LargeBatchOptimizer):
             if has_momentum:
                 buffers.append(state["momentum_buffer"])
         lars(
-            params,
-            [p.grad for p in params],
-            buffers if has_momentum else None,
+            to_local(params),
+            to_local([p.grad for p in params]),
+            to_local(buffers) if has_momentum else None,
             steps,
+            shard_reduction=shard_reduction(params, group["shard_group"]),
             foreach=group["foreach"],
             fused=group["fused"],
             differentiable=group["differentiable"],
@@ -176,6 +178,7 @@ def lars(
     foreach: bool | None = None,
     fused: bool | None = None,
     differentiable: bool = False,
+    shard_reduction: ShardReduction | None = None,
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
     lr: float | Tensor,
@@ -193,7 +196,8 @@ def lars(
     """Functional LARS: one step over the given tensors, in place. See :class:`LARS`.
 
     ``momentum_buffers`` is None when ``momentum`` is 0; ``adapt`` is the group's
-    ``layer_adaptation``. ``grad_scale``/``found_inf`` are supported by the fused path only.
+    ``layer_adaptation``; ``shard_reduction`` completes the norms across ranks when the tensors
+    are local shards. ``grad_scale``/``found_inf`` are supported by the fused path only.
     """
     hyper = dict(
         lr=lr,
@@ -211,6 +215,8 @@ def lars(
     if (momentum_buffers is None) != (momentum == 0):
         raise ValueError("momentum_buffers must be given exactly when momentum != 0")
     if fused:
+        if shard_reduction is not None:
+            raise RuntimeError("LARS(fused=True) does not support sharded parameters yet; use foreach=True")
         from largebatch.fused import fused_lars
 
         fused_lars(params, grads, momentum_buffers, state_steps, grad_scale=grad_scale, found_inf=found_inf, **hyper)
@@ -218,9 +224,9 @@ def lars(
     if grad_scale is not None or found_inf is not None:
         raise RuntimeError("grad_scale/found_inf are only supported with fused=True")
     if resolve_foreach(params, foreach, differentiable):
-        _multi_tensor_lars(params, grads, momentum_buffers, state_steps, **hyper)
+        _multi_tensor_lars(params, grads, momentum_buffers, state_steps, shard_reduction=shard_reduction, **hyper)
     else:
-        _single_tensor_lars(params, grads, momentum_buffers, state_steps, **hyper)
+        _single_tensor_lars(params, grads, momentum_buffers, state_steps, shard_reduction=shard_reduction, **hyper)
 
 
 def _single_tensor_lars(
@@ -240,17 +246,21 @@ def _single_tensor_lars(
     adapt: bool,
     lr_in_momentum: bool,
     maximize: bool,
+    shard_reduction: ShardReduction | None,
 ) -> None:
     """The reference: one tensor at a time, reading like the equations."""
     buffers = momentum_buffers if momentum_buffers is not None else [None] * len(params)
-    for param, grad, buf, step_t in zip(params, grads, buffers, state_steps):
-        grad = -grad if maximize else grad
+    grads = [-g if maximize else g for g in grads]
+    if adapt:
+        norms = [param_norm(p) for p in params] + [fp32_norm(g) for g in grads]
+        norms = complete_norms(norms, shard_reduction)
+        param_norms, grad_norms = norms[: len(params)], norms[len(params) :]
+    for i, (param, grad, buf, step_t) in enumerate(zip(params, grads, buffers, state_steps)):
         step_t += 1
-
         direction = grad.add(param, alpha=weight_decay) if weight_decay != 0 else grad.clone()
         if adapt:
             local = trust_ratio(
-                param_norm(param), fp32_norm(grad), coefficient=trust_coefficient, weight_decay=weight_decay, eps=eps
+                param_norms[i], grad_norms[i], coefficient=trust_coefficient, weight_decay=weight_decay, eps=eps
             )
             if trust_clip:
                 local = torch.clamp(local / lr, max=1.0)
@@ -283,26 +293,33 @@ def _multi_tensor_lars(
     adapt: bool,
     lr_in_momentum: bool,
     maximize: bool,
+    shard_reduction: ShardReduction | None,
 ) -> None:
     """torch._foreach implementation per (device, dtype) group; no host sync."""
     lists: list[list[Tensor]] = [params, grads, state_steps]
     if momentum_buffers is not None:
         lists.append(momentum_buffers)
     grouped = Optimizer._group_tensors_by_device_and_dtype(lists)  # type: ignore[arg-type]
-    for (_device, _), (device_lists, _) in grouped.items():
+    buckets = []
+    for device_lists, _ in grouped.values():
         d_params, d_grads, d_steps = device_lists[:3]
         d_buffers = device_lists[3] if momentum_buffers is not None else None
         d_grads = torch._foreach_neg(d_grads) if maximize else list(d_grads)
-        torch._foreach_add_(d_steps, 1)
+        buckets.append((d_params, d_grads, d_steps, d_buffers))
+    if adapt:
+        norms = [n for d_params, d_grads, *_ in buckets for n in (foreach_fp32_norms(d_params), foreach_fp32_norms(d_grads))]
+        norms = complete_norms(norms, shard_reduction)
 
+    for index, (d_params, d_grads, d_steps, d_buffers) in enumerate(buckets):
+        torch._foreach_add_(d_steps, 1)
         if weight_decay != 0:
             directions = torch._foreach_add(d_grads, d_params, alpha=weight_decay)
         else:
             directions = torch._foreach_mul(d_grads, 1.0)  # a copy: the grads stay untouched
         if adapt:
             local = trust_ratio(
-                foreach_fp32_norms(d_params),
-                foreach_fp32_norms(d_grads),
+                norms[2 * index],
+                norms[2 * index + 1],
                 coefficient=trust_coefficient,
                 weight_decay=weight_decay,
                 eps=eps,

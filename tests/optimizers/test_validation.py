@@ -44,6 +44,12 @@ INVALID = [
 ]
 
 
+@pytest.mark.parametrize("cls", [LAMB, LARS, Adan, AdaGradNorm], ids=lambda c: c.__name__)
+def test_shard_group_must_be_a_process_group(cls):
+    with pytest.raises(ValueError, match="shard_group"):
+        cls([{"params": [torch.zeros(2, requires_grad=True)], "shard_group": "world"}])
+
+
 @pytest.mark.parametrize(
     "cls, kwargs, name", INVALID, ids=[f"{c.__name__}-{'-'.join(k)}-{i}" for i, (c, k, _) in enumerate(INVALID)]
 )

@@ -1,0 +1,37 @@
+"""Batch-size-aware learning rates: scaling rules, warmup and decay schedules, regime adaptation.
+
+* :func:`scale_lr`, :func:`suggest_scaling_rule`: the linear (Goyal et al. 2017) and square-root
+  (Krizhevsky 2014) rules.
+* :class:`BatchSizeCoupledLR`: rescales the lr whenever the batch size changes.
+* :class:`LinearWarmup`, :class:`WarmupPolynomialDecay`, :class:`WarmupCosineDecay`,
+  :class:`WarmupStableDecay`, :class:`PowerScheduler`: chainable ``LRScheduler`` subclasses.
+* :func:`adapt_regime`: Hoffer et al. 2017's "train longer" adaptation of a step regime.
+"""
+
+from .batch_coupled import BatchSizeCoupledLR
+from .regime import Regime, adapt_regime
+from .rules import SCALING_RULES, scale_lr, scaling_exponent, suggest_scaling_rule
+from .schedulers import (
+    DECAY_SHAPES,
+    LinearWarmup,
+    PowerScheduler,
+    WarmupCosineDecay,
+    WarmupPolynomialDecay,
+    WarmupStableDecay,
+)
+
+__all__ = [
+    "DECAY_SHAPES",
+    "SCALING_RULES",
+    "BatchSizeCoupledLR",
+    "LinearWarmup",
+    "PowerScheduler",
+    "Regime",
+    "WarmupCosineDecay",
+    "WarmupPolynomialDecay",
+    "WarmupStableDecay",
+    "adapt_regime",
+    "scale_lr",
+    "scaling_exponent",
+    "suggest_scaling_rule",
+]

@@ -1,0 +1,111 @@
+r"""A scheduler that couples every group's learning rate to the current batch size."""
+
+from __future__ import annotations
+
+from torch import Tensor
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler
+
+from ._checks import check_positive_int
+from .rules import scaling_exponent
+from .schedulers import is_initial_step
+
+__all__ = ["BatchSizeCoupledLR"]
+
+
+def _clone_lr(lr: float | Tensor) -> float | Tensor:
+    return lr.clone() if isinstance(lr, Tensor) else lr
+
+
+class BatchSizeCoupledLR(LRScheduler):
+    r"""Scale each group's lr by the batch-size rule, on top of any other schedule.
+
+    .. math::
+        \eta_g(t) = \eta^{other}_g(t) \left(\frac{B_t}{B_0}\right)^{k},
+
+    with :math:`\eta^{other}_g(t)` what the other (chainable) schedulers make of the group's lr,
+    :math:`B_t` the current batch size, :math:`B_0` the batch size the lr was tuned at, and
+    :math:`k` the rule's exponent (``"linear"``: 1, Goyal et al. 2017; ``"sqrt"``: 1/2,
+    Krizhevsky 2014; or a float; see :func:`~largebatch.schedules.suggest_scaling_rule`).
+
+    The batch size is set by the user or by an adaptive batch-size controller through
+    :meth:`set_batch_size` (or by assigning :attr:`batch_size`): the lr of every group changes
+    at once, by the factor :math:`(B_{new}/B_{old})^{k}`, so the next ``optimizer.step()`` uses it.
+    :meth:`step` leaves the lr alone, since there is nothing left to apply. The batch size is part
+    of ``state_dict``; the scaled lr itself is in the optimizer's.
+
+    Only multiplicative (chainable) schedulers compose with it; a closed-form one that writes
+    absolute values (``OneCycleLR``, ``CyclicLR``) overwrites its factor.
+
+    Args:
+        optimizer: the wrapped optimizer; its lrs are those tuned at ``base_batch_size``.
+        base_batch_size: :math:`B_0`.
+        rule: ``"linear"``, ``"sqrt"`` or an exponent ≥ 0.
+        batch_size: the initial :math:`B`; default ``base_batch_size``.
+        last_epoch: as in :class:`~torch.optim.lr_scheduler.LRScheduler`.
+
+    Example:
+        .. code-block:: python
+
+            coupled = BatchSizeCoupledLR(optimizer, base_batch_size=256, rule="linear")
+            warmup = LinearWarmup(optimizer, warmup_steps=500)
+            for inputs, targets in loader:
+                loss_fn(model(inputs), targets).backward()
+                optimizer.step()
+                optimizer.zero_grad()
+                warmup.step()
+                coupled.step()
+                coupled.set_batch_size(next_batch_size)  # lr changes now
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        base_batch_size: int,
+        rule: str | float = "linear",
+        batch_size: int | None = None,
+        last_epoch: int = -1,
+    ) -> None:
+        self.base_batch_size = check_positive_int("base_batch_size", base_batch_size)
+        self.rule = rule
+        self.exponent = scaling_exponent(rule)
+        initial = self.base_batch_size if batch_size is None else batch_size
+        self._batch_size = check_positive_int("batch_size", initial)
+        super().__init__(optimizer, last_epoch)
+
+    @property
+    def batch_size(self) -> int:
+        """The current batch size :math:`B`; assigning it calls :meth:`set_batch_size`."""
+        return self._batch_size
+
+    @batch_size.setter
+    def batch_size(self, batch_size: int) -> None:
+        self.set_batch_size(batch_size)
+
+    def multiplier(self, batch_size: int) -> float:
+        """The factor :math:`(B / B_0)^{k}` the rule gives a batch of ``batch_size``."""
+        return (batch_size / self.base_batch_size) ** self.exponent
+
+    def set_batch_size(self, batch_size: int) -> None:
+        """Set the batch size and rescale every group's lr now by :math:`(B_{new}/B_{old})^{k}`."""
+        new = check_positive_int("batch_size", batch_size)
+        ratio = (new / self._batch_size) ** self.exponent
+        self._batch_size = new
+        for group in self.optimizer.param_groups:
+            if isinstance(group["lr"], Tensor):
+                group["lr"].mul_(ratio)
+            else:
+                group["lr"] = group["lr"] * ratio
+        self._last_lr = [_clone_lr(group["lr"]) for group in self.optimizer.param_groups]
+
+    def get_lr(self) -> list[float | Tensor]:
+        """The next lr of each group: scaled by the rule at the start, unchanged afterwards."""
+        groups = self.optimizer.param_groups
+        if is_initial_step(self):
+            multiplier = self.multiplier(self._batch_size)
+            return [group["lr"] * multiplier for group in groups]
+        return [_clone_lr(group["lr"]) for group in groups]
+
+    def _get_closed_form_lr(self) -> list[float | Tensor]:
+        multiplier = self.multiplier(self._batch_size)
+        return [base_lr * multiplier for base_lr in self.base_lrs]

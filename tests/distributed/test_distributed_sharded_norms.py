@@ -1,0 +1,82 @@
+"""Trust ratios and clipping under sharding: FSDP2, DDP and flat shards on two gloo CPU ranks equal
+the unsharded single-process run; without the cross-rank reduction they do not; a distributed
+checkpoint of the optimizer state resumes the run."""
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+WORKER = os.path.join(os.path.dirname(__file__), "_sharded_worker.py")
+sys.path.insert(0, os.path.dirname(__file__))
+import _sharded_worker as worker  # noqa: E402
+
+pytestmark = pytest.mark.distributed
+# fp32: the sharded run sums squares across ranks in a different order, and FSDP averages the
+# gradients with a reduce-scatter: a few ulps per step over 10 steps.
+TOL = dict(rtol=1e-5, atol=1e-6)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def sharded_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dist") / "results.pt"
+    proc = subprocess.run(
+        [sys.executable, WORKER, str(out), str(_free_port())], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return torch.load(out)
+
+
+def _single_process(cls, kwargs, foreach=False):
+    model = worker.make_model()
+    opt = cls(model.parameters(), foreach=foreach, **kwargs)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(worker.STEPS):
+        x, y = torch.randn(16, 6, generator=gen), torch.randn(16, 4, generator=gen)
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+    return [p.detach() for p in model.parameters()]
+
+
+def _assert_all_close(got, want):
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, **TOL)
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+@pytest.mark.parametrize("name", list(worker.SETUPS))
+def test_fsdp2_training_equals_unsharded(sharded_results, name, foreach):
+    cls, kwargs = worker.SETUPS[name]
+    _assert_all_close(sharded_results[f"fsdp/{name}/foreach={foreach}"], _single_process(cls, kwargs, foreach))
+
+
+def test_without_the_reduction_fsdp2_lamb_trains_a_different_model(sharded_results):
+    cls, kwargs = worker.SETUPS["lamb"]
+    want = _single_process(cls, kwargs)
+    got = sharded_results["fsdp/lamb/no_reduction"]
+    assert max((g - w).abs().max().item() for g, w in zip(got, want)) > 1e-3
+
+
+def test_ddp_is_unchanged(sharded_results):
+    cls, kwargs = worker.SETUPS["lamb"]
+    _assert_all_close(sharded_results["ddp/lamb"], _single_process(cls, kwargs))
+
+
+def test_flat_shards_with_a_process_group(sharded_results):
+    cls, kwargs = worker.SETUPS["lars"]
+    _assert_all_close(sharded_results["flat/lars"], _single_process(cls, kwargs))
+
+
+def test_distributed_checkpoint_resume_continues_the_run(sharded_results):
+    _assert_all_close(sharded_results["fsdp/lamb/resumed"], sharded_results["fsdp/lamb/foreach=False"])
