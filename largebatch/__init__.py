@@ -1,5 +1,6 @@
 """largebatch: train with very large batches in PyTorch."""
 
+from .batching import AdaptiveBatchSize, GrowingBatchSampler
 from .nn import GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d, convert_to_ghost_batchnorm
 from .optimizers import LAMB, LARS, AdaGradNorm, Adan
 from .schedules import (
@@ -30,6 +31,9 @@ __all__ = [
     "WarmupCosineDecay",
     "WarmupStableDecay",
     "PowerScheduler",
+    # adaptive batch size (AdAdaGrad)
+    "AdaptiveBatchSize",
+    "GrowingBatchSampler",
     # Ghost BatchNorm
     "GhostBatchNorm1d",
     "GhostBatchNorm2d",

@@ -1,0 +1,224 @@
+"""The batch-size tests and the `AdaptiveBatchSize` controller."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from largebatch.batching import (
+    AdaptiveBatchSize,
+    GradientStatistics,
+    augmented_inner_product_test,
+    coordinate_test,
+    gradient_statistics,
+    inner_product_test,
+    norm_test,
+    orthogonality_test,
+)
+
+
+def make_statistics(trace=1.0, inner=1.0, orthogonal=1.0, mean=(1.0,), coordinates=None) -> GradientStatistics:
+    f64 = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
+    mean_t = torch.tensor(mean, dtype=torch.float64)
+    return GradientStatistics(
+        num_units=f64(8.0),
+        num_samples=f64(8.0),
+        mean_sq_norm=mean_t.square().sum(),
+        variance_trace=f64(trace),
+        inner_product_variance=f64(inner),
+        orthogonal_variance=f64(orthogonal),
+        mean_gradient=(mean_t,),
+        coordinate_variance=None if coordinates is None else f64(coordinates),
+    )
+
+
+def linear_regression_statistics(seed=0, batch=16, noise=1.0):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 3, generator=generator, dtype=torch.float64)
+    residual = 1.0 + noise * torch.randn(batch, 1, generator=generator, dtype=torch.float64)
+    return gradient_statistics([residual * x, residual], coordinatewise=True)  # closed-form gradients of ½r²
+
+
+# ---------------------------------------------------------------------------- the tests' formulas
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    trace=st.floats(0.0, 1e3),
+    inner=st.floats(0.0, 1e3),
+    orthogonal=st.floats(0.0, 1e3),
+    mean=st.lists(st.floats(0.1, 10.0), min_size=1, max_size=4),
+    tolerance=st.floats(0.01, 2.0),
+)
+def test_required_batch_sizes_follow_their_formulas(trace, inner, orthogonal, mean, tolerance):
+    coordinates = [trace / len(mean)] * len(mean)
+    stats = make_statistics(trace, inner, orthogonal, mean, coordinates)
+    s = sum(m * m for m in mean)
+    assert float(norm_test(stats, tolerance)) == pytest.approx(trace / (tolerance**2 * s), rel=1e-12)
+    assert float(inner_product_test(stats, tolerance)) == pytest.approx(inner / (tolerance**2 * s * s), rel=1e-12)
+    assert float(orthogonality_test(stats, tolerance)) == pytest.approx(orthogonal / (tolerance**2 * s), rel=1e-12)
+    expected_augmented = max(inner / (tolerance**2 * s * s), orthogonal / (tolerance**2 * s))
+    augmented = float(augmented_inner_product_test(stats, tolerance, tolerance))
+    assert augmented == pytest.approx(expected_augmented, rel=1e-12)
+    expected_coordinate = max(v / (tolerance**2 * m * m) for v, m in zip(coordinates, mean))
+    assert float(coordinate_test(stats, tolerance)) == pytest.approx(expected_coordinate, rel=1e-12)
+
+
+def test_tests_return_tensors_without_host_sync():
+    stats = linear_regression_statistics()
+    for test in (norm_test, inner_product_test, orthogonality_test, augmented_inner_product_test, coordinate_test):
+        result = test(stats)
+        assert isinstance(result, torch.Tensor) and result.dim() == 0 and result.dtype == torch.float64
+
+
+def test_zero_variance_asks_for_nothing_and_zero_mean_asks_for_everything():
+    quiet = make_statistics(trace=0.0, inner=0.0, orthogonal=0.0, mean=(0.0,), coordinates=[0.0])
+    for test in (norm_test, inner_product_test, orthogonality_test, coordinate_test):
+        assert float(test(quiet)) == 0.0
+    noisy = make_statistics(trace=1.0, inner=1.0, orthogonal=1.0, mean=(0.0,), coordinates=[1.0])
+    for test in (norm_test, inner_product_test, orthogonality_test, coordinate_test):
+        assert float(test(noisy)) == math.inf
+
+
+def test_coordinate_test_uses_the_worst_coordinate():
+    stats = make_statistics(mean=(1.0, 2.0), coordinates=[1.0, 100.0])
+    assert float(coordinate_test(stats, 1.0)) == pytest.approx(25.0)  # max(1/1, 100/4)
+    with pytest.raises(ValueError, match="coordinatewise=True"):
+        coordinate_test(make_statistics())
+
+
+# ---------------------------------------------------------------------------- the controller
+
+
+def expected_next(batch, required, b_max, multiple):
+    """b_{k+1} = min(b_max, round_up(max(b_k, ⌈b_req⌉), multiple)), written plainly."""
+    if required >= b_max:
+        return b_max
+    grown = max(batch, math.ceil(required))
+    while grown % multiple:
+        grown += 1
+    return min(b_max, grown)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    b0=st.integers(2, 32),
+    extra=st.integers(0, 500),
+    multiple=st.integers(1, 16),
+    required=st.lists(st.one_of(st.floats(0.0, 2000.0), st.just(math.inf)), min_size=1, max_size=20),
+)
+def test_batch_never_shrinks_never_exceeds_max_and_follows_the_rule(b0, extra, multiple, required):
+    b_max = b0 + extra
+    controller = AdaptiveBatchSize(b0, b_max, eta=1.0, multiple=multiple)
+    batch = b0
+    for r in required:
+        new = controller.step(make_statistics(trace=r))  # with eta = 1 and ‖ḡ‖ = 1, b_req = trace
+        assert new == expected_next(batch, r, b_max, multiple)
+        assert batch <= new <= b_max
+        batch = new
+    assert [record.batch_size for record in controller.history][-1] == controller.batch_size
+    assert [record.required for record in controller.history] == pytest.approx(required)
+
+
+def test_tiny_eta_jumps_to_max_and_huge_eta_stays_fixed():
+    stats = linear_regression_statistics()
+    tiny = AdaptiveBatchSize(4, 512, eta=1e-6)
+    assert tiny.step(stats) == 512
+    huge = AdaptiveBatchSize(4, 512, eta=1e6)
+    for _ in range(5):
+        assert huge.step(stats) == 4
+
+
+@pytest.mark.parametrize("test", ["norm", "inner_product", "orthogonality", "augmented_inner_product", "coordinate"])
+def test_every_named_test_grows_a_noisy_batch(test):
+    controller = AdaptiveBatchSize(2, 10_000, test=test)
+    assert controller.coordinatewise == (test == "coordinate")
+    assert controller.step(linear_regression_statistics(noise=3.0)) > 2
+
+
+def test_interval_tests_only_every_interval_steps():
+    controller = AdaptiveBatchSize(2, 100, eta=1.0, interval=3)
+    needs = []
+    for step in range(7):
+        needs.append(controller.needs_statistics)
+        controller.step(make_statistics(trace=10.0 * (step + 1)) if controller.needs_statistics else None)
+    assert needs == [True, False, False, True, False, False, True]
+    assert [record.step for record in controller.history] == [0, 3, 6]
+    assert controller.batch_size == 70
+    controller.step(None)  # step 7: no test, no statistics needed
+    controller.step(None)
+    with pytest.raises(ValueError, match="statistics is None at step 9"):
+        controller.step(None)
+
+
+class RecordingCoupling:
+    def __init__(self):
+        self.sizes = []
+
+    def set_batch_size(self, batch_size: int) -> None:
+        self.sizes.append(batch_size)
+
+
+def test_lr_coupling_is_told_each_growth_once():
+    coupling = RecordingCoupling()
+    controller = AdaptiveBatchSize(4, 64, eta=1.0, lr_coupling=coupling)
+    for required in (2.0, 9.5, 9.0, 40.0, 1000.0, 1000.0):
+        controller.step(make_statistics(trace=required))
+    assert coupling.sizes == [10, 40, 64]
+
+
+def test_state_dict_round_trip_continues_identically():
+    sequence = [3.0, 12.0, 5.0, 30.0, 31.5, 100.0]
+    full = AdaptiveBatchSize(2, 64, eta=1.0, interval=2)
+    for r in sequence:
+        full.step(make_statistics(trace=r))
+    first = AdaptiveBatchSize(2, 64, eta=1.0, interval=2)
+    for r in sequence[:3]:
+        first.step(make_statistics(trace=r))
+    resumed = AdaptiveBatchSize(2, 64, eta=1.0, interval=2)
+    resumed.load_state_dict(first.state_dict())
+    for r in sequence[3:]:
+        resumed.step(make_statistics(trace=r))
+    assert resumed.state_dict() == full.state_dict()
+    with pytest.raises(ValueError, match="batch_size 128 outside"):
+        resumed.load_state_dict({"batch_size": 128, "step_count": 0, "history": []})
+
+
+def test_nan_statistics_raise():
+    with pytest.raises(ValueError, match="NaN"):
+        AdaptiveBatchSize(2, 8).step(make_statistics(trace=float("nan")))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"eta": 0.0}, "eta"),
+        ({"eta": -1.0}, "eta"),
+        ({"theta": 0.0}, "theta"),
+        ({"nu": -0.1}, "nu"),
+        ({"max_batch_size": 4}, "max_batch_size"),
+        ({"initial_batch_size": 1}, "initial_batch_size"),
+        ({"initial_batch_size": 8.0}, "initial_batch_size"),
+        ({"interval": 0}, "interval"),
+        ({"interval": -2}, "interval"),
+        ({"multiple": 0}, "multiple"),
+        ({"test": "variance"}, "test"),
+        ({"lr_coupling": object()}, "lr_coupling"),
+    ],
+)
+def test_bad_arguments_raise_value_errors_naming_them(kwargs, name):
+    arguments = {"initial_batch_size": 8, "max_batch_size": 64} | kwargs
+    with pytest.raises(ValueError, match=f"Invalid {name}"):
+        AdaptiveBatchSize(arguments.pop("initial_batch_size"), arguments.pop("max_batch_size"), **arguments)
+
+
+def test_test_functions_reject_bad_tolerances():
+    stats = make_statistics(coordinates=[1.0])
+    tests = ((norm_test, "eta"), (inner_product_test, "theta"), (orthogonality_test, "nu"), (coordinate_test, "eta"))
+    for test, name in tests:
+        with pytest.raises(ValueError, match=f"Invalid {name}"):
+            test(stats, 0.0)
+    assert np.isfinite(float(norm_test(stats)))
