@@ -77,12 +77,14 @@ def load_digits_split(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
 
 
 def make_model(seed: int) -> nn.Module:
+    """The demo's MLP (64 → 256 → 256 → 10), seeded."""
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
 
 
 @torch.no_grad()
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Top-1 accuracy of `model` on (x, y)."""
     return (model(x).argmax(1) == y).float().mean().item()
 
 
@@ -134,6 +136,7 @@ def train(
 
 
 def markdown_table(results: list[RunResult]) -> str:
+    """The results as a Markdown table (the one printed and written to results.md)."""
     lines = [
         "| batch | optimizer | lr policy | lr | steps | test accuracy | seconds |",
         "|---:|---|---|---:|---:|---:|---:|",
@@ -147,6 +150,7 @@ def markdown_table(results: list[RunResult]) -> str:
 
 
 def plot(results: list[RunResult], path: Path) -> None:
+    """Test accuracy per epoch, one panel per optimizer, saved as a PNG at `path`."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -169,6 +173,7 @@ def plot(results: list[RunResult], path: Path) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options (see `python -m largebatch.demo --help`)."""
     parser = argparse.ArgumentParser(
         prog="python -m largebatch.demo",
         description="Train an MLP on the embedded digits data at a base batch and at 16x/32x, "
@@ -196,6 +201,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> list[RunResult]:
+    """Run the demo: train every planned run, print the table, write results.md and the plot."""
     from tqdm import tqdm
 
     args = parse_args(argv)

@@ -33,7 +33,8 @@ __all__ = ["AdaptiveBatchSize", "BatchSizeRecord", "BatchSizeCoupling"]
 class BatchSizeCoupling(Protocol):
     """What the controller needs of a learning-rate coupling: to be told the new batch size."""
 
-    def set_batch_size(self, batch_size: int) -> None: ...
+    def set_batch_size(self, batch_size: int) -> None:
+        """Take the new batch size (e.g. rescale the learning rate for it)."""
 
 
 class BatchSizeRecord(NamedTuple):
@@ -118,6 +119,7 @@ class AdaptiveBatchSize:
 
     @property
     def step_count(self) -> int:
+        """How many times `step()` has been called."""
         return self._step_count
 
     @property
@@ -168,6 +170,7 @@ class AdaptiveBatchSize:
         return self._batch_size
 
     def state_dict(self) -> dict[str, Any]:
+        """The batch size, step count and history, for checkpoints."""
         return {
             "batch_size": self._batch_size,
             "step_count": self._step_count,

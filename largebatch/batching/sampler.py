@@ -113,6 +113,7 @@ class GrowingBatchSampler(Sampler[list[int]]):
         return {"epoch": self.epoch, "position": self.position, "length": self.length, "seed": self.seed}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Resume from `state_dict()`: the next batches continue the saved sequence."""
         for name in ("length", "seed"):
             if state_dict[name] != getattr(self, name):
                 raise ValueError(

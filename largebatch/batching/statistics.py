@@ -282,6 +282,10 @@ class MicroBatchGradients:
         self._sizes: list[int] = []
 
     def record(self, num_samples: int, loss_scale: float = 1.0) -> None:
+        """Record the gradient now in `.grad` as one micro-batch of `num_samples` samples.
+
+        `loss_scale` is the factor the micro-batch loss was multiplied by (undone here).
+        """
         if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
             raise ValueError(f"Invalid num_samples: {num_samples!r} (must be an int >= 1)")
         if not loss_scale > 0.0:
@@ -296,6 +300,7 @@ class MicroBatchGradients:
 
     @property
     def num_samples(self) -> int:
+        """Samples recorded so far, over all micro-batches."""
         return sum(self._sizes)
 
     def statistics(

@@ -232,12 +232,19 @@ class LargeBatchOptimizer(Optimizer):
                 group.setdefault(key, value)
             for p in group["params"]:
                 p_state = self.state.get(p, {})
-                step = p_state.get("step")
-                if step is not None and not torch.is_tensor(step):
-                    on_device = group["capturable"] or group["fused"]
-                    p_state["step"] = torch.tensor(
-                        float(step), dtype=STEP_DTYPE, device=p.device if on_device else None
-                    )
+                if "step" in p_state:
+                    p_state["step"] = self._placed_step(p_state["step"], p, group)
+
+    def _placed_step(self, step: Any, param: Tensor, group: dict[str, Any]) -> Tensor:
+        """A loaded step counter where `_new_step` would put it.
+
+        Older or foreign checkpoints store it as an int, a float or an int64 tensor, and
+        `map_location` may have moved it to the wrong device; foreach grouping needs float32.
+        """
+        device = param.device if group["capturable"] or group["fused"] else torch.device("cpu")
+        if torch.is_tensor(step) and step.device == device and step.dtype == STEP_DTYPE:
+            return step
+        return torch.tensor(float(step), dtype=STEP_DTYPE, device=device)
 
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
         state_dict = super().state_dict()

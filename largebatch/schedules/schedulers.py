@@ -176,6 +176,7 @@ class LinearWarmup(_FactorScheduler):
         super().__init__(optimizer, last_epoch)
 
     def factor(self, step: int, group_index: int) -> float:
+        """The multiplier of the group's initial lr at `step` (the formula in the class docstring)."""
         if step < self.warmup_steps:
             return _warmup_factor(step, self.warmup_steps, self.start_factor)
         return 1.0
@@ -225,6 +226,7 @@ class WarmupPolynomialDecay(_FactorScheduler):
         super().__init__(optimizer, last_epoch)
 
     def factor(self, step: int, group_index: int) -> float:
+        """The multiplier of the group's initial lr at `step` (the formula in the class docstring)."""
         if step < self.warmup_steps:
             return _warmup_factor(step, self.warmup_steps, self.start_factor)
         x = _decay_fraction(step, self.warmup_steps, self.total_steps - self.warmup_steps)
@@ -266,6 +268,7 @@ class WarmupCosineDecay(_FactorScheduler):
         super().__init__(optimizer, last_epoch)
 
     def factor(self, step: int, group_index: int) -> float:
+        """The multiplier of the group's initial lr at `step` (the formula in the class docstring)."""
         if step < self.warmup_steps:
             return _warmup_factor(step, self.warmup_steps, self.start_factor)
         x = _decay_fraction(step, self.warmup_steps, self.total_steps - self.warmup_steps)
@@ -324,6 +327,7 @@ class WarmupStableDecay(_FactorScheduler):
         super().__init__(optimizer, last_epoch)
 
     def factor(self, step: int, group_index: int) -> float:
+        """The multiplier of the group's initial lr at `step` (the formula in the class docstring)."""
         if step < self.warmup_steps:
             return _warmup_factor(step, self.warmup_steps, self.start_factor)
         decay_start = self.total_steps - self.decay_steps
@@ -432,6 +436,7 @@ class PowerScheduler(_FactorScheduler):
         return min(1.0, self.batch_size * self.a * tokens**self.b / lr_max)
 
     def factor(self, step: int, group_index: int) -> float:
+        """The multiplier of the group's initial lr at `step` (the formula in the class docstring)."""
         if step < self.warmup_steps:
             warmup = _warmup_factor(step, self.warmup_steps, self.start_factor)
             return warmup * self._power_factor(self.warmup_steps, group_index)
