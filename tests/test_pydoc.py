@@ -17,20 +17,6 @@ import pytest
 
 import largebatch
 
-# Public names without a docstring when this test was written, in other areas' modules. Each is
-# an expected failure (strict): documenting one makes its case XPASS, i.e. fail, until it is
-# removed from this list, so the list can only shrink.
-KNOWN_UNDOCUMENTED = frozenset(
-    {
-        "largebatch.experiments.batch_scaling.Method.label",
-        "largebatch.experiments.batch_scaling.Method.peak_lr",
-        "largebatch.experiments.batch_scaling.Method.rule",
-        "largebatch.experiments.batch_scaling.RunResult.final_accuracy",
-        "largebatch.experiments.batch_scaling.main",
-    }
-)
-
-
 def public_modules():
     names = ["largebatch"]
     for info in pkgutil.walk_packages(largebatch.__path__, "largebatch."):
@@ -94,21 +80,8 @@ def test_renders_with_pydoc(name):
     assert name.rsplit(".", 1)[-1] in text
 
 
-@pytest.mark.parametrize(
-    "name",
-    [
-        pytest.param(name, marks=pytest.mark.xfail(strict=True, reason="no docstring yet"))
-        if name in KNOWN_UNDOCUMENTED
-        else name
-        for name in sorted(DOCUMENTED)
-    ],
-)
+@pytest.mark.parametrize("name", sorted(DOCUMENTED))
 def test_has_a_docstring_of_its_own(name):
     obj = DOCUMENTED[name]
     doc = vars(obj).get("__doc__") if inspect.isclass(obj) else obj.__doc__
     assert doc and doc.strip(), f"{name} has no docstring"
-
-
-def test_known_gaps_are_public_names():
-    """A name in KNOWN_UNDOCUMENTED that is no longer public must leave the list too."""
-    assert KNOWN_UNDOCUMENTED <= set(DOCUMENTED)

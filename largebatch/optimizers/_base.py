@@ -178,9 +178,12 @@ class LargeBatchOptimizer(Optimizer):
     _has_fused: bool = False
 
     #: Group keys that describe this run's process setup, not the optimisation: a ProcessGroup
-    #: cannot be pickled and is different in the next run. Left out of state_dict(), and kept
-    #: from the live groups by load_state_dict().
-    _RUNTIME_GROUP_KEYS = ("shard_group",)
+    #: cannot be pickled and is different in the next run. Left out of state_dict().
+    _UNSAVED_GROUP_KEYS = ("shard_group",)
+    #: Group keys that choose how this optimizer runs (which implementation, where the step
+    #: counters live): load_state_dict() keeps the live values rather than the checkpoint's, so a
+    #: checkpoint written by a fused optimizer does not silently make a plain one fused.
+    _LIVE_GROUP_KEYS = ("shard_group", "fused", "foreach", "capturable", "differentiable")
 
     def __init__(self, params: ParamsT, defaults: dict[str, Any]) -> None:
         # shard_group: set per group to a ProcessGroup when the group's tensors are flat shards
@@ -249,15 +252,19 @@ class LargeBatchOptimizer(Optimizer):
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
         state_dict = super().state_dict()
         for group in state_dict["param_groups"]:
-            for key in self._RUNTIME_GROUP_KEYS:
+            for key in self._UNSAVED_GROUP_KEYS:
                 group.pop(key, None)
         return state_dict
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
-        runtime = [{key: group[key] for key in self._RUNTIME_GROUP_KEYS} for group in self.param_groups]
+        live = [{key: group[key] for key in self._LIVE_GROUP_KEYS} for group in self.param_groups]
         super().load_state_dict(state_dict)
-        for group, keep in zip(self.param_groups, runtime):
+        for group, keep in zip(self.param_groups, live):
             group.update(keep)
+            for p in group["params"]:  # counters go where the live group keeps them
+                p_state = self.state.get(p, {})
+                if "step" in p_state:
+                    p_state["step"] = self._placed_step(p_state["step"], p, group)
 
     def _setstate_defaults(self) -> dict[str, Any]:
         return {

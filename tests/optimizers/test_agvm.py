@@ -432,7 +432,8 @@ def test_lr_scheduler_sees_base_lrs_and_base_sees_scaled_lrs():
         assert factors_before.tolist() != agvm.scale_factors.tolist()
         group_factors = [agvm.scale_factors[agvm.module_names.index(g["agvm_module"])] for g in agvm.param_groups]
         expected_lr = 3e-2 * schedule(step)  # LambdaLR's own formula: base lr times the lambda
-        assert seen[-1] == pytest.approx([expected_lr * s for s in group_factors], rel=1e-12)
+        # the base sees 0-dim tensor lrs (lr × s_i); compare their values
+        assert [float(lr) for lr in seen[-1]] == pytest.approx([expected_lr * float(s) for s in group_factors], rel=1e-12)
         assert all(g["lr"] == expected_lr for g in agvm.param_groups)
         scheduler.step()
 

@@ -1,0 +1,181 @@
+"""Fused Adan (Xie et al. 2022, as the official sail-sg/Adan code computes it) on the engine.
+
+For each tensor x with gradient g at step t (see largebatch.optimizers.Adan):
+
+    g' = clip · (±g / grad_scale)          Δ = g' − g_prev (0 at t = 1)
+    m ← β1·m + (1 − β1)·g'                 d ← β2·d + (1 − β2)·Δ
+    n ← β3·n + (1 − β3)·(g' + β2·Δ)²       g_prev ← g'
+    η = (m / (1 − β1^t) + β2·d / (1 − β2^t)) / (sqrt(n / (1 − β3^t)) + eps)
+    x ← (x − lr·η) / (1 + lr·λ)            (no_prox: x ← x·(1 − lr·λ) − lr·η)
+
+One pass, one launch per (device, dtypes) group: read x, g, g_prev, m, d, n and write x,
+g_prev, m, d, n: 44 bytes per fp32 parameter.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ._engine import (
+    advance_steps,
+    chunk_table,
+    dtype_constexprs,
+    group_by_device_and_dtypes,
+    launch,
+    log_beta,
+    lr_arguments,
+    scalar_on,
+)
+
+__all__ = ["fused_adan"]
+
+
+@triton.jit
+def _adan_chunk(
+    param, grad, exp_avg, exp_avg_diff, exp_avg_sq, prev_grad, offsets, numel,
+    grad_multiplier, has_previous, lr, beta1, one_minus_beta1, beta2, one_minus_beta2, beta3, one_minus_beta3,
+    bc1, diff_scale, bc3, eps, weight_decay,
+    NO_PROX: tl.constexpr, MASKED: tl.constexpr,
+):  # fmt: skip
+    mask = offsets < numel if MASKED else None
+    other = 0.0 if MASKED else None
+    x = tl.load(param + offsets, mask=mask, other=other).to(tl.float32)
+    g = tl.load(grad + offsets, mask=mask, other=other).to(tl.float32) * grad_multiplier
+    diff = (g - tl.load(prev_grad + offsets, mask=mask, other=other).to(tl.float32)) * has_previous
+    m = beta1 * tl.load(exp_avg + offsets, mask=mask, other=other).to(tl.float32) + one_minus_beta1 * g
+    d = beta2 * tl.load(exp_avg_diff + offsets, mask=mask, other=other).to(tl.float32) + one_minus_beta2 * diff
+    nesterov_grad = g + beta2 * diff
+    n = beta3 * tl.load(exp_avg_sq + offsets, mask=mask, other=other).to(tl.float32) + one_minus_beta3 * (
+        nesterov_grad * nesterov_grad
+    )
+    m = m.to(exp_avg.dtype.element_ty)
+    d = d.to(exp_avg_diff.dtype.element_ty)
+    n = n.to(exp_avg_sq.dtype.element_ty)
+    tl.store(exp_avg + offsets, m, mask=mask)
+    tl.store(exp_avg_diff + offsets, d, mask=mask)
+    tl.store(exp_avg_sq + offsets, n, mask=mask)
+    tl.store(prev_grad + offsets, g.to(prev_grad.dtype.element_ty), mask=mask)
+
+    update = (m.to(tl.float32) / bc1 + d.to(tl.float32) * diff_scale) / (tl.sqrt(n.to(tl.float32) / bc3) + eps)
+    if NO_PROX:
+        x = x * (1.0 - lr * weight_decay) - lr * update
+    else:
+        x = (x - lr * update) / (1.0 + lr * weight_decay)
+    tl.store(param + offsets, x.to(param.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _adan_kernel(
+    chunk_tensors, numels, first_chunks,
+    param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_diff_ptrs, exp_avg_sq_ptrs, prev_grad_ptrs, step_ptrs,
+    lr_tensor, grad_scale, found_inf, clip_coef,
+    lr, beta1, one_minus_beta1, beta2, one_minus_beta2, beta3, one_minus_beta3, log_beta1, log_beta2, log_beta3,
+    eps, weight_decay,
+    PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr, EXP_AVG_DTYPE: tl.constexpr,
+    EXP_AVG_DIFF_DTYPE: tl.constexpr, EXP_AVG_SQ_DTYPE: tl.constexpr, PREV_GRAD_DTYPE: tl.constexpr,
+    MAXIMIZE: tl.constexpr, NO_PROX: tl.constexpr,
+    CHUNK_SIZE: tl.constexpr, ALIGNMENT: tl.constexpr,
+):  # fmt: skip
+    if found_inf is not None:
+        if tl.load(found_inf) != 0:
+            return
+    chunk = tl.program_id(0)
+    tensor = tl.load(chunk_tensors + chunk)
+    numel = tl.load(numels + tensor)
+    start = (chunk - tl.load(first_chunks + tensor)) * CHUNK_SIZE
+    offsets = start + tl.arange(0, CHUNK_SIZE)
+    param = tl.multiple_of(tl.load(param_ptrs + tensor).to(tl.pointer_type(PARAM_DTYPE)), ALIGNMENT)
+    grad = tl.multiple_of(tl.load(grad_ptrs + tensor).to(tl.pointer_type(GRAD_DTYPE)), ALIGNMENT)
+    exp_avg = tl.multiple_of(tl.load(exp_avg_ptrs + tensor).to(tl.pointer_type(EXP_AVG_DTYPE)), ALIGNMENT)
+    exp_avg_diff = tl.multiple_of(tl.load(exp_avg_diff_ptrs + tensor).to(tl.pointer_type(EXP_AVG_DIFF_DTYPE)), ALIGNMENT)
+    exp_avg_sq = tl.multiple_of(tl.load(exp_avg_sq_ptrs + tensor).to(tl.pointer_type(EXP_AVG_SQ_DTYPE)), ALIGNMENT)
+    prev_grad = tl.multiple_of(tl.load(prev_grad_ptrs + tensor).to(tl.pointer_type(PREV_GRAD_DTYPE)), ALIGNMENT)
+
+    grad_multiplier = -1.0 if MAXIMIZE else 1.0
+    if grad_scale is not None:
+        grad_multiplier = grad_multiplier / tl.load(grad_scale)
+    if clip_coef is not None:
+        grad_multiplier = grad_multiplier * tl.load(clip_coef)
+    if lr_tensor is not None:
+        lr = tl.load(lr_tensor)
+    step = tl.load(tl.load(step_ptrs + tensor).to(tl.pointer_type(tl.float32)))
+    has_previous = tl.where(step > 1, 1.0, 0.0)  # g_prev starts at 0: no difference at t = 1
+    step = step.to(tl.float64)
+    bc1 = (1.0 - tl.exp(step * log_beta1)).to(tl.float32)
+    diff_scale = (beta2 / (1.0 - tl.exp(step * log_beta2))).to(tl.float32)
+    bc3 = (1.0 - tl.exp(step * log_beta3)).to(tl.float32)
+
+    if start + CHUNK_SIZE <= numel:
+        _adan_chunk(
+            param, grad, exp_avg, exp_avg_diff, exp_avg_sq, prev_grad, offsets, numel,
+            grad_multiplier, has_previous, lr, beta1, one_minus_beta1, beta2, one_minus_beta2, beta3, one_minus_beta3,
+            bc1, diff_scale, bc3, eps, weight_decay,
+            NO_PROX, False,
+        )  # fmt: skip
+    else:
+        _adan_chunk(
+            param, grad, exp_avg, exp_avg_diff, exp_avg_sq, prev_grad, offsets, numel,
+            grad_multiplier, has_previous, lr, beta1, one_minus_beta1, beta2, one_minus_beta2, beta3, one_minus_beta3,
+            bc1, diff_scale, bc3, eps, weight_decay,
+            NO_PROX, True,
+        )  # fmt: skip
+
+
+def fused_adan(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_diffs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    prev_grads: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    lr: float | Tensor,
+    beta1: float,
+    beta2: float,
+    beta3: float,
+    eps: float,
+    weight_decay: float,
+    no_prox: bool,
+    maximize: bool,
+    grad_clip_coef: Tensor | None,
+    grad_scale: Tensor | None,
+    found_inf: Tensor | None,
+) -> None:
+    """One Adan step over the given tensors, in place (see the module docstring).
+
+    The caller's gradients are read, never written. With `found_inf` nonzero nothing changes,
+    step counters included; nothing here synchronises with the host.
+    """
+    lists = [params, grads, exp_avgs, exp_avg_diffs, exp_avg_sqs, prev_grads, state_steps]
+    for (device, dtypes), device_lists in group_by_device_and_dtypes(lists).items():
+        *elementwise, d_steps = device_lists
+        device_found_inf = scalar_on(found_inf, device)
+        advance_steps(d_steps, device_found_inf)
+        table = chunk_table(elementwise, [d_steps])
+        lr_tensor, lr_float = lr_arguments(lr, device)
+        launch(
+            _adan_kernel,
+            table,
+            lr_tensor,
+            scalar_on(grad_scale, device),
+            device_found_inf,
+            scalar_on(grad_clip_coef, device),
+            lr_float,
+            beta1,
+            1.0 - beta1,
+            beta2,
+            1.0 - beta2,
+            beta3,
+            1.0 - beta3,
+            log_beta(beta1),
+            log_beta(beta2),
+            log_beta(beta3),
+            eps,
+            weight_decay,
+            MAXIMIZE=maximize,
+            NO_PROX=no_prox,
+            **dtype_constexprs(("PARAM", "GRAD", "EXP_AVG", "EXP_AVG_DIFF", "EXP_AVG_SQ", "PREV_GRAD"), dtypes),
+        )

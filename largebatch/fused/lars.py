@@ -1,0 +1,233 @@
+"""Fused LARS (You, Gitman, Ginsburg 2017) on the multi-tensor engine.
+
+For each tensor x with gradient g (see largebatch.optimizers.LARS):
+
+    g' = ±g / grad_scale
+    local = η·‖x‖ / (‖g'‖ + λ·‖x‖ + eps)   (1 where ‖x‖ or ‖g'‖ is 0; min(local / lr, 1) with
+                                            trust_clip; 1 without adaptation)
+    d = local·(g' + λ·x)                   (·lr with lr_in_momentum)
+    buf ← μ·buf + (1 − dampening)·d        step = d + μ·buf (nesterov) or buf (or d when μ = 0)
+    x ← x − lr·step                        (x ← x − step with lr_in_momentum)
+
+Passes per (device, dtypes) group, each one launch: with adaptation, per-chunk Σx², Σg'², then
+`segment_sums`, then the update; without, the update alone. Bytes per fp32 parameter with
+momentum and adaptation: read x, g; then read x, g, buf and write buf, x: 28.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ._engine import (
+    advance_steps,
+    chunk_table,
+    dtype_constexprs,
+    group_by_device_and_dtypes,
+    launch,
+    lr_arguments,
+    scalar_on,
+)
+from ._norms import segment_sums
+
+__all__ = ["fused_lars"]
+
+
+@triton.jit
+def _norms_chunk(param, grad, partial, offsets, numel, inv_scale, MASKED: tl.constexpr):
+    mask = offsets < numel if MASKED else None
+    other = 0.0 if MASKED else None
+    x = tl.load(param + offsets, mask=mask, other=other).to(tl.float32)
+    g = tl.load(grad + offsets, mask=mask, other=other).to(tl.float32) * inv_scale
+    tl.store(partial, tl.sum(x * x, axis=0))
+    tl.store(partial + 1, tl.sum(g * g, axis=0))
+
+
+@triton.jit
+def _norms_kernel(
+    chunk_tensors, numels, first_chunks, param_ptrs, grad_ptrs, buf_ptrs,
+    partials, grad_scale, found_inf,
+    PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr,
+    CHUNK_SIZE: tl.constexpr, ALIGNMENT: tl.constexpr,
+):  # fmt: skip
+    """Pass 1: partials[c] = (Σx², Σ(g / grad_scale)²) of chunk c."""
+    if found_inf is not None:
+        if tl.load(found_inf) != 0:
+            return
+    chunk = tl.program_id(0)
+    tensor = tl.load(chunk_tensors + chunk)
+    numel = tl.load(numels + tensor)
+    start = (chunk - tl.load(first_chunks + tensor)) * CHUNK_SIZE
+    offsets = start + tl.arange(0, CHUNK_SIZE)
+    param = tl.multiple_of(tl.load(param_ptrs + tensor).to(tl.pointer_type(PARAM_DTYPE)), ALIGNMENT)
+    grad = tl.multiple_of(tl.load(grad_ptrs + tensor).to(tl.pointer_type(GRAD_DTYPE)), ALIGNMENT)
+    inv_scale = 1.0
+    if grad_scale is not None:
+        inv_scale = 1.0 / tl.load(grad_scale)
+    partial = partials + 2 * chunk
+    if start + CHUNK_SIZE <= numel:
+        _norms_chunk(param, grad, partial, offsets, numel, inv_scale, False)
+    else:
+        _norms_chunk(param, grad, partial, offsets, numel, inv_scale, True)
+
+
+@triton.jit
+def _update_chunk(
+    param, grad, buf, offsets, numel,
+    grad_multiplier, direction_scale, lr, momentum, dampening_complement, weight_decay,
+    MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, LR_IN_MOMENTUM: tl.constexpr, MASKED: tl.constexpr,
+):  # fmt: skip
+    mask = offsets < numel if MASKED else None
+    other = 0.0 if MASKED else None
+    x = tl.load(param + offsets, mask=mask, other=other).to(tl.float32)
+    g = tl.load(grad + offsets, mask=mask, other=other).to(tl.float32) * grad_multiplier
+    direction = (g + weight_decay * x) * direction_scale
+    if MOMENTUM:
+        b = momentum * tl.load(buf + offsets, mask=mask, other=other).to(tl.float32) + dampening_complement * direction
+        b = b.to(buf.dtype.element_ty)
+        tl.store(buf + offsets, b, mask=mask)
+        if NESTEROV:
+            step = direction + momentum * b.to(tl.float32)
+        else:
+            step = b.to(tl.float32)
+    else:
+        step = direction
+    if not LR_IN_MOMENTUM:
+        step = lr * step
+    tl.store(param + offsets, (x - step).to(param.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _update_kernel(
+    chunk_tensors, numels, first_chunks, param_ptrs, grad_ptrs, buf_ptrs,
+    norms_sq, lr_tensor, grad_scale, found_inf,
+    lr, momentum, dampening_complement, weight_decay, trust_coefficient, eps,
+    PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr, BUF_DTYPE: tl.constexpr,
+    MAXIMIZE: tl.constexpr, ADAPT: tl.constexpr, TRUST_CLIP: tl.constexpr,
+    MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, LR_IN_MOMENTUM: tl.constexpr,
+    CHUNK_SIZE: tl.constexpr, ALIGNMENT: tl.constexpr,
+):  # fmt: skip
+    """The update, with the local rate from norms_sq[i] = (‖x‖², ‖g'‖²) when ADAPT."""
+    if found_inf is not None:
+        if tl.load(found_inf) != 0:
+            return
+    chunk = tl.program_id(0)
+    tensor = tl.load(chunk_tensors + chunk)
+    numel = tl.load(numels + tensor)
+    start = (chunk - tl.load(first_chunks + tensor)) * CHUNK_SIZE
+    offsets = start + tl.arange(0, CHUNK_SIZE)
+    param = tl.multiple_of(tl.load(param_ptrs + tensor).to(tl.pointer_type(PARAM_DTYPE)), ALIGNMENT)
+    grad = tl.multiple_of(tl.load(grad_ptrs + tensor).to(tl.pointer_type(GRAD_DTYPE)), ALIGNMENT)
+    buf = param  # unused without momentum
+    if MOMENTUM:
+        buf = tl.multiple_of(tl.load(buf_ptrs + tensor).to(tl.pointer_type(BUF_DTYPE)), ALIGNMENT)
+
+    grad_multiplier = -1.0 if MAXIMIZE else 1.0
+    if grad_scale is not None:
+        grad_multiplier = grad_multiplier / tl.load(grad_scale)
+    if lr_tensor is not None:
+        lr = tl.load(lr_tensor)
+    direction_scale = 1.0
+    if ADAPT:
+        param_norm = tl.sqrt(tl.load(norms_sq + 2 * tensor))
+        grad_norm = tl.sqrt(tl.load(norms_sq + 2 * tensor + 1))
+        adaptable = (param_norm > 0) & (grad_norm > 0)
+        denominator = tl.where(adaptable, grad_norm + weight_decay * param_norm + eps, 1.0)
+        direction_scale = tl.where(adaptable, trust_coefficient * param_norm / denominator, 1.0)
+        if TRUST_CLIP:
+            direction_scale = tl.minimum(direction_scale / lr, 1.0)
+    if LR_IN_MOMENTUM:
+        direction_scale = direction_scale * lr
+
+    if start + CHUNK_SIZE <= numel:
+        _update_chunk(
+            param, grad, buf, offsets, numel,
+            grad_multiplier, direction_scale, lr, momentum, dampening_complement, weight_decay,
+            MOMENTUM, NESTEROV, LR_IN_MOMENTUM, False,
+        )  # fmt: skip
+    else:
+        _update_chunk(
+            param, grad, buf, offsets, numel,
+            grad_multiplier, direction_scale, lr, momentum, dampening_complement, weight_decay,
+            MOMENTUM, NESTEROV, LR_IN_MOMENTUM, True,
+        )  # fmt: skip
+
+
+def fused_lars(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor] | None,
+    state_steps: list[Tensor],
+    *,
+    lr: float | Tensor,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    weight_decay: float,
+    trust_coefficient: float,
+    eps: float,
+    trust_clip: bool,
+    adapt: bool,
+    lr_in_momentum: bool,
+    maximize: bool,
+    grad_scale: Tensor | None,
+    found_inf: Tensor | None,
+) -> None:
+    """One LARS step over the given tensors, in place (see the module docstring).
+
+    `momentum_buffers` is None exactly when momentum is 0. The caller's gradients are read,
+    never written. With `found_inf` nonzero nothing changes, step counters included.
+    """
+    has_momentum = momentum_buffers is not None
+    if has_momentum == (momentum == 0):
+        raise ValueError("momentum_buffers must be given exactly when momentum != 0")
+    lists = [params, grads, *([momentum_buffers] if has_momentum else []), state_steps]
+    for (device, dtypes), (*elementwise, d_steps) in group_by_device_and_dtypes(lists).items():
+        device_found_inf = scalar_on(found_inf, device)
+        device_grad_scale = scalar_on(grad_scale, device)
+        advance_steps(d_steps, device_found_inf)
+        table = chunk_table(elementwise)
+        # The kernels take a buffer row in any case: without momentum it is None, never read, and
+        # typed like the params.
+        missing_buffers = () if has_momentum else (None,)
+        buffer_dtype = dtypes[2] if has_momentum else dtypes[0]
+        dtype_args = dtype_constexprs(("PARAM", "GRAD", "BUF"), (dtypes[0], dtypes[1], buffer_dtype))
+        norms_sq = None
+        if adapt:
+            partials = torch.empty((table.n_chunks, 2), dtype=torch.float32, device=device)
+            launch(
+                _norms_kernel,
+                table,
+                *missing_buffers,
+                partials,
+                device_grad_scale,
+                device_found_inf,
+                PARAM_DTYPE=dtype_args["PARAM_DTYPE"],
+                GRAD_DTYPE=dtype_args["GRAD_DTYPE"],
+            )
+            norms_sq = segment_sums(partials, table)
+        lr_tensor, lr_float = lr_arguments(lr, device)
+        launch(
+            _update_kernel,
+            table,
+            *missing_buffers,
+            norms_sq,
+            lr_tensor,
+            device_grad_scale,
+            device_found_inf,
+            lr_float,
+            momentum,
+            1.0 - dampening,
+            weight_decay,
+            trust_coefficient,
+            eps,
+            **dtype_args,
+            MAXIMIZE=maximize,
+            ADAPT=adapt,
+            TRUST_CLIP=trust_clip,
+            MOMENTUM=has_momentum,
+            NESTEROV=nesterov,
+            LR_IN_MOMENTUM=lr_in_momentum,
+        )

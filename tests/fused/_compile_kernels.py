@@ -1,0 +1,115 @@
+"""Compile every fused kernel, in the variants the step functions launch, for an H100 (sm_90):
+Triton front end, LLVM and ptxas, all of which ship with the triton wheel, so no GPU is needed.
+
+Run as a script in a process WITHOUT TRITON_INTERPRET (the interpreter wraps kernels in objects
+that do not compile); test_fused_compiles.py does so. Prints one JSON object per variant: its
+name, the error if it failed, and how many 16-byte vector loads its PTX has (the full-chunk
+path of an aligned variant must have some, or the kernels cannot reach copy bandwidth).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from largebatch.fused import _norms, adan, lamb, lars
+from largebatch.fused._engine import PRODUCTION_CHUNKING, VECTOR_ALIGNMENT
+
+TARGET = GPUTarget("cuda", 90, 32)
+INDEX = "*i64"  # a row of the chunk table
+FLOAT = "*fp32"
+SCALAR = "fp32"
+CHUNK = {"CHUNK_SIZE": PRODUCTION_CHUNKING.chunk_size, "ALIGNMENT": VECTOR_ALIGNMENT}
+
+
+def _table(*pointer_rows: str) -> dict[str, object]:
+    return {"chunk_tensors": INDEX, "numels": INDEX, "first_chunks": INDEX, **{row: INDEX for row in pointer_rows}}
+
+
+def _scalars(names: str) -> dict[str, object]:
+    return {name: SCALAR for name in names.split()}
+
+
+def compile_variant(kernel, arguments: dict[str, object], num_warps: int) -> str:
+    """PTX of `kernel` with these arguments: "*type" a pointer (16-byte aligned, as torch
+    allocates), "fp32" a runtime float, anything else (None included) a constexpr."""
+    signature, constexprs, attrs = {}, {}, {}
+    for index, name in enumerate(kernel.arg_names):
+        value = arguments[name]
+        if isinstance(value, str):
+            signature[name] = value
+            if value.startswith("*"):
+                attrs[(index,)] = [["tt.divisibility", 16]]
+        else:
+            signature[name] = "constexpr"
+            constexprs[(index,)] = value
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(source, target=TARGET, options={"num_warps": num_warps}).asm["ptx"]
+
+
+def variants():
+    warps = PRODUCTION_CHUNKING.num_warps
+    amp = {"grad_scale": FLOAT, "found_inf": FLOAT}
+    yield "grad norm", _norms._square_sums_kernel, {
+        **_table("grad_ptrs"), "partials": FLOAT, "grad_scale": None, "GRAD_DTYPE": tl.bfloat16, **CHUNK}, warps
+    for columns in (1, 2):
+        yield f"segment sums x{columns}", _norms._segment_sums_kernel, {
+            "partials": FLOAT, "first_chunks": INDEX, "sums": FLOAT, "N_COLUMNS": columns, "ROWS": _norms.SEGMENT_ROWS
+        }, _norms.SEGMENT_WARPS
+
+    lamb_rows = _table("param_ptrs", "grad_ptrs", "exp_avg_ptrs", "exp_avg_sq_ptrs", "step_ptrs")
+    for adapt, dtype in ((True, tl.float32), (False, tl.bfloat16)):
+        yield f"lamb moments adapt={adapt} {dtype}", lamb._moments_kernel, {
+            **lamb_rows, "partials": FLOAT, "lr_tensor": FLOAT, **amp, "clip_coef": FLOAT,
+            **_scalars("lr beta1 grad_weight beta2 one_minus_beta2 log_beta1 log_beta2 eps weight_decay"),
+            "PARAM_DTYPE": dtype, "GRAD_DTYPE": dtype, "EXP_AVG_DTYPE": tl.float32, "EXP_AVG_SQ_DTYPE": tl.float32,
+            "MAXIMIZE": True, "BIAS_CORRECTION": True, "ADAPT": adapt, **CHUNK}, warps  # fmt: skip
+    yield "lamb apply", lamb._apply_kernel, {
+        **lamb_rows, "norms_sq": FLOAT, "lr_tensor": None, "found_inf": None,
+        **_scalars("lr log_beta1 log_beta2 eps weight_decay trust_clip"),
+        "PARAM_DTYPE": tl.float16, "GRAD_DTYPE": tl.float16, "EXP_AVG_DTYPE": tl.float16, "EXP_AVG_SQ_DTYPE": tl.float16,
+        "BIAS_CORRECTION": False, "TRUST_CLIP": True, **CHUNK}, warps  # fmt: skip
+
+    yield "lars norms", lars._norms_kernel, {
+        **_table("param_ptrs", "grad_ptrs", "buf_ptrs"), "partials": FLOAT, **amp,
+        "PARAM_DTYPE": tl.float32, "GRAD_DTYPE": tl.float32, **CHUNK}, warps  # fmt: skip
+    for momentum, nesterov, lr_in_momentum in ((True, True, False), (True, False, True), (False, False, False)):
+        yield f"lars update momentum={momentum} nesterov={nesterov} lr_in_momentum={lr_in_momentum}", lars._update_kernel, {
+            **_table("param_ptrs", "grad_ptrs"), "buf_ptrs": INDEX if momentum else None,
+            "norms_sq": FLOAT if momentum else None, "lr_tensor": FLOAT, **amp,
+            **_scalars("lr momentum dampening_complement weight_decay trust_coefficient eps"),
+            "PARAM_DTYPE": tl.float32, "GRAD_DTYPE": tl.float32, "BUF_DTYPE": tl.float32, "MAXIMIZE": False,
+            "ADAPT": momentum, "TRUST_CLIP": momentum, "MOMENTUM": momentum, "NESTEROV": nesterov,
+            "LR_IN_MOMENTUM": lr_in_momentum, **CHUNK}, warps  # fmt: skip
+
+    for no_prox, dtype in ((False, tl.float32), (True, tl.float16)):
+        yield f"adan no_prox={no_prox} {dtype}", adan._adan_kernel, {
+            **_table("param_ptrs", "grad_ptrs", "exp_avg_ptrs", "exp_avg_diff_ptrs", "exp_avg_sq_ptrs", "prev_grad_ptrs",
+                     "step_ptrs"),
+            "lr_tensor": None, **amp, "clip_coef": FLOAT,
+            **_scalars("lr beta1 one_minus_beta1 beta2 one_minus_beta2 beta3 one_minus_beta3 log_beta1 log_beta2 "
+                       "log_beta3 eps weight_decay"),
+            "PARAM_DTYPE": dtype, "GRAD_DTYPE": dtype, "EXP_AVG_DTYPE": tl.float32, "EXP_AVG_DIFF_DTYPE": tl.float32,
+            "EXP_AVG_SQ_DTYPE": tl.float32, "PREV_GRAD_DTYPE": dtype, "MAXIMIZE": False, "NO_PROX": no_prox,
+            **CHUNK}, warps  # fmt: skip
+
+
+def main() -> None:
+    if triton.knobs.runtime.interpret:
+        sys.exit("run without TRITON_INTERPRET: interpreted kernels do not compile")
+    for name, kernel, arguments, num_warps in variants():
+        try:
+            ptx = compile_variant(kernel, arguments, num_warps)
+        except Exception as error:  # report every failure, not just the first
+            print(json.dumps({"name": name, "error": f"{type(error).__name__}: {error}"[:2000]}))
+        else:
+            print(json.dumps({"name": name, "error": None, "vector_loads": ptx.count("ld.global.v4")}))
+
+
+if __name__ == "__main__":
+    main()
