@@ -25,6 +25,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from largebatch.optimizers._sharding import ShardReduction, complete_squares
+
 from ._engine import (
     advance_steps,
     chunk_table,
@@ -196,10 +198,13 @@ def fused_lamb(
     grad_clip_coef: Tensor | None,
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
+    shard_reduction: ShardReduction | None = None,
 ) -> None:
     """One LAMB step over the given tensors, in place (see the module docstring).
 
-    The caller's gradients are read, never written. With `found_inf` nonzero nothing changes,
+    The caller's gradients are read, never written. `shard_reduction` sums the per-tensor squares
+    over the shard ranks (one all-reduce per (device, dtype) group) when the tensors are local
+    shards. With `found_inf` nonzero nothing changes,
     step counters included; nothing here synchronises with the host.
     """
     lists = [params, grads, exp_avgs, exp_avg_sqs, state_steps]
@@ -239,7 +244,7 @@ def fused_lamb(
         launch(
             _apply_kernel,
             table,
-            segment_sums(partials, table),
+            complete_squares(segment_sums(partials, table), shard_reduction),
             lr_tensor,
             device_found_inf,
             lr_float,

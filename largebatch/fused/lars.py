@@ -21,6 +21,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from largebatch.optimizers._sharding import ShardReduction, complete_squares
+
 from ._engine import (
     advance_steps,
     chunk_table,
@@ -174,11 +176,13 @@ def fused_lars(
     maximize: bool,
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
+    shard_reduction: ShardReduction | None = None,
 ) -> None:
     """One LARS step over the given tensors, in place (see the module docstring).
 
     `momentum_buffers` is None exactly when momentum is 0. The caller's gradients are read,
-    never written. With `found_inf` nonzero nothing changes, step counters included.
+    never written. `shard_reduction` sums the per-tensor squares over the shard ranks (one
+    all-reduce per (device, dtype) group) when the tensors are local shards. With `found_inf` nonzero nothing changes, step counters included.
     """
     has_momentum = momentum_buffers is not None
     if has_momentum == (momentum == 0):
@@ -207,7 +211,7 @@ def fused_lars(
                 PARAM_DTYPE=dtype_args["PARAM_DTYPE"],
                 GRAD_DTYPE=dtype_args["GRAD_DTYPE"],
             )
-            norms_sq = segment_sums(partials, table)
+            norms_sq = complete_squares(segment_sums(partials, table), shard_reduction)
         lr_tensor, lr_float = lr_arguments(lr, device)
         launch(
             _update_kernel,

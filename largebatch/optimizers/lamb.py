@@ -233,12 +233,18 @@ def lamb(
         grad_clip_coef=grad_clip_coef,
     )
     if fused:
-        if shard_reduction is not None:
-            raise RuntimeError("LAMB(fused=True) does not support sharded parameters yet; use foreach=True")
         from largebatch.fused import fused_lamb
 
         fused_lamb(
-            params, grads, exp_avgs, exp_avg_sqs, state_steps, grad_scale=grad_scale, found_inf=found_inf, **hyper
+            params,
+            grads,
+            exp_avgs,
+            exp_avg_sqs,
+            state_steps,
+            grad_scale=grad_scale,
+            found_inf=found_inf,
+            shard_reduction=shard_reduction,
+            **hyper,
         )
         return
     if grad_scale is not None or found_inf is not None:

@@ -215,11 +215,18 @@ def lars(
     if (momentum_buffers is None) != (momentum == 0):
         raise ValueError("momentum_buffers must be given exactly when momentum != 0")
     if fused:
-        if shard_reduction is not None:
-            raise RuntimeError("LARS(fused=True) does not support sharded parameters yet; use foreach=True")
         from largebatch.fused import fused_lars
 
-        fused_lars(params, grads, momentum_buffers, state_steps, grad_scale=grad_scale, found_inf=found_inf, **hyper)
+        fused_lars(
+            params,
+            grads,
+            momentum_buffers,
+            state_steps,
+            grad_scale=grad_scale,
+            found_inf=found_inf,
+            shard_reduction=shard_reduction,
+            **hyper,
+        )
         return
     if grad_scale is not None or found_inf is not None:
         raise RuntimeError("grad_scale/found_inf are only supported with fused=True")

@@ -29,6 +29,11 @@ SETUPS = {
 }
 
 
+IMPLEMENTATIONS = {"per_tensor": {"foreach": False}, "foreach": {"foreach": True}}
+if os.environ.get("TRITON_INTERPRET") == "1":  # the fused kernels run on CPU tensors only interpreted
+    IMPLEMENTATIONS["fused"] = {"fused": True}
+
+
 def make_model() -> nn.Module:
     torch.manual_seed(0)
     # 5 output rows: dim-0 shards of 3 and 2 rows, so the shards are uneven.
@@ -70,10 +75,10 @@ def run(rank: int, out: str, port: int) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     results = {}
     for name, (cls, kwargs) in SETUPS.items():
-        for foreach in (False, True):
+        for impl, options in IMPLEMENTATIONS.items():
             model = fsdp_model()
-            train(model, cls(model.parameters(), foreach=foreach, **kwargs), rank)
-            results[f"fsdp/{name}/foreach={foreach}"] = full_params(model)
+            train(model, cls(model.parameters(), **options, **kwargs), rank)
+            results[f"fsdp/{name}/{impl}"] = full_params(model)
 
     # The same LAMB run with the cross-rank reduction switched off: must differ.
     real = lamb_module.shard_reduction
