@@ -58,6 +58,8 @@ __all__ = [
     "log_beta",
     "lr_arguments",
     "scalar_on",
+    "locate_chunk",
+    "tensor_pointer",
 ]
 
 # Whether this process's kernels are Triton-interpreted (decided when triton.jit wraps them, i.e.
@@ -69,6 +71,23 @@ TRITON_DTYPES: dict[torch.dtype, tl.dtype] = {
     torch.bfloat16: tl.bfloat16,
     torch.float16: tl.float16,
 }
+
+
+@triton.jit
+def locate_chunk(chunk_tensors, numels, first_chunks, CHUNK_SIZE: tl.constexpr):
+    """This program's chunk, from the table: (chunk index, tensor index, the tensor's numel,
+    element offsets of the chunk, whether the chunk is full — a full chunk needs no mask)."""
+    chunk = tl.program_id(0)
+    tensor = tl.load(chunk_tensors + chunk)
+    numel = tl.load(numels + tensor)
+    start = (chunk - tl.load(first_chunks + tensor)) * CHUNK_SIZE
+    return chunk, tensor, numel, start + tl.arange(0, CHUNK_SIZE), start + CHUNK_SIZE <= numel
+
+
+@triton.jit
+def tensor_pointer(ptrs, tensor, DTYPE: tl.constexpr, ALIGNMENT: tl.constexpr):
+    """A tensor's data pointer, from its int64 table entry, with the alignment hint for vector loads."""
+    return tl.multiple_of(tl.load(ptrs + tensor).to(tl.pointer_type(DTYPE)), ALIGNMENT)
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,16 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._engine import TRITON_DTYPES, ChunkTable, chunk_table, group_by_device_and_dtypes, launch, scalar_on
+from ._engine import (
+    TRITON_DTYPES,
+    ChunkTable,
+    chunk_table,
+    group_by_device_and_dtypes,
+    launch,
+    locate_chunk,
+    scalar_on,
+    tensor_pointer,
+)
 
 __all__ = ["fused_grad_norm", "segment_sums"]
 
@@ -76,17 +85,13 @@ def _square_sums_kernel(
     ALIGNMENT: tl.constexpr,
 ):
     """partials[c] = Σ (g / grad_scale)² over chunk c."""
-    chunk = tl.program_id(0)
-    tensor = tl.load(chunk_tensors + chunk)
-    numel = tl.load(numels + tensor)
-    start = (chunk - tl.load(first_chunks + tensor)) * CHUNK_SIZE
-    offsets = start + tl.arange(0, CHUNK_SIZE)
-    grad = tl.multiple_of(tl.load(grad_ptrs + tensor).to(tl.pointer_type(GRAD_DTYPE)), ALIGNMENT)
+    chunk, tensor, numel, offsets, full_chunk = locate_chunk(chunk_tensors, numels, first_chunks, CHUNK_SIZE)
+    grad = tensor_pointer(grad_ptrs, tensor, GRAD_DTYPE, ALIGNMENT)
     inv_scale = 1.0
     if grad_scale is not None:
         # Unscale before squaring: the squares of scaled fp16 gradients could overflow fp32.
         inv_scale = 1.0 / tl.load(grad_scale)
-    if start + CHUNK_SIZE <= numel:
+    if full_chunk:
         total = _square_sums_chunk(grad, offsets, numel, inv_scale, MASKED=False)
     else:
         total = _square_sums_chunk(grad, offsets, numel, inv_scale, MASKED=True)

@@ -24,9 +24,11 @@ from ._engine import (
     dtype_constexprs,
     group_by_device_and_dtypes,
     launch,
+    locate_chunk,
     log_beta,
     lr_arguments,
     scalar_on,
+    tensor_pointer,
 )
 
 __all__ = ["fused_adan"]
@@ -81,17 +83,13 @@ def _adan_kernel(
     if found_inf is not None:
         if tl.load(found_inf) != 0:
             return
-    chunk = tl.program_id(0)
-    tensor = tl.load(chunk_tensors + chunk)
-    numel = tl.load(numels + tensor)
-    start = (chunk - tl.load(first_chunks + tensor)) * CHUNK_SIZE
-    offsets = start + tl.arange(0, CHUNK_SIZE)
-    param = tl.multiple_of(tl.load(param_ptrs + tensor).to(tl.pointer_type(PARAM_DTYPE)), ALIGNMENT)
-    grad = tl.multiple_of(tl.load(grad_ptrs + tensor).to(tl.pointer_type(GRAD_DTYPE)), ALIGNMENT)
-    exp_avg = tl.multiple_of(tl.load(exp_avg_ptrs + tensor).to(tl.pointer_type(EXP_AVG_DTYPE)), ALIGNMENT)
-    exp_avg_diff = tl.multiple_of(tl.load(exp_avg_diff_ptrs + tensor).to(tl.pointer_type(EXP_AVG_DIFF_DTYPE)), ALIGNMENT)
-    exp_avg_sq = tl.multiple_of(tl.load(exp_avg_sq_ptrs + tensor).to(tl.pointer_type(EXP_AVG_SQ_DTYPE)), ALIGNMENT)
-    prev_grad = tl.multiple_of(tl.load(prev_grad_ptrs + tensor).to(tl.pointer_type(PREV_GRAD_DTYPE)), ALIGNMENT)
+    chunk, tensor, numel, offsets, full_chunk = locate_chunk(chunk_tensors, numels, first_chunks, CHUNK_SIZE)
+    param = tensor_pointer(param_ptrs, tensor, PARAM_DTYPE, ALIGNMENT)
+    grad = tensor_pointer(grad_ptrs, tensor, GRAD_DTYPE, ALIGNMENT)
+    exp_avg = tensor_pointer(exp_avg_ptrs, tensor, EXP_AVG_DTYPE, ALIGNMENT)
+    exp_avg_diff = tensor_pointer(exp_avg_diff_ptrs, tensor, EXP_AVG_DIFF_DTYPE, ALIGNMENT)
+    exp_avg_sq = tensor_pointer(exp_avg_sq_ptrs, tensor, EXP_AVG_SQ_DTYPE, ALIGNMENT)
+    prev_grad = tensor_pointer(prev_grad_ptrs, tensor, PREV_GRAD_DTYPE, ALIGNMENT)
 
     grad_multiplier = -1.0 if MAXIMIZE else 1.0
     if grad_scale is not None:
@@ -107,7 +105,7 @@ def _adan_kernel(
     diff_scale = (beta2 / (1.0 - tl.exp(step * log_beta2))).to(tl.float32)
     bc3 = (1.0 - tl.exp(step * log_beta3)).to(tl.float32)
 
-    if start + CHUNK_SIZE <= numel:
+    if full_chunk:
         _adan_chunk(
             param, grad, exp_avg, exp_avg_diff, exp_avg_sq, prev_grad, offsets, numel,
             grad_multiplier, has_previous, lr, beta1, one_minus_beta1, beta2, one_minus_beta2, beta3, one_minus_beta3,

@@ -33,9 +33,11 @@ from ._engine import (
     dtype_constexprs,
     group_by_device_and_dtypes,
     launch,
+    locate_chunk,
     log_beta,
     lr_arguments,
     scalar_on,
+    tensor_pointer,
 )
 from ._norms import segment_sums
 
@@ -82,15 +84,11 @@ def _moments_kernel(
     if found_inf is not None:
         if tl.load(found_inf) != 0:
             return
-    chunk = tl.program_id(0)
-    tensor = tl.load(chunk_tensors + chunk)
-    numel = tl.load(numels + tensor)
-    start = (chunk - tl.load(first_chunks + tensor)) * CHUNK_SIZE
-    offsets = start + tl.arange(0, CHUNK_SIZE)
-    param = tl.multiple_of(tl.load(param_ptrs + tensor).to(tl.pointer_type(PARAM_DTYPE)), ALIGNMENT)
-    grad = tl.multiple_of(tl.load(grad_ptrs + tensor).to(tl.pointer_type(GRAD_DTYPE)), ALIGNMENT)
-    exp_avg = tl.multiple_of(tl.load(exp_avg_ptrs + tensor).to(tl.pointer_type(EXP_AVG_DTYPE)), ALIGNMENT)
-    exp_avg_sq = tl.multiple_of(tl.load(exp_avg_sq_ptrs + tensor).to(tl.pointer_type(EXP_AVG_SQ_DTYPE)), ALIGNMENT)
+    chunk, tensor, numel, offsets, full_chunk = locate_chunk(chunk_tensors, numels, first_chunks, CHUNK_SIZE)
+    param = tensor_pointer(param_ptrs, tensor, PARAM_DTYPE, ALIGNMENT)
+    grad = tensor_pointer(grad_ptrs, tensor, GRAD_DTYPE, ALIGNMENT)
+    exp_avg = tensor_pointer(exp_avg_ptrs, tensor, EXP_AVG_DTYPE, ALIGNMENT)
+    exp_avg_sq = tensor_pointer(exp_avg_sq_ptrs, tensor, EXP_AVG_SQ_DTYPE, ALIGNMENT)
 
     grad_multiplier = -1.0 if MAXIMIZE else 1.0
     if grad_scale is not None:
@@ -107,7 +105,7 @@ def _moments_kernel(
         bc2 = (1.0 - tl.exp(step * log_beta2)).to(tl.float32)
 
     partial = partials + 2 * chunk
-    if start + CHUNK_SIZE <= numel:
+    if full_chunk:
         _moments_chunk(
             param, grad, exp_avg, exp_avg_sq, partial, offsets, numel,
             grad_multiplier, lr, beta1, grad_weight, beta2, one_minus_beta2, bc1, bc2, eps, weight_decay,
@@ -147,14 +145,10 @@ def _apply_kernel(
     if found_inf is not None:
         if tl.load(found_inf) != 0:
             return
-    chunk = tl.program_id(0)
-    tensor = tl.load(chunk_tensors + chunk)
-    numel = tl.load(numels + tensor)
-    start = (chunk - tl.load(first_chunks + tensor)) * CHUNK_SIZE
-    offsets = start + tl.arange(0, CHUNK_SIZE)
-    param = tl.multiple_of(tl.load(param_ptrs + tensor).to(tl.pointer_type(PARAM_DTYPE)), ALIGNMENT)
-    exp_avg = tl.multiple_of(tl.load(exp_avg_ptrs + tensor).to(tl.pointer_type(EXP_AVG_DTYPE)), ALIGNMENT)
-    exp_avg_sq = tl.multiple_of(tl.load(exp_avg_sq_ptrs + tensor).to(tl.pointer_type(EXP_AVG_SQ_DTYPE)), ALIGNMENT)
+    chunk, tensor, numel, offsets, full_chunk = locate_chunk(chunk_tensors, numels, first_chunks, CHUNK_SIZE)
+    param = tensor_pointer(param_ptrs, tensor, PARAM_DTYPE, ALIGNMENT)
+    exp_avg = tensor_pointer(exp_avg_ptrs, tensor, EXP_AVG_DTYPE, ALIGNMENT)
+    exp_avg_sq = tensor_pointer(exp_avg_sq_ptrs, tensor, EXP_AVG_SQ_DTYPE, ALIGNMENT)
 
     if lr_tensor is not None:
         lr = tl.load(lr_tensor)
@@ -172,7 +166,7 @@ def _apply_kernel(
         ratio = tl.minimum(ratio, trust_clip)
     step_size = lr * ratio
 
-    if start + CHUNK_SIZE <= numel:
+    if full_chunk:
         _apply_chunk(param, exp_avg, exp_avg_sq, offsets, numel, step_size, bc1, bc2, eps, weight_decay, False)
     else:
         _apply_chunk(param, exp_avg, exp_avg_sq, offsets, numel, step_size, bc1, bc2, eps, weight_decay, True)

@@ -29,8 +29,10 @@ from ._engine import (
     dtype_constexprs,
     group_by_device_and_dtypes,
     launch,
+    locate_chunk,
     lr_arguments,
     scalar_on,
+    tensor_pointer,
 )
 from ._norms import segment_sums
 
@@ -58,18 +60,14 @@ def _norms_kernel(
     if found_inf is not None:
         if tl.load(found_inf) != 0:
             return
-    chunk = tl.program_id(0)
-    tensor = tl.load(chunk_tensors + chunk)
-    numel = tl.load(numels + tensor)
-    start = (chunk - tl.load(first_chunks + tensor)) * CHUNK_SIZE
-    offsets = start + tl.arange(0, CHUNK_SIZE)
-    param = tl.multiple_of(tl.load(param_ptrs + tensor).to(tl.pointer_type(PARAM_DTYPE)), ALIGNMENT)
-    grad = tl.multiple_of(tl.load(grad_ptrs + tensor).to(tl.pointer_type(GRAD_DTYPE)), ALIGNMENT)
+    chunk, tensor, numel, offsets, full_chunk = locate_chunk(chunk_tensors, numels, first_chunks, CHUNK_SIZE)
+    param = tensor_pointer(param_ptrs, tensor, PARAM_DTYPE, ALIGNMENT)
+    grad = tensor_pointer(grad_ptrs, tensor, GRAD_DTYPE, ALIGNMENT)
     inv_scale = 1.0
     if grad_scale is not None:
         inv_scale = 1.0 / tl.load(grad_scale)
     partial = partials + 2 * chunk
-    if start + CHUNK_SIZE <= numel:
+    if full_chunk:
         _norms_chunk(param, grad, partial, offsets, numel, inv_scale, False)
     else:
         _norms_chunk(param, grad, partial, offsets, numel, inv_scale, True)
@@ -115,16 +113,12 @@ def _update_kernel(
     if found_inf is not None:
         if tl.load(found_inf) != 0:
             return
-    chunk = tl.program_id(0)
-    tensor = tl.load(chunk_tensors + chunk)
-    numel = tl.load(numels + tensor)
-    start = (chunk - tl.load(first_chunks + tensor)) * CHUNK_SIZE
-    offsets = start + tl.arange(0, CHUNK_SIZE)
-    param = tl.multiple_of(tl.load(param_ptrs + tensor).to(tl.pointer_type(PARAM_DTYPE)), ALIGNMENT)
-    grad = tl.multiple_of(tl.load(grad_ptrs + tensor).to(tl.pointer_type(GRAD_DTYPE)), ALIGNMENT)
+    chunk, tensor, numel, offsets, full_chunk = locate_chunk(chunk_tensors, numels, first_chunks, CHUNK_SIZE)
+    param = tensor_pointer(param_ptrs, tensor, PARAM_DTYPE, ALIGNMENT)
+    grad = tensor_pointer(grad_ptrs, tensor, GRAD_DTYPE, ALIGNMENT)
     buf = param  # unused without momentum
     if MOMENTUM:
-        buf = tl.multiple_of(tl.load(buf_ptrs + tensor).to(tl.pointer_type(BUF_DTYPE)), ALIGNMENT)
+        buf = tensor_pointer(buf_ptrs, tensor, BUF_DTYPE, ALIGNMENT)
 
     grad_multiplier = -1.0 if MAXIMIZE else 1.0
     if grad_scale is not None:
@@ -143,7 +137,7 @@ def _update_kernel(
     if LR_IN_MOMENTUM:
         direction_scale = direction_scale * lr
 
-    if start + CHUNK_SIZE <= numel:
+    if full_chunk:
         _update_chunk(
             param, grad, buf, offsets, numel,
             grad_multiplier, direction_scale, lr, momentum, dampening_complement, weight_decay,
