@@ -93,6 +93,16 @@ def _check_total_steps(total_steps: int, warmup_steps: int) -> int:
     return total
 
 
+def _check_decay_steps(decay_steps: int, total_steps: int, warmup_steps: int) -> int:
+    """A decay phase of 1 ≤ D ≤ T − W steps, placed at the end of the run, after the warmup."""
+    decay_steps = check_positive_int("decay_steps", decay_steps)
+    if decay_steps > total_steps - warmup_steps:
+        raise ValueError(
+            f"decay_steps ({decay_steps}) must not exceed total_steps − warmup_steps ({total_steps - warmup_steps})"
+        )
+    return decay_steps
+
+
 def _warmup_factor(step: int, warmup_steps: int, start_factor: float) -> float:
     """w(t) = s + (1 − s)·t/(W − 1) for t < W; a one-step warmup is already at the peak."""
     if warmup_steps == 1:
@@ -315,12 +325,7 @@ class WarmupStableDecay(_FactorScheduler):
     ) -> None:
         self.warmup_steps = check_nonnegative_int("warmup_steps", warmup_steps)
         self.total_steps = _check_total_steps(total_steps, self.warmup_steps)
-        self.decay_steps = check_positive_int("decay_steps", decay_steps)
-        if self.decay_steps > self.total_steps - self.warmup_steps:
-            raise ValueError(
-                f"decay_steps ({decay_steps}) must not exceed total_steps − warmup_steps "
-                f"({self.total_steps - self.warmup_steps})"
-            )
+        self.decay_steps = _check_decay_steps(decay_steps, self.total_steps, self.warmup_steps)
         self.decay_shape = _check_decay_shape(decay_shape)
         self.end_factor = check_in_range("end_factor", end_factor, 0.0, 1.0)
         self.start_factor = _check_start_factor(start_factor, self.warmup_steps)
@@ -413,12 +418,7 @@ class PowerScheduler(_FactorScheduler):
             self.total_steps = _check_total_steps(total_steps, self.warmup_steps)
             if decay_steps is None:
                 raise ValueError("decay_steps must be given with total_steps")
-            self.decay_steps = check_positive_int("decay_steps", decay_steps)
-            if self.decay_steps > self.total_steps - self.warmup_steps:
-                raise ValueError(
-                    f"decay_steps ({decay_steps}) must not exceed total_steps − warmup_steps "
-                    f"({self.total_steps - self.warmup_steps})"
-                )
+            self.decay_steps = _check_decay_steps(decay_steps, self.total_steps, self.warmup_steps)
         self.decay_shape = _check_decay_shape(decay_shape)
         self.end_factor = check_in_range("end_factor", end_factor, 0.0, 1.0)
         self.start_factor = _check_start_factor(start_factor, self.warmup_steps)
