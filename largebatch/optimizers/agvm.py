@@ -53,6 +53,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from ._agvm_comm import AGVMCommState, agvm_comm_hook
+from ._sharding import is_dtensor
 
 __all__ = [
     "AGVM",
@@ -252,6 +253,14 @@ class AGVM(Optimizer):
             raise ValueError(f"clamp must be (low, high) with 0 < low <= high, got {clamp}")
         if not eps > 0.0:
             raise ValueError(f"eps must be > 0, got {eps}")
+        for i, group in enumerate(base_optimizer.param_groups):
+            # The cosine of sharded halves would need cross-rank sums, and FSDP2 gives no way to
+            # obtain two gradient halves: refuse rather than measure shards as if they were whole.
+            if group.get("shard_group") is not None or any(is_dtensor(p) for p in group["params"]):
+                raise ValueError(
+                    f"base_optimizer.param_groups[{i}] holds sharded parameters (DTensor/FSDP2 or shard_group): "
+                    "AGVM supports one process (backward_halves) and DDP (agvm_comm_hook), not sharded training"
+                )
 
         # Not Optimizer.__init__: it would build new param groups and a new state, while the
         # wrapper's are the base's. These are the attributes Optimizer's methods rely on.

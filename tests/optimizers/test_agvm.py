@@ -670,3 +670,14 @@ def test_ddp_factors_match_hand_computation_and_a_one_process_run(tmp_path):
     np.testing.assert_allclose(rank0["scale"], single_history, rtol=1e-5)
     for p, q in zip(rank0["params"], model.parameters()):
         torch.testing.assert_close(p, q.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_sharded_parameters_are_refused(monkeypatch):
+    """DTensor (FSDP2) parameters are refused with a clear error, not measured shard by shard."""
+    import largebatch.optimizers.agvm as agvm_module
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 1))
+    base = torch.optim.SGD([{"params": model[0].parameters()}, {"params": model[1].parameters()}], lr=0.1)
+    monkeypatch.setattr(agvm_module, "is_dtensor", lambda tensor: True)
+    with pytest.raises(ValueError, match="sharded parameters"):
+        agvm_module.AGVM(base)
