@@ -53,11 +53,12 @@ class ShardReduction:
 
     groups: tuple[Any, ...]
 
-    def sum_squares(self, squares: Tensor) -> Tensor:
-        """Sum a vector of local sums of squares over the shard ranks, in place (one all-reduce per group)."""
+    def sum_over_shards(self, local_sums: Tensor) -> Tensor:
+        """Sum per-shard partial sums (of squares, or dot products) over the shard ranks, in place:
+        one all-reduce per sharded mesh dimension, whatever the number of entries."""
         for group in self.groups:
-            dist.all_reduce(squares, op=dist.ReduceOp.SUM, group=group)
-        return squares
+            dist.all_reduce(local_sums, op=dist.ReduceOp.SUM, group=group)
+        return local_sums
 
     def full_norms(self, local_norms: Sequence[Tensor]) -> list[Tensor]:
         """Whole-tensor L2 norms from local-shard norms: √(Σ_ranks local²), one all-reduce per group.
@@ -68,7 +69,7 @@ class ShardReduction:
         flat = [norm.reshape(-1) for norm in local_norms]
         dtype = torch.float64 if any(n.dtype == torch.float64 for n in flat) else torch.float32
         device = flat[0].device
-        squares = self.sum_squares(torch.cat([n.to(device=device, dtype=dtype) for n in flat]).square())
+        squares = self.sum_over_shards(torch.cat([n.to(device=device, dtype=dtype) for n in flat]).square())
         full = squares.sqrt().split([n.numel() for n in flat])
         return [f.reshape(n.shape).to(device=n.device, dtype=n.dtype) for f, n in zip(full, local_norms)]
 
@@ -80,7 +81,7 @@ def complete_norms(norms: list[Tensor], reduction: ShardReduction | None) -> lis
 
 def complete_squares(squares: Tensor, reduction: ShardReduction | None) -> Tensor:
     """Sums of squares over whole tensors: as given when whole, else summed across the shard ranks."""
-    return squares if reduction is None else reduction.sum_squares(squares)
+    return squares if reduction is None else reduction.sum_over_shards(squares)
 
 
 def shard_reduction(params: Sequence[Tensor], shard_group: Any = None) -> ShardReduction | None:

@@ -53,7 +53,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from ._agvm_comm import AGVMCommState, agvm_comm_hook
-from ._sharding import is_dtensor
+from ._sharding import shard_reduction, to_local
 
 __all__ = [
     "AGVM",
@@ -254,13 +254,18 @@ class AGVM(Optimizer):
         if not eps > 0.0:
             raise ValueError(f"eps must be > 0, got {eps}")
         for i, group in enumerate(base_optimizer.param_groups):
-            # The cosine of sharded halves would need cross-rank sums, and FSDP2 gives no way to
-            # obtain two gradient halves: refuse rather than measure shards as if they were whole.
-            if group.get("shard_group") is not None or any(is_dtensor(p) for p in group["params"]):
+            # Flat shards stepped by hand: AGVM never sees how their gradients were made, so it
+            # cannot obtain two halves of them. Refuse rather than measure shards as if whole.
+            if group.get("shard_group") is not None:
                 raise ValueError(
-                    f"base_optimizer.param_groups[{i}] holds sharded parameters (DTensor/FSDP2 or shard_group): "
-                    "AGVM supports one process (backward_halves) and DDP (agvm_comm_hook), not sharded training"
+                    f"base_optimizer.param_groups[{i}] sets shard_group: AGVM supports one process, DDP "
+                    "(agvm_comm_hook) and FSDP2 (DTensor parameters), not hand-made flat shards"
                 )
+        all_params = [p for group in base_optimizer.param_groups for p in group["params"]]
+        # FSDP2 (DTensor parameters): the cosine sums are completed across the shard ranks.
+        self._shard_reduction = shard_reduction(all_params)
+        if self._shard_reduction is not None and comm_state is not None:
+            raise ValueError("comm_state (the DDP comm hook) does not apply to FSDP2/DTensor parameters")
 
         # Not Optimizer.__init__: it would build new param groups and a new state, while the
         # wrapper's are the base's. These are the attributes Optimizer's methods rely on.
@@ -414,11 +419,15 @@ class AGVM(Optimizer):
         gains :math:`(\nabla L_A + \nabla L_B)/2` — what one backward of the whole batch's
         mean loss gives for halves of equal size; on a measuring step both halves are also
         kept for :meth:`step`. Usable on every step; under GradScaler pass
-        ``lambda: scaler.scale(loss_fn_a())``. Returns both losses, detached.
+        ``lambda: scaler.scale(loss_fn_a())``. Returns both losses, detached. Under FSDP2
+        (DTensor parameters) it runs two ordinary backwards instead, so that FSDP2's
+        reduce-scatter runs, and reads each half as the change of the sharded ``.grad``.
         """
         if self._comm is not None:
             raise RuntimeError("backward_halves is for one process; under DDP agvm_comm_hook measures the halves")
         params = [p for group in self.param_groups for p in group["params"] if p.requires_grad]
+        if self._shard_reduction is not None:
+            return self._backward_halves_sharded(loss_a, loss_b, params)
         value_a, grads_a = self._gradients(loss_a, params)
         value_b, grads_b = self._gradients(loss_b, params)
         keep = self.measures_next_step
@@ -433,6 +442,39 @@ class AGVM(Optimizer):
                     p.grad = mean
                 else:
                     p.grad.add_(mean)
+                if keep:
+                    if p in self._halves:
+                        kept_a, kept_b = self._halves[p]
+                        kept_a.add_(grad_a)
+                        kept_b.add_(grad_b)
+                    else:
+                        self._halves[p] = (grad_a, grad_b)
+        return value_a.detach(), value_b.detach()
+
+    def _backward_halves_sharded(
+        self, loss_a: Callable[[], Tensor], loss_b: Callable[[], Tensor], params: list[Tensor]
+    ) -> tuple[Tensor, Tensor]:
+        """`backward_halves` under FSDP2: gradients reach the sharded ``.grad`` only through its
+        reduce-scatter after ``backward()`` (``autograd.grad`` bypasses it), so each half's
+        gradient is read as the change of ``.grad`` — the mean over all ranks of that half."""
+        before = [None if p.grad is None else p.grad.detach().clone() for p in params]
+        with torch.enable_grad():
+            value_a = loss_a()
+            value_a.backward()
+        after_a = [None if p.grad is None else p.grad.detach().clone() for p in params]
+        with torch.enable_grad():
+            value_b = loss_b()
+            value_b.backward()
+        keep = self.measures_next_step
+        with torch.no_grad():
+            for p, grad_before, grad_after_a in zip(params, before, after_a):
+                if p.grad is None:
+                    continue
+                zero = torch.zeros_like(p.grad)
+                grad_before = zero if grad_before is None else grad_before
+                grad_a = (zero if grad_after_a is None else grad_after_a) - grad_before
+                grad_b = p.grad - grad_before - grad_a
+                p.grad.copy_(grad_before + (grad_a + grad_b) * 0.5)
                 if keep:
                     if p in self._halves:
                         kept_a, kept_b = self._halves[p]
@@ -484,21 +526,29 @@ class AGVM(Optimizer):
             for p in group["params"]:
                 if p not in self._halves:
                     continue
-                half_a, half_b = self._halves[p]
+                # Local shards under FSDP2 (the sums below are completed across ranks after).
+                half_a, half_b = to_local(self._halves[p])
                 # float64, one parameter at a time: d_i near eps = 1e-6 matters, and float32's
                 # rounding of cos (about 1e-7) would be a tenth of it.
                 half_a, half_b = half_a.to(_MEASURE_DTYPE).flatten(), half_b.to(_MEASURE_DTYPE).flatten()
                 if self.use_adam:
-                    denominator = self._adam_denominator(p, group, p.grad.to(_MEASURE_DTYPE)).flatten()
+                    denominator = to_local([self._adam_denominator(p, group, p.grad.to(_MEASURE_DTYPE))])[0].flatten()
                     half_a, half_b = half_a / denominator, half_b / denominator
                 if device is None:
                     device = p.device
                 partial = torch.stack([half_a.dot(half_b), half_a.dot(half_a), half_b.dot(half_b)])
                 sums[module].append(partial.to(device))
-        disagreements = torch.full((len(sums),), math.nan, dtype=torch.float64, device=device)
+        # Per module: ⟨g_A, g_B⟩, ‖g_A‖², ‖g_B‖², and whether it had halves at all.
+        totals = torch.zeros((len(sums), 4), dtype=_MEASURE_DTYPE, device=device)
         for module, partials in enumerate(sums):
             if partials:
-                dot, norm_a_sq, norm_b_sq = torch.stack(partials).sum(0)
+                totals[module, :3] = torch.stack(partials).sum(0)
+                totals[module, 3] = 1.0
+        if self._shard_reduction is not None:
+            self._shard_reduction.sum_over_shards(totals)  # one all-reduce for every module
+        disagreements = torch.full((len(sums),), math.nan, dtype=torch.float64, device=device)
+        for module, (dot, norm_a_sq, norm_b_sq, present) in enumerate(totals):
+            if present > 0:
                 cosine = dot / (norm_a_sq.sqrt() * norm_b_sq.sqrt()).clamp_min(_COSINE_EPS)
                 disagreements[module] = 1.0 - cosine
         if self._comm is not None:

@@ -17,7 +17,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 import largebatch.optimizers.lamb as lamb_module
-from largebatch import LAMB, LARS, Adan
+from largebatch import AGVM, LAMB, LARS, Adan
 
 WORLD = 2
 STEPS = 10
@@ -57,6 +57,23 @@ def train(model, opt, rank, steps=None):
         opt.step()
 
 
+def agvm_halves(rank: int):
+    """Per step, this rank's two half batches (4 samples each) of its 8."""
+    for x, y in batches(rank):
+        yield (x[:4], y[:4]), (x[4:], y[4:])
+
+
+def train_agvm(model, rank):
+    """AGVM around SGD, measuring every step, the halves from AGVM.backward_halves."""
+    base = torch.optim.SGD([{"params": model[0].parameters()}, {"params": model[2].parameters()}], lr=0.2, momentum=0.9)
+    agvm = AGVM(base, start_step=0, interval=1, momentum=0.5)
+    for (xa, ya), (xb, yb) in agvm_halves(rank):
+        agvm.zero_grad()
+        agvm.backward_halves(lambda: nn.functional.mse_loss(model(xa), ya), lambda: nn.functional.mse_loss(model(xb), yb))
+        agvm.step()
+    return agvm.scale_factors
+
+
 def full_params(model):
     return [p.full_tensor().detach().clone() if hasattr(p, "full_tensor") else p.detach().clone()
             for p in model.parameters()]
@@ -79,6 +96,11 @@ def run(rank: int, out: str, port: int) -> None:
             model = fsdp_model()
             train(model, cls(model.parameters(), **options, **kwargs), rank)
             results[f"fsdp/{name}/{impl}"] = full_params(model)
+
+    # AGVM on FSDP2: the cosine sums of the local shards are completed across the ranks.
+    model = fsdp_model()
+    factors = train_agvm(model, rank)
+    results["fsdp/agvm"] = full_params(model) + [factors]
 
     # The same LAMB run with the cross-rank reduction switched off: must differ.
     real = lamb_module.shard_reduction

@@ -86,3 +86,19 @@ def test_flat_shards_with_a_process_group(sharded_results):
 
 def test_distributed_checkpoint_resume_continues_the_run(sharded_results):
     _assert_all_close(sharded_results["fsdp/lamb/resumed"], sharded_results["fsdp/lamb/per_tensor"])
+
+
+def test_agvm_on_fsdp2_equals_one_process(sharded_results):
+    """Each rank's halves, reduce-scattered by FSDP2, are the halves of the union of the ranks' data."""
+    model = worker.make_model()
+    base = torch.optim.SGD([{"params": model[0].parameters()}, {"params": model[2].parameters()}], lr=0.2, momentum=0.9)
+    agvm = worker.AGVM(base, start_step=0, interval=1, momentum=0.5)
+    for ((xa0, ya0), (xb0, yb0)), ((xa1, ya1), (xb1, yb1)) in zip(worker.agvm_halves(0), worker.agvm_halves(1)):
+        xa, ya, xb, yb = torch.cat([xa0, xa1]), torch.cat([ya0, ya1]), torch.cat([xb0, xb1]), torch.cat([yb0, yb1])
+        agvm.zero_grad()
+        agvm.backward_halves(lambda: nn.functional.mse_loss(model(xa), ya), lambda: nn.functional.mse_loss(model(xb), yb))
+        agvm.step()
+    *params, factors = sharded_results["fsdp/agvm"]
+    assert not torch.equal(factors, torch.ones_like(factors))  # the factors moved: the test can fail
+    torch.testing.assert_close(factors, agvm.scale_factors, rtol=1e-6, atol=1e-9)
+    _assert_all_close(params, [p.detach() for p in model.parameters()])

@@ -672,12 +672,9 @@ def test_ddp_factors_match_hand_computation_and_a_one_process_run(tmp_path):
         torch.testing.assert_close(p, q.detach(), rtol=1e-5, atol=1e-6)
 
 
-def test_sharded_parameters_are_refused(monkeypatch):
-    """DTensor (FSDP2) parameters are refused with a clear error, not measured shard by shard."""
-    import largebatch.optimizers.agvm as agvm_module
-
+def test_hand_made_flat_shards_are_refused():
+    """A group with shard_group (flat shards stepped by hand) is refused with a clear error."""
     model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 1))
-    base = torch.optim.SGD([{"params": model[0].parameters()}, {"params": model[1].parameters()}], lr=0.1)
-    monkeypatch.setattr(agvm_module, "is_dtensor", lambda tensor: True)
-    with pytest.raises(ValueError, match="sharded parameters"):
-        agvm_module.AGVM(base)
+    groups = [{"params": model[0].parameters()}, {"params": model[1].parameters(), "shard_group": object()}]
+    with pytest.raises(ValueError, match="shard_group"):
+        AGVM(torch.optim.SGD(groups, lr=0.1))
