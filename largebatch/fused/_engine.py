@@ -58,6 +58,8 @@ __all__ = [
     "log_beta",
     "lr_arguments",
     "scalar_on",
+    "current_lr",
+    "gradient_multiplier",
     "locate_chunk",
     "tensor_pointer",
 ]
@@ -88,6 +90,26 @@ def locate_chunk(chunk_tensors, numels, first_chunks, CHUNK_SIZE: tl.constexpr):
 def tensor_pointer(ptrs, tensor, DTYPE: tl.constexpr, ALIGNMENT: tl.constexpr):
     """A tensor's data pointer, from its int64 table entry, with the alignment hint for vector loads."""
     return tl.multiple_of(tl.load(ptrs + tensor).to(tl.pointer_type(DTYPE)), ALIGNMENT)
+
+
+@triton.jit
+def gradient_multiplier(grad_scale, clip_coef, MAXIMIZE: tl.constexpr):
+    """What every gradient element is multiplied by: −1 to maximize, 1/grad_scale to undo
+    GradScaler's scaling, the global clipping coefficient (each only when given)."""
+    multiplier = -1.0 if MAXIMIZE else 1.0
+    if grad_scale is not None:
+        multiplier = multiplier / tl.load(grad_scale)
+    if clip_coef is not None:
+        multiplier = multiplier * tl.load(clip_coef)
+    return multiplier
+
+
+@triton.jit
+def current_lr(lr_tensor, lr):
+    """The step's lr: read from the device when it is a tensor (no host sync), else the float."""
+    if lr_tensor is not None:
+        lr = tl.load(lr_tensor)
+    return lr
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,9 @@ from torch import Tensor
 from ._engine import (
     advance_steps,
     chunk_table,
+    current_lr,
     dtype_constexprs,
+    gradient_multiplier,
     group_by_device_and_dtypes,
     launch,
     locate_chunk,
@@ -91,13 +93,8 @@ def _adan_kernel(
     exp_avg_sq = tensor_pointer(exp_avg_sq_ptrs, tensor, EXP_AVG_SQ_DTYPE, ALIGNMENT)
     prev_grad = tensor_pointer(prev_grad_ptrs, tensor, PREV_GRAD_DTYPE, ALIGNMENT)
 
-    grad_multiplier = -1.0 if MAXIMIZE else 1.0
-    if grad_scale is not None:
-        grad_multiplier = grad_multiplier / tl.load(grad_scale)
-    if clip_coef is not None:
-        grad_multiplier = grad_multiplier * tl.load(clip_coef)
-    if lr_tensor is not None:
-        lr = tl.load(lr_tensor)
+    grad_multiplier = gradient_multiplier(grad_scale, clip_coef, MAXIMIZE)
+    lr = current_lr(lr_tensor, lr)
     step = tl.load(tl.load(step_ptrs + tensor).to(tl.pointer_type(tl.float32)))
     has_previous = tl.where(step > 1, 1.0, 0.0)  # g_prev starts at 0: no difference at t = 1
     step = step.to(tl.float64)

@@ -30,7 +30,9 @@ from largebatch.optimizers._sharding import ShardReduction, complete_squares
 from ._engine import (
     advance_steps,
     chunk_table,
+    current_lr,
     dtype_constexprs,
+    gradient_multiplier,
     group_by_device_and_dtypes,
     launch,
     locate_chunk,
@@ -90,13 +92,8 @@ def _moments_kernel(
     exp_avg = tensor_pointer(exp_avg_ptrs, tensor, EXP_AVG_DTYPE, ALIGNMENT)
     exp_avg_sq = tensor_pointer(exp_avg_sq_ptrs, tensor, EXP_AVG_SQ_DTYPE, ALIGNMENT)
 
-    grad_multiplier = -1.0 if MAXIMIZE else 1.0
-    if grad_scale is not None:
-        grad_multiplier = grad_multiplier / tl.load(grad_scale)
-    if clip_coef is not None:
-        grad_multiplier = grad_multiplier * tl.load(clip_coef)
-    if lr_tensor is not None:
-        lr = tl.load(lr_tensor)
+    grad_multiplier = gradient_multiplier(grad_scale, clip_coef, MAXIMIZE)
+    lr = current_lr(lr_tensor, lr)
     bc1 = 1.0
     bc2 = 1.0
     if BIAS_CORRECTION:
@@ -150,8 +147,7 @@ def _apply_kernel(
     exp_avg = tensor_pointer(exp_avg_ptrs, tensor, EXP_AVG_DTYPE, ALIGNMENT)
     exp_avg_sq = tensor_pointer(exp_avg_sq_ptrs, tensor, EXP_AVG_SQ_DTYPE, ALIGNMENT)
 
-    if lr_tensor is not None:
-        lr = tl.load(lr_tensor)
+    lr = current_lr(lr_tensor, lr)
     bc1 = 1.0
     bc2 = 1.0
     if BIAS_CORRECTION:

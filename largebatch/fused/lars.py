@@ -26,7 +26,9 @@ from largebatch.optimizers._sharding import ShardReduction, complete_squares
 from ._engine import (
     advance_steps,
     chunk_table,
+    current_lr,
     dtype_constexprs,
+    gradient_multiplier,
     group_by_device_and_dtypes,
     launch,
     locate_chunk,
@@ -120,11 +122,8 @@ def _update_kernel(
     if MOMENTUM:
         buf = tensor_pointer(buf_ptrs, tensor, BUF_DTYPE, ALIGNMENT)
 
-    grad_multiplier = -1.0 if MAXIMIZE else 1.0
-    if grad_scale is not None:
-        grad_multiplier = grad_multiplier / tl.load(grad_scale)
-    if lr_tensor is not None:
-        lr = tl.load(lr_tensor)
+    grad_multiplier = gradient_multiplier(grad_scale, None, MAXIMIZE)
+    lr = current_lr(lr_tensor, lr)
     direction_scale = 1.0
     if ADAPT:
         param_norm = tl.sqrt(tl.load(norms_sq + 2 * tensor))
