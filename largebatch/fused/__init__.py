@@ -74,4 +74,6 @@ def __getattr__(name: str) -> Any:
     if name not in _LAZY:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     _require_triton()
-    return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+    globals()[name] = value  # later lookups (every fused step makes some) skip this function
+    return value

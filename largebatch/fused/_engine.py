@@ -1,21 +1,11 @@
 """The multi-tensor launcher shared by every fused optimizer.
 
 A fused step walks many tensors (a BERT-large has 391) with ONE kernel launch per pass. The
-tensors of one (device, dtypes) group are cut into fixed-size chunks, and one Triton program
-handles one chunk. What a program needs to find its chunk lives in a device-side int64 table:
-
-    chunk_tensors[c]   which tensor chunk c belongs to
-    numels[i]          the number of elements of tensor i
-    first_chunks[i]    the first chunk of tensor i (n_chunks at index n_tensors); chunk c thus
-                       starts at element (c - first_chunks[i]) * CHUNK_SIZE of its tensor, and
-                       first_chunks delimits the segments over which per-chunk partial sums are
-                       added up (see _norms.py)
-    pointers[l][i]     data_ptr() of tensor i of list l (param, grad, each state, the step)
-
-A kernel casts a pointer entry to `tl.pointer_type(dtype)` to load through it. The table depends
-only on the tensors' addresses and sizes, so it is built once and cached, keyed on those;
-a step whose tensors have not moved uploads nothing. The upload (on a cache miss) goes from
-pinned memory without blocking the host.
+tensors of one bucket (one param group's tensors on one device, one dtype per list) are cut into
+fixed-size chunks, and one Triton program handles one chunk. What a program needs to find its
+chunk lives in a device-side int64 table that a `StepPlan` (`_plan.py`) owns: which tensor each
+chunk belongs to, each tensor's numel and first chunk, and each list's data pointers. A kernel
+casts a pointer entry to `tl.pointer_type(dtype)` to load through it.
 
 Kernel layout, shared by every pass: the program reads its chunk's row of the table, then
 calls the pass's `*_chunk` function twice over, once for full chunks and once (MASKED) for
@@ -31,29 +21,28 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
+if TYPE_CHECKING:
+    from ._plan import StepPlan
+
 __all__ = [
     "Chunking",
     "PRODUCTION_CHUNKING",
-    "ChunkTable",
     "INTERPRETED",
     "TRITON_DTYPES",
-    "advance_steps",
     "check_device",
     "check_dtype",
     "dtype_constexprs",
-    "chunk_table",
     "chunking",
     "current_chunking",
-    "group_by_device_and_dtypes",
     "launch",
     "log_beta",
     "lr_arguments",
@@ -159,6 +148,10 @@ def chunking(config: Chunking) -> Iterator[Chunking]:
         _active_chunking.pop()
 
 
+# Bytes: the widest vector load, and what torch's allocator guarantees for whole tensors.
+VECTOR_ALIGNMENT = 16
+
+
 def check_device(device: torch.device) -> None:
     """The kernels run on CUDA tensors, or on CPU tensors under the Triton interpreter."""
     if device.type == "cpu" and not INTERPRETED:
@@ -183,178 +176,18 @@ def check_dtype(dtype: torch.dtype) -> None:
         raise RuntimeError(f"fused=True supports tensors of dtype {supported}; got {dtype}")
 
 
-# --------------------------------------------------------------------------- grouping
-
-
-GroupKey = tuple[torch.device, tuple[torch.dtype, ...]]
-
-
-def group_by_device_and_dtypes(
-    tensor_lists: Sequence[Sequence[Tensor]],
-) -> dict[GroupKey, list[list[Tensor]]]:
-    """Split parallel lists (params, grads, states, …) by the device and the dtypes of each row.
-
-    A kernel is specialised on the dtype of every list, so a group is the set of indices i that
-    share the device and (dtype of tensor_lists[0][i], dtype of tensor_lists[1][i], …).
-    Order within a group follows the input order, so the grouping is deterministic.
-    """
-    groups: dict[GroupKey, list[list[Tensor]]] = {}
-    for row in zip(*tensor_lists):
-        key = (row[0].device, tuple(t.dtype for t in row))
-        lists = groups.setdefault(key, [[] for _ in tensor_lists])
-        for lst, tensor in zip(lists, row):
-            lst.append(tensor)
-    return groups
-
-
-# --------------------------------------------------------------------------- chunk tables
-
-
-@dataclass(frozen=True)
-class ChunkTable:
-    """The device-side table of one group (see the module docstring); views into one int64 tensor."""
-
-    storage: Tensor
-    chunk_tensors: Tensor
-    numels: Tensor
-    first_chunks: Tensor
-    pointers: tuple[Tensor, ...]
-    n_tensors: int
-    n_chunks: int
-    # 16 when every elementwise tensor starts on a 16-byte boundary (then the kernels may use
-    # vector loads), else 1; a kernel constexpr.
-    alignment: int
-    # The pinned host copy, kept alive while its asynchronous upload may still be reading it.
-    host_copy: Tensor
-
-
-# Tables are few (one per group and list combination) and small; 64 covers an optimizer with
-# many param groups and dtypes, plus the grad-norm tables, without rebuilding any per step.
-TABLE_CACHE_ENTRIES = 64
-_table_cache: OrderedDict[tuple, ChunkTable] = OrderedDict()
-
-
-def chunk_table(
-    elementwise: Sequence[Sequence[Tensor]],
-    scalars: Sequence[Sequence[Tensor]] = (),
-    chunk_size: int | None = None,
-) -> ChunkTable:
-    """The table for one group: `elementwise` lists are walked in chunks (all shaped like
-    elementwise[0]); `scalars` lists (the step counters) contribute one pointer per tensor.
-
-    Cached: the key is every pointer and size, so a moved or resized tensor rebuilds the table
-    and the validation below runs only on a rebuild.
-    """
-    if chunk_size is None:
-        chunk_size = current_chunking().chunk_size
-    lists = [*elementwise, *scalars]
-    device = elementwise[0][0].device
-    key = (
-        device,
-        chunk_size,
-        len(elementwise),
-        tuple(t.numel() for t in elementwise[0]),
-        tuple(t.data_ptr() for lst in lists for t in lst),
-    )
-    table = _table_cache.get(key)
-    if table is not None:
-        _table_cache.move_to_end(key)
-        return table
-    _validate(elementwise, scalars, device)
-    table = _build_table(lists, len(elementwise), chunk_size, device)
-    _table_cache[key] = table
-    if len(_table_cache) > TABLE_CACHE_ENTRIES:
-        _table_cache.popitem(last=False)
-    return table
-
-
-def _validate(elementwise: Sequence[Sequence[Tensor]], scalars: Sequence[Sequence[Tensor]], device: torch.device) -> None:
-    check_device(device)
-    for lst in elementwise:
-        check_dtype(lst[0].dtype)
-    for i, param in enumerate(elementwise[0]):
-        # The kernels walk each tensor's storage as a flat array, which is right when every
-        # tensor of the row is dense and laid out like the parameter (channels_last included).
-        if not _is_dense(param):
-            raise RuntimeError(f"fused=True needs dense parameters; tensor {i} has strides {param.stride()}")
-        for lst in elementwise[1:]:
-            other = lst[i]
-            if other.device != device or other.shape != param.shape or _layout(other) != _layout(param):
-                raise RuntimeError(
-                    f"fused=True needs each gradient and state laid out like its parameter: tensor {i} is "
-                    f"{tuple(param.shape)}/{param.stride()} on {device}, one of its companions "
-                    f"{tuple(other.shape)}/{other.stride()} on {other.device}"
-                )
-    for lst in scalars:
-        for i, scalar in enumerate(lst):
-            if scalar.numel() != 1 or scalar.dtype != torch.float32 or scalar.device != device:
-                raise RuntimeError(
-                    "fused=True needs each step counter to be a one-element float32 tensor on its parameter's "
-                    f"device; counter {i} is {tuple(scalar.shape)} {scalar.dtype} on {scalar.device}"
-                )
-
-
-def _layout(tensor: Tensor) -> tuple[int, ...]:
-    """The strides that matter: those of dimensions longer than 1 (none for 0 or 1 element)."""
-    if tensor.numel() <= 1:
-        return ()
-    return tuple(stride for size, stride in zip(tensor.shape, tensor.stride()) if size > 1)
-
-
-def _is_dense(tensor: Tensor) -> bool:
-    """Non-overlapping and without gaps: in increasing stride order, each stride is the number
-    of elements spanned by the dimensions before it (any permutation of a contiguous layout)."""
-    if tensor.numel() <= 1:
-        return True
-    expected = 1
-    for stride, size in sorted((stride, size) for size, stride in zip(tensor.shape, tensor.stride()) if size > 1):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
-
-
-# Bytes: the widest vector load, and what torch's allocator guarantees for whole tensors.
-VECTOR_ALIGNMENT = 16
-
-
-def _build_table(
-    lists: Sequence[Sequence[Tensor]], n_elementwise: int, chunk_size: int, device: torch.device
-) -> ChunkTable:
-    shaped_like = lists[0]
-    chunk_tensors: list[int] = []
-    first_chunks: list[int] = []
-    for i, tensor in enumerate(shaped_like):
-        first_chunks.append(len(chunk_tensors))
-        chunk_tensors.extend([i] * -(-tensor.numel() // chunk_size))
-    n_chunks, n_tensors = len(chunk_tensors), len(shaped_like)
-    first_chunks.append(n_chunks)
-    numels = [t.numel() for t in shaped_like]
-    pointers = [t.data_ptr() for lst in lists for t in lst]
-    aligned = all(t.data_ptr() % VECTOR_ALIGNMENT == 0 for lst in lists[:n_elementwise] for t in lst)
-    host = torch.tensor(chunk_tensors + numels + first_chunks + pointers, dtype=torch.int64)
-    if device.type == "cuda":
-        host = host.pin_memory()
-    storage = host.to(device, non_blocking=True)
-    views = storage.split([n_chunks, n_tensors, n_tensors + 1] + [n_tensors] * len(lists))
-    return ChunkTable(
-        storage=storage,
-        chunk_tensors=views[0],
-        numels=views[1],
-        first_chunks=views[2],
-        pointers=tuple(views[3:]),
-        n_tensors=n_tensors,
-        n_chunks=n_chunks,
-        alignment=VECTOR_ALIGNMENT if aligned else 1,
-        host_copy=host,
-    )
-
-
-def launch(kernel: triton.JITFunction, table: ChunkTable, *args: object, **constexprs: object) -> None:
-    """One launch of `kernel`, one program per chunk of `table`.
+def launch(
+    kernel: triton.JITFunction,
+    table: StepPlan,
+    *args: object,
+    pointers: Sequence[Tensor] | None = None,
+    **constexprs: object,
+) -> None:
+    """One launch of `kernel`, one program per chunk of the plan's table.
 
     The kernel's parameters start with the table's (chunk_tensors, numels, first_chunks,
-    *pointers), then `args`; CHUNK_SIZE and ALIGNMENT are passed for it.
+    *pointers: every pointer row of the plan, or the given rows), then `args`; CHUNK_SIZE and
+    ALIGNMENT are passed for it.
     """
     if table.n_chunks == 0:
         return
@@ -363,7 +196,7 @@ def launch(kernel: triton.JITFunction, table: ChunkTable, *args: object, **const
         table.chunk_tensors,
         table.numels,
         table.first_chunks,
-        *table.pointers,
+        *(table.pointers if pointers is None else pointers),
         *args,
         CHUNK_SIZE=config.chunk_size,
         ALIGNMENT=table.alignment,
@@ -404,15 +237,3 @@ def log_beta(beta: float) -> float:
     ln β = -inf, so β^t = 0 and the correction is 1, as it should be.
     """
     return math.log(beta) if beta > 0 else -math.inf
-
-
-def advance_steps(steps: Sequence[Tensor], found_inf: Tensor | None) -> None:
-    """step += 1, or += 0 when GradScaler found an inf/NaN (the step is then not counted).
-
-    One foreach op, no host synchronisation; the kernels then read the new counts.
-    """
-    if found_inf is None:
-        torch._foreach_add_(list(steps), 1.0)
-    else:
-        increment = 1.0 - found_inf
-        torch._foreach_add_(list(steps), [increment] * len(steps))

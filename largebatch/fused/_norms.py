@@ -18,18 +18,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._engine import (
-    TRITON_DTYPES,
-    ChunkTable,
-    chunk_table,
-    group_by_device_and_dtypes,
-    launch,
-    locate_chunk,
-    scalar_on,
-    tensor_pointer,
-)
+from ._engine import TRITON_DTYPES, launch, locate_chunk, scalar_on, tensor_pointer
+from ._plan import PlanCache, StepPlan, planned_buckets
 
-__all__ = ["fused_grad_norm", "segment_sums"]
+__all__ = ["fused_grad_norm", "grad_squares", "segment_sums"]
 
 # Rows of partial sums one segment-sum program adds per iteration, and its warps. Segments are
 # short (the largest BERT-large tensor has ~15 k chunks: 60 iterations) and this pass moves
@@ -54,10 +46,11 @@ def _segment_sums_kernel(partials, first_chunks, sums, N_COLUMNS: tl.constexpr, 
     tl.store(sums + segment * N_COLUMNS + columns, tl.sum(total, axis=0))
 
 
-def segment_sums(partials: Tensor, table: ChunkTable) -> Tensor:
-    """Per-tensor sums (n_tensors, n_columns) of per-chunk partial sums (n_chunks, n_columns)."""
+def segment_sums(partials: Tensor, table: StepPlan) -> Tensor:
+    """Per-tensor sums (n_tensors, n_columns) of per-chunk partial sums (n_chunks, n_columns),
+    into a buffer of the plan's."""
     n_columns = partials.shape[1]
-    sums = torch.empty((table.n_tensors, n_columns), dtype=torch.float32, device=partials.device)
+    sums = table.scratch("tensor", n_columns)
     if table.n_tensors:
         _segment_sums_kernel[(table.n_tensors,)](
             partials, table.first_chunks, sums, N_COLUMNS=n_columns, ROWS=SEGMENT_ROWS, num_warps=SEGMENT_WARPS
@@ -98,16 +91,27 @@ def _square_sums_kernel(
     tl.store(partials + chunk, total)
 
 
-def fused_grad_norm(grads: Sequence[Tensor], grad_scale: Tensor | None = None) -> Tensor:
+def grad_squares(table: StepPlan, grad_pointers: Tensor, grad_dtype: torch.dtype, grad_scale: Tensor | None) -> Tensor:
+    """Σ (g / grad_scale)² over the gradients of one bucket, 0-dim fp32 on its device: the
+    gradients are the pointer row `grad_pointers` of `table` (an optimizer's step plan, whose
+    gradients are already checked, or a plan of the gradients alone). No host synchronisation."""
+    partials = table.scratch("chunk", 1)
+    launch(_square_sums_kernel, table, partials, scalar_on(grad_scale, table.device), pointers=(grad_pointers,),
+           GRAD_DTYPE=TRITON_DTYPES[grad_dtype])  # fmt: skip
+    return segment_sums(partials, table).sum()
+
+
+def fused_grad_norm(
+    grads: Sequence[Tensor], grad_scale: Tensor | None = None, plans: PlanCache | None = None
+) -> Tensor:
     """fp32 L2 norm of all `grads` together (of grads / grad_scale when given), 0-dim on
-    grads[0].device. Deterministic: per-chunk partials, per-tensor sums, then fixed-order sums."""
+    grads[0].device. Deterministic: per-chunk partials, per-tensor sums, then fixed-order sums.
+    `plans` keeps the step plans between calls (see `fused_lamb`)."""
     if not grads:
         raise ValueError("fused_grad_norm needs at least one gradient")
     out_device = grads[0].device
-    squares = []
-    for (device, (dtype,)), (device_grads,) in group_by_device_and_dtypes([grads]).items():
-        table = chunk_table([device_grads])
-        partials = torch.empty((table.n_chunks, 1), dtype=torch.float32, device=device)
-        launch(_square_sums_kernel, table, partials, scalar_on(grad_scale, device), GRAD_DTYPE=TRITON_DTYPES[dtype])
-        squares.append(segment_sums(partials, table).sum().to(out_device))
+    squares = [
+        grad_squares(table, table.pointers[0], dtype, grad_scale).to(out_device)
+        for _, (dtype,), _, table in planned_buckets("grad_norm", [grads], n_elementwise=1, n_table=1, plans=plans)
+    ]
     return torch.stack(squares).sum().sqrt()

@@ -19,12 +19,9 @@ import triton.language as tl
 from torch import Tensor
 
 from ._engine import (
-    advance_steps,
-    chunk_table,
     current_lr,
     dtype_constexprs,
     gradient_multiplier,
-    group_by_device_and_dtypes,
     launch,
     locate_chunk,
     log_beta,
@@ -32,8 +29,13 @@ from ._engine import (
     scalar_on,
     tensor_pointer,
 )
+from ._plan import Bucket, PlanCache, planned_buckets
 
-__all__ = ["fused_adan"]
+__all__ = ["ADAN_LAYOUT", "fused_adan"]
+
+# The lists of an Adan bucket: param, grad and the four states walked in chunks, all seven (the
+# step counters too) in the kernels' table.
+ADAN_LAYOUT = {"n_elementwise": 6, "n_table": 7}
 
 
 @triton.jit
@@ -138,18 +140,21 @@ def fused_adan(
     grad_clip_coef: Tensor | None,
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
+    plans: PlanCache | None = None,
+    buckets: list[Bucket] | None = None,
 ) -> None:
     """One Adan step over the given tensors, in place (see the module docstring).
 
     The caller's gradients are read, never written. With `found_inf` nonzero nothing changes,
-    step counters included; nothing here synchronises with the host.
+    step counters included; nothing here synchronises with the host. `plans`, `buckets`: see
+    `fused_lamb`.
     """
-    lists = [params, grads, exp_avgs, exp_avg_diffs, exp_avg_sqs, prev_grads, state_steps]
-    for (device, dtypes), device_lists in group_by_device_and_dtypes(lists).items():
-        *elementwise, d_steps = device_lists
+    if buckets is None:
+        lists = [params, grads, exp_avgs, exp_avg_diffs, exp_avg_sqs, prev_grads, state_steps]
+        buckets = planned_buckets("adan", lists, **ADAN_LAYOUT, plans=plans)
+    for device, dtypes, (*_, d_steps), table in buckets:
         device_found_inf = scalar_on(found_inf, device)
-        advance_steps(d_steps, device_found_inf)
-        table = chunk_table(elementwise, [d_steps])
+        table.count_step(d_steps, device_found_inf)
         lr_tensor, lr_float = lr_arguments(lr, device)
         launch(
             _adan_kernel,

@@ -20,7 +20,6 @@ x: 40, the minimum without keeping u in memory.
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 from torch import Tensor
@@ -28,12 +27,9 @@ from torch import Tensor
 from largebatch.optimizers._sharding import ShardReduction, complete_squares
 
 from ._engine import (
-    advance_steps,
-    chunk_table,
     current_lr,
     dtype_constexprs,
     gradient_multiplier,
-    group_by_device_and_dtypes,
     launch,
     locate_chunk,
     log_beta,
@@ -42,8 +38,13 @@ from ._engine import (
     tensor_pointer,
 )
 from ._norms import segment_sums
+from ._plan import Bucket, PlanCache, planned_buckets
 
-__all__ = ["fused_lamb"]
+__all__ = ["LAMB_LAYOUT", "fused_lamb"]
+
+# The lists of a LAMB bucket: param, grad, exp_avg, exp_avg_sq walked in chunks, all five (the
+# step counters too) in the kernels' table.
+LAMB_LAYOUT = {"n_elementwise": 4, "n_table": 5}
 
 
 @triton.jit
@@ -189,24 +190,28 @@ def fused_lamb(
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
     shard_reduction: ShardReduction | None = None,
+    plans: PlanCache | None = None,
+    buckets: list[Bucket] | None = None,
 ) -> None:
     """One LAMB step over the given tensors, in place (see the module docstring).
 
     The caller's gradients are read, never written. `shard_reduction` sums the per-tensor squares
     over the shard ranks (one all-reduce per (device, dtype) group) when the tensors are local
-    shards. With `found_inf` nonzero nothing changes,
-    step counters included; nothing here synchronises with the host.
+    shards. With `found_inf` nonzero nothing changes, step counters included; nothing here
+    synchronises with the host. `plans` (an optimizer's, per param group) keeps the step plans
+    between calls; without it they are built for this call; `buckets` are the lists' buckets with
+    their plans already made current (an optimizer prepares every group before stepping any).
+    Every tensor is checked before anything changes: a refused step raises and leaves tensors and
+    counters as they were.
     """
-    lists = [params, grads, exp_avgs, exp_avg_sqs, state_steps]
-    for (device, dtypes), (d_params, d_grads, d_exp_avgs, d_exp_avg_sqs, d_steps) in group_by_device_and_dtypes(
-        lists
-    ).items():
+    if buckets is None:
+        buckets = planned_buckets("lamb", [params, grads, exp_avgs, exp_avg_sqs, state_steps], **LAMB_LAYOUT, plans=plans)
+    for device, dtypes, (*_, d_steps), table in buckets:
         device_found_inf = scalar_on(found_inf, device)
-        advance_steps(d_steps, device_found_inf)
-        table = chunk_table([d_params, d_grads, d_exp_avgs, d_exp_avg_sqs], [d_steps])
+        table.count_step(d_steps, device_found_inf)
         lr_tensor, lr_float = lr_arguments(lr, device)
         dtype_args = dtype_constexprs(("PARAM", "GRAD", "EXP_AVG", "EXP_AVG_SQ"), dtypes)
-        partials = torch.empty((table.n_chunks, 2) if adapt else (0, 2), dtype=torch.float32, device=device)
+        partials = table.scratch("chunk", 2 if adapt else 0)
         launch(
             _moments_kernel,
             table,

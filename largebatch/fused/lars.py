@@ -16,7 +16,6 @@ momentum and adaptation: read x, g; then read x, g, buf and write buf, x: 28.
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 from torch import Tensor
@@ -24,12 +23,9 @@ from torch import Tensor
 from largebatch.optimizers._sharding import ShardReduction, complete_squares
 
 from ._engine import (
-    advance_steps,
-    chunk_table,
     current_lr,
     dtype_constexprs,
     gradient_multiplier,
-    group_by_device_and_dtypes,
     launch,
     locate_chunk,
     lr_arguments,
@@ -37,8 +33,16 @@ from ._engine import (
     tensor_pointer,
 )
 from ._norms import segment_sums
+from ._plan import Bucket, PlanCache, planned_buckets
 
-__all__ = ["fused_lars"]
+__all__ = ["fused_lars", "lars_layout"]
+
+
+def lars_layout(has_momentum: bool) -> dict[str, int]:
+    """The lists of a LARS bucket: param, grad (and momentum buffer) walked in chunks and in the
+    kernels' table, then the step counters, which no kernel reads."""
+    n_elementwise = 3 if has_momentum else 2
+    return {"n_elementwise": n_elementwise, "n_table": n_elementwise}
 
 
 @triton.jit
@@ -170,22 +174,28 @@ def fused_lars(
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
     shard_reduction: ShardReduction | None = None,
+    plans: PlanCache | None = None,
+    buckets: list[Bucket] | None = None,
 ) -> None:
     """One LARS step over the given tensors, in place (see the module docstring).
 
     `momentum_buffers` is None exactly when momentum is 0. The caller's gradients are read,
     never written. `shard_reduction` sums the per-tensor squares over the shard ranks (one
-    all-reduce per (device, dtype) group) when the tensors are local shards. With `found_inf` nonzero nothing changes, step counters included.
+    all-reduce per (device, dtype) group) when the tensors are local shards. With `found_inf`
+    nonzero nothing changes, step counters included. `plans`, `buckets`: see `fused_lamb`. The kernels
+    never read the step counters; they are still counted, so that the state matches the
+    reference implementation's.
     """
     has_momentum = momentum_buffers is not None
     if has_momentum == (momentum == 0):
         raise ValueError("momentum_buffers must be given exactly when momentum != 0")
-    lists = [params, grads, *([momentum_buffers] if has_momentum else []), state_steps]
-    for (device, dtypes), (*elementwise, d_steps) in group_by_device_and_dtypes(lists).items():
+    if buckets is None:
+        lists = [params, grads, *([momentum_buffers] if has_momentum else []), state_steps]
+        buckets = planned_buckets("lars", lists, **lars_layout(has_momentum), plans=plans)
+    for device, dtypes, (*_, d_steps), table in buckets:
         device_found_inf = scalar_on(found_inf, device)
         device_grad_scale = scalar_on(grad_scale, device)
-        advance_steps(d_steps, device_found_inf)
-        table = chunk_table(elementwise)
+        table.count_step(d_steps, device_found_inf)
         # The kernels take a buffer row in any case: without momentum it is None, never read, and
         # typed like the params.
         missing_buffers = () if has_momentum else (None,)
@@ -193,7 +203,7 @@ def fused_lars(
         dtype_args = dtype_constexprs(("PARAM", "GRAD", "BUF"), (dtypes[0], dtypes[1], buffer_dtype))
         norms_sq = None
         if adapt:
-            partials = torch.empty((table.n_chunks, 2), dtype=torch.float32, device=device)
+            partials = table.scratch("chunk", 2)
             launch(
                 _norms_kernel,
                 table,

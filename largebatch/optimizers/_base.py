@@ -10,14 +10,15 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from operator import attrgetter, itemgetter
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT, _default_to_fused_or_foreach, _use_grad_for_differentiable
 
-from ._sharding import complete_squares, shard_reduction, to_local
+from ._sharding import ShardReduction, complete_squares, shard_reduction, to_local
 
 __all__ = [
     "LargeBatchOptimizer",
@@ -40,6 +41,8 @@ __all__ = [
 CLIP_NORM_EPS = 1e-6
 # The step counter's dtype, as torch.optim keeps it (a 0-dim float32 tensor).
 STEP_DTYPE = torch.float32
+_GRAD = attrgetter("grad")
+_IS_SPARSE = attrgetter("is_sparse")
 
 
 # --------------------------------------------------------------------------- validation
@@ -164,13 +167,24 @@ def resolve_foreach(params: Sequence[Tensor], foreach: bool | None, differentiab
 # --------------------------------------------------------------------------- the base class
 
 
+class PreparedGroup(NamedTuple):
+    """One group's step inputs: [params, grads, *states, steps] as local shards, how its norms are
+    completed across shard ranks, and (fused groups) its buckets with current step plans."""
+
+    lists: list[list[Tensor]]
+    reduction: ShardReduction | None
+    buckets: list[Any] | None
+
+
 class LargeBatchOptimizer(Optimizer):
     """Plumbing shared by LAMB, LARS, Adan and AdaGrad-Norm.
 
-    Subclasses set `_name` and implement `_init_group` (collect tensors, create state) and
-    `_step_group` (call the functional form for one group). Group keys that are hyper-parameters
-    with a boolean or None default are filled in by `__setstate__`, so states saved by an older
-    version load.
+    Subclasses set `_name` and implement `_step_group` (call the functional form for one group)
+    and `_init_state` (create a parameter's state at its first step); those with fused kernels
+    (`_has_fused`) also implement `_group_lists` and `_fused_layout`, and every step collects all
+    their groups' tensors (`_prepare_group`) before it steps any. Group keys that are
+    hyper-parameters with a boolean or None default are filled in by `__setstate__`, so states
+    saved by an older version load.
     """
 
     _name: str = "optimizer"
@@ -199,9 +213,42 @@ class LargeBatchOptimizer(Optimizer):
         super().add_param_group(param_group)
         try:
             self._validate_group(self.param_groups[-1])
+            self._check_fused_groups_agree()
         except (ValueError, RuntimeError):
             self.param_groups.pop()  # a rejected group must not stay half-added
             raise
+
+    def _check_fused_groups_agree(self) -> None:
+        """Refuse fused and non-fused groups in one optimizer.
+
+        GradScaler asks the optimizer as a whole whether it unscales in its step
+        (`_step_supports_amp_scaling`, true when a group is fused): it then hands grad_scale and
+        found_inf to every group, which only the fused kernels can apply, so a mixed optimizer
+        would update its fused groups and then fail in the others, half a step.
+        """
+        kinds = {bool(group["fused"]) for group in self.param_groups}
+        if len(kinds) > 1:
+            raise ValueError(
+                f"{self._name}: fused=True and fused=False/None param groups cannot share one optimizer (under "
+                "GradScaler a fused optimizer unscales inside its step, which only the fused groups can do); set "
+                "fused the same way for every group, or use two optimizers"
+            )
+
+    def _fused_plans(self, index: int) -> Any:
+        """The fused step plans of param group `index` (a largebatch.fused PlanCache).
+
+        They live with the optimizer, one cache per group, and survive `load_state_dict` and
+        `add_param_group`: a plan's layout depends only on the parameters' sizes, and its checks
+        at every step see loaded state tensors as moved rows to upload (or refuse them).
+        `copy.deepcopy` and pickling leave them out (torch's __getstate__ keeps only defaults,
+        state and param_groups), so a copy builds its own.
+        """
+        from largebatch.fused._plan import PlanCache
+
+        caches = self.__dict__.setdefault("_fused_plan_caches", [])
+        while len(caches) <= index:
+            caches.append(PlanCache())
+        return caches[index]
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         """Raise ValueError naming any bad hyper-parameter of a (defaults-merged) group.
@@ -226,7 +273,9 @@ class LargeBatchOptimizer(Optimizer):
                 raise RuntimeError("`fused` does not support `differentiable`")
             from largebatch.fused import check_fused_supported
 
-            check_fused_supported(group["params"])
+            # Meta parameters (deferred initialisation, then `model.to_empty(...)`) are accepted
+            # here, as torch's fused optimizers accept them; step() checks the real tensors.
+            check_fused_supported([p for p in group["params"] if not p.is_meta])
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -282,44 +331,68 @@ class LargeBatchOptimizer(Optimizer):
         return torch.zeros((), dtype=STEP_DTYPE, device=param.device if on_device else "cpu")
 
     def _params_with_grad(self, group: dict[str, Any]) -> list[Tensor]:
-        params = []
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            if p.grad.is_sparse:
-                raise RuntimeError(f"{self._name} does not support sparse gradients")
-            if torch.is_complex(p):
-                raise RuntimeError(f"{self._name} does not support complex parameters")
-            params.append(p)
+        """The group's parameters that have a gradient, in order; RuntimeError for a sparse
+        gradient or a complex parameter. C-level passes over the group: a step runs this for
+        every group."""
+        params = [p for p in group["params"] if p.grad is not None]
+        if any(map(_IS_SPARSE, map(_GRAD, params))):
+            raise RuntimeError(f"{self._name} does not support sparse gradients")
+        if any(map(torch.is_complex, params)):
+            raise RuntimeError(f"{self._name} does not support complex parameters")
         return params
 
-    def _grad_clip_coefficients(self) -> list[Tensor | None]:
+    def _state_lists(self, params: Sequence[Tensor], group: dict[str, Any], keys: Sequence[str]) -> list[list[Tensor]]:
+        """Per key, the state tensors of `params` in order, each parameter's missing entries
+        created first by `_init_state`. C-level passes over the group (a step runs this for every
+        group), and the per-parameter loop only where a state is missing something."""
+        states = [self.state[p] for p in params]
+        try:
+            return [list(map(itemgetter(key), states)) for key in keys]
+        except KeyError:
+            for p, state in zip(params, states):
+                before = set(state)
+                self._init_state(p, state, group)
+                journal = getattr(self, "_new_state_entries", None)  # set while _prepare_groups runs
+                if journal is not None and len(state) != len(before):
+                    journal.append((state, set(state) - before))
+            return [list(map(itemgetter(key), states)) for key in keys]
+
+    def _init_state(self, param: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+        """Create the entries of `param`'s state that are missing (lazily, at its first step)."""
+        raise NotImplementedError  # every subclass that uses _state_lists defines it
+
+    def _grad_clip_coefficients(self, prepared: Sequence[PreparedGroup | None] | None = None) -> list[Tensor | None]:
         """Per group, the global-norm clipping multiplier (None where the group sets no max_grad_norm).
 
         The norm is over every gradient of the optimizer, as apex and timm compute it. Sharded
         groups contribute their squares summed over the shard ranks: one all-reduce per kind of
-        sharding for all their tensors together.
+        sharding for all their tensors together. Prepared fused groups square their gradients
+        through their step plans, whose checks already covered them.
         """
         max_norms = [group.get("max_grad_norm") for group in self.param_groups]
         if all(m is None for m in max_norms):
             return [None] * len(max_norms)
+        if prepared is None:
+            prepared = [self._gradients_of(group) for group in self.param_groups]
         grad_scale = getattr(self, "grad_scale", None)
         local_squares: dict[Any, list[Tensor]] = {}
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            if not params:
+        for group, ready in zip(self.param_groups, prepared):
+            if ready is None:
                 continue
-            grads = to_local([p.grad for p in params])
-            if group["fused"]:
-                from largebatch.fused import fused_grad_norm
+            if ready.buckets is not None:
+                from largebatch.fused._norms import grad_squares
 
-                norm = fused_grad_norm(grads, grad_scale)
+                device = ready.buckets[0].device
+                square = sum(
+                    (grad_squares(b.plan, b.plan.pointers[1], b.dtypes[1], grad_scale).to(device) for b in ready.buckets),
+                    torch.zeros((), device=device),
+                )
             else:
-                norm = global_grad_norm(grads, foreach=bool(group["foreach"]))
+                norm = global_grad_norm(ready.lists[1], foreach=bool(group["foreach"]))
                 if grad_scale is not None:
                     norm = norm / grad_scale.to(norm.device)
-            reduction = shard_reduction(params, group["shard_group"])
-            local_squares.setdefault(reduction, []).append(norm.square().reshape(1))
+                square = norm.square()
+            local_squares.setdefault(ready.reduction, []).append(square.reshape(1))
         if not local_squares:
             return [None] * len(max_norms)
         device = next(iter(local_squares.values()))[0].device
@@ -331,7 +404,60 @@ class LargeBatchOptimizer(Optimizer):
         total = total_square.sqrt()
         return [None if m is None else clip_coefficient(total, m) for m in max_norms]
 
-    def _step_group(self, group: dict[str, Any], grad_clip_coef: Tensor | None) -> None:
+    def _gradients_of(self, group: dict[str, Any]) -> PreparedGroup | None:
+        """The [params, grads] (local shards) and shard reduction of a group, for the clipping norm."""
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            return None
+        return PreparedGroup([to_local(params), to_local([p.grad for p in params])], shard_reduction(params, group["shard_group"]), None)
+
+    def _prepare_groups(self) -> list[PreparedGroup | None]:
+        """`_prepare_group` for every group, all or nothing.
+
+        State entries created for this step are taken back if any group refuses it: a step that
+        fails changes nothing (a state made for a meta or float64 parameter would otherwise
+        outlive `to_empty` or the dtype fix, and refuse every later step).
+        """
+        self._new_state_entries: list[tuple[dict[str, Any], set[str]]] = []
+        try:
+            return [self._prepare_group(index) for index in range(len(self.param_groups))]
+        except Exception:
+            for state, keys in self._new_state_entries:
+                for key in keys:
+                    del state[key]
+            raise
+        finally:
+            del self._new_state_entries
+
+    def _prepare_group(self, index: int) -> PreparedGroup | None:
+        """Group `index`'s lists and shard reduction and, fused, its buckets with their step plans
+        made current (every tensor checked). None when no parameter of the group has a gradient."""
+        group = self.param_groups[index]
+        params = self._params_with_grad(group)
+        if not params:
+            return None
+        lists = self._group_lists(group, params)
+        buckets = None
+        if group["fused"]:
+            from largebatch.fused._plan import planned_buckets
+
+            buckets = planned_buckets(self._name, lists, **self._fused_layout(group), plans=self._fused_plans(index))
+        return PreparedGroup(lists, shard_reduction(params, group["shard_group"]), buckets)
+
+    def _group_lists(self, group: dict[str, Any], params: list[Tensor]) -> list[list[Tensor]]:
+        """[params, grads, *states, steps] of a group's parameters with gradients, as local shards
+        (what the functional form takes); missing states are created."""
+        raise NotImplementedError  # every fused optimizer defines it
+
+    def _fused_layout(self, group: dict[str, Any]) -> dict[str, int]:
+        """How the fused kernels walk `_group_lists` (see largebatch.fused._plan.planned_buckets)."""
+        raise NotImplementedError  # every fused optimizer defines it
+
+    def _step_group(
+        self, group: dict[str, Any], grad_clip_coef: Tensor | None, prepared: PreparedGroup | None = None
+    ) -> None:
+        """Step one group. Optimizers with a fused implementation get it `prepared`
+        (`_prepare_group`); the others (AdaGrad-Norm) collect their tensors themselves."""
         raise NotImplementedError  # every subclass defines it
 
     @_use_grad_for_differentiable
@@ -340,13 +466,23 @@ class LargeBatchOptimizer(Optimizer):
 
         Args:
             closure: re-evaluates the model and returns the loss (optional).
+
+        An optimizer with a fused implementation collects every group's tensors first and, when
+        fused, checks every tensor of every group before it changes any (a refused step raises and
+        changes nothing, step counters included), then steps each group.
         """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group, coef in zip(self.param_groups, self._grad_clip_coefficients()):
-            self._step_group(group, coef)
+        if self._has_fused:  # LAMB, LARS, Adan: every group is prepared (and, fused, checked) first
+            prepared = self._prepare_groups()
+            for group, ready, coef in zip(self.param_groups, prepared, self._grad_clip_coefficients(prepared)):
+                if ready is not None:
+                    self._step_group(group, coef, ready)
+        else:
+            for group, coef in zip(self.param_groups, self._grad_clip_coefficients()):
+                self._step_group(group, coef)
         return loss
 
     def _amp_args(self) -> dict[str, Tensor | None]:

@@ -18,6 +18,7 @@ Two ways to say that a group is sharded:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -29,21 +30,34 @@ from torch import Tensor
 __all__ = ["ShardReduction", "complete_norms", "complete_squares", "shard_reduction", "to_local"]
 
 
-def _dtensor_type() -> type | None:
+@functools.cache
+def _dtensor_types() -> tuple[type, ...]:
+    """(DTensor,), or () where torch.distributed is not built: imported once, on first use (an
+    optimizer step asks about every tensor, and an import statement per question costs more
+    than the question)."""
     if not dist.is_available():
-        return None
+        return ()
     from torch.distributed.tensor import DTensor
 
-    return DTensor
+    return (DTensor,)
 
 
 def is_dtensor(tensor: Tensor) -> bool:
-    dtensor = _dtensor_type()
-    return dtensor is not None and isinstance(tensor, dtensor)
+    return isinstance(tensor, _dtensor_types())
+
+
+def any_dtensor(tensors: Sequence[Tensor]) -> bool:
+    """Whether any of `tensors` is a DTensor, decided over their types (one C-level pass: an
+    optimizer step asks this of every list)."""
+    dtensor = _dtensor_types()
+    return any(issubclass(kind, dtensor) for kind in set(map(type, tensors)))
 
 
 def to_local(tensors: Sequence[Tensor]) -> list[Tensor]:
     """The local shards of DTensors (views: updating them updates the DTensor); others unchanged."""
+    tensors = list(tensors)
+    if not any_dtensor(tensors):
+        return tensors
     return [t.to_local() if is_dtensor(t) else t for t in tensors]
 
 
@@ -91,7 +105,7 @@ def shard_reduction(params: Sequence[Tensor], shard_group: Any = None) -> ShardR
         ValueError: DTensor and plain tensors mixed in one group, DTensors sharded over different
             meshes or placements in one group, or ``shard_group`` given for DTensor parameters.
     """
-    dtensors = [p for p in params if is_dtensor(p)]
+    dtensors = [p for p in params if is_dtensor(p)] if any_dtensor(params) else []
     if not dtensors:
         return ShardReduction((shard_group,)) if shard_group is not None else None
     if len(dtensors) != len(params):

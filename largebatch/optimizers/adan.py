@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -10,6 +10,7 @@ from torch.optim.optimizer import Optimizer, ParamsT
 
 from ._base import (
     LargeBatchOptimizer,
+    PreparedGroup,
     check_beta,
     check_bool,
     check_non_negative,
@@ -20,7 +21,13 @@ from ._base import (
 )
 from ._sharding import to_local
 
+if TYPE_CHECKING:
+    from largebatch.fused._plan import Bucket
+
 __all__ = ["Adan", "adan"]
+
+# The per-parameter state tensors besides the step counter, in the functional form's order.
+_BUFFERS = ("exp_avg", "exp_avg_diff", "exp_avg_sq", "prev_grad")
 
 
 class Adan(LargeBatchOptimizer):
@@ -102,32 +109,31 @@ class Adan(LargeBatchOptimizer):
     def _setstate_defaults(self) -> dict[str, Any]:
         return {**super()._setstate_defaults(), "no_prox": False, "max_grad_norm": None}
 
-    def _step_group(self, group: dict[str, Any], grad_clip_coef: Tensor | None) -> None:
-        params = self._params_with_grad(group)
-        if not params:
-            return
-        keys = ("exp_avg", "exp_avg_diff", "exp_avg_sq", "prev_grad")
-        buffers: dict[str, list[Tensor]] = {key: [] for key in keys}
-        steps = []
-        for p in params:
-            state = self.state[p]
-            if not state:
-                state["step"] = self._new_step(p, group)
-                for key in keys:
-                    state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            for key in keys:
-                buffers[key].append(state[key])
-            steps.append(state["step"])
+    def _init_state(self, param: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+        if "step" not in state:
+            state["step"] = self._new_step(param, group)
+        for key in _BUFFERS:
+            if key not in state:
+                state[key] = torch.zeros_like(param, memory_format=torch.preserve_format)
+
+    def _group_lists(self, group: dict[str, Any], params: list[Tensor]) -> list[list[Tensor]]:
+        *buffers, steps = self._state_lists(params, group, (*_BUFFERS, "step"))
+        return [to_local(params), to_local([p.grad for p in params]), *(to_local(b) for b in buffers), steps]
+
+    def _fused_layout(self, group: dict[str, Any]) -> dict[str, int]:
+        from largebatch.fused.adan import ADAN_LAYOUT
+
+        return ADAN_LAYOUT
+
+    def _step_group(self, group: dict[str, Any], grad_clip_coef: Tensor | None, prepared: PreparedGroup) -> None:
         beta1, beta2, beta3 = group["betas"]
         # The update is elementwise: on shards it needs only their local tensors (the global
         # clipping norm, the one whole-model quantity, is completed in _grad_clip_coefficients).
         adan(
-            to_local(params),
-            to_local([p.grad for p in params]),
-            *(to_local(buffers[key]) for key in keys),
-            steps,
+            *prepared.lists,
             foreach=group["foreach"],
             fused=group["fused"],
+            fused_buckets=prepared.buckets,
             capturable=group["capturable"],
             differentiable=group["differentiable"],
             grad_clip_coef=grad_clip_coef,
@@ -154,6 +160,7 @@ def adan(
     *,
     foreach: bool | None = None,
     fused: bool | None = None,
+    fused_buckets: list[Bucket] | None = None,
     capturable: bool = False,
     differentiable: bool = False,
     grad_clip_coef: Tensor | None = None,
@@ -187,7 +194,7 @@ def adan(
     if fused:
         from largebatch.fused import fused_adan
 
-        fused_adan(*tensors, grad_scale=grad_scale, found_inf=found_inf, **hyper)
+        fused_adan(*tensors, grad_scale=grad_scale, found_inf=found_inf, buckets=fused_buckets, **hyper)
         return
     if grad_scale is not None or found_inf is not None:
         raise RuntimeError("grad_scale/found_inf are only supported with fused=True")

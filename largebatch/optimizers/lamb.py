@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -10,6 +10,7 @@ from torch.optim.optimizer import Optimizer, ParamsT
 
 from ._base import (
     LargeBatchOptimizer,
+    PreparedGroup,
     debias_factor,
     debias_factors,
     check_beta,
@@ -21,8 +22,11 @@ from ._base import (
     param_norm,
     resolve_foreach,
 )
-from ._sharding import ShardReduction, complete_norms, shard_reduction, to_local
+from ._sharding import ShardReduction, complete_norms, to_local
 from ._trust import trust_ratio
+
+if TYPE_CHECKING:
+    from largebatch.fused._plan import Bucket
 
 __all__ = ["LAMB", "lamb"]
 
@@ -140,30 +144,30 @@ class LAMB(LargeBatchOptimizer):
             "max_grad_norm": None,
         }
 
-    def _step_group(self, group: dict[str, Any], grad_clip_coef: Tensor | None) -> None:
-        params = self._params_with_grad(group)
-        if not params:
-            return
-        exp_avgs, exp_avg_sqs, steps = [], [], []
-        for p in params:
-            state = self.state[p]
-            if not state:
-                state["step"] = self._new_step(p, group)
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            exp_avgs.append(state["exp_avg"])
-            exp_avg_sqs.append(state["exp_avg_sq"])
-            steps.append(state["step"])
+    def _init_state(self, param: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+        if "step" not in state:
+            state["step"] = self._new_step(param, group)
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key not in state:
+                state[key] = torch.zeros_like(param, memory_format=torch.preserve_format)
+
+    def _group_lists(self, group: dict[str, Any], params: list[Tensor]) -> list[list[Tensor]]:
+        exp_avgs, exp_avg_sqs, steps = self._state_lists(params, group, ("exp_avg", "exp_avg_sq", "step"))
+        return [to_local(params), to_local([p.grad for p in params]), to_local(exp_avgs), to_local(exp_avg_sqs), steps]
+
+    def _fused_layout(self, group: dict[str, Any]) -> dict[str, int]:
+        from largebatch.fused.lamb import LAMB_LAYOUT
+
+        return LAMB_LAYOUT
+
+    def _step_group(self, group: dict[str, Any], grad_clip_coef: Tensor | None, prepared: PreparedGroup) -> None:
         beta1, beta2 = group["betas"]
         lamb(
-            to_local(params),
-            to_local([p.grad for p in params]),
-            to_local(exp_avgs),
-            to_local(exp_avg_sqs),
-            steps,
-            shard_reduction=shard_reduction(params, group["shard_group"]),
+            *prepared.lists,
+            shard_reduction=prepared.reduction,
             foreach=group["foreach"],
             fused=group["fused"],
+            fused_buckets=prepared.buckets,
             capturable=group["capturable"],
             differentiable=group["differentiable"],
             grad_clip_coef=grad_clip_coef,
@@ -195,6 +199,7 @@ def lamb(
     *,
     foreach: bool | None = None,
     fused: bool | None = None,
+    fused_buckets: list[Bucket] | None = None,
     capturable: bool = False,
     differentiable: bool = False,
     grad_clip_coef: Tensor | None = None,
@@ -244,6 +249,7 @@ def lamb(
             grad_scale=grad_scale,
             found_inf=found_inf,
             shard_reduction=shard_reduction,
+            buckets=fused_buckets,
             **hyper,
         )
         return

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -10,6 +10,7 @@ from torch.optim.optimizer import Optimizer, ParamsT
 
 from ._base import (
     LargeBatchOptimizer,
+    PreparedGroup,
     check_bool,
     check_non_negative,
     check_positive,
@@ -18,8 +19,11 @@ from ._base import (
     param_norm,
     resolve_foreach,
 )
-from ._sharding import ShardReduction, complete_norms, shard_reduction, to_local
+from ._sharding import ShardReduction, complete_norms, to_local
 from ._trust import trust_ratio
+
+if TYPE_CHECKING:
+    from largebatch.fused._plan import Bucket
 
 __all__ = ["LARS", "lars"]
 
@@ -130,29 +134,33 @@ class LARS(LargeBatchOptimizer):
             "lr_in_momentum": False,
         }
 
-    def _step_group(self, group: dict[str, Any], grad_clip_coef: Tensor | None) -> None:
-        params = self._params_with_grad(group)
-        if not params:
-            return
+    def _init_state(self, param: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+        if "step" not in state:
+            state["step"] = self._new_step(param, group)
+        if group["momentum"] != 0 and "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+
+    def _group_lists(self, group: dict[str, Any], params: list[Tensor]) -> list[list[Tensor]]:
         has_momentum = group["momentum"] != 0
-        buffers, steps = [], []
-        for p in params:
-            state = self.state[p]
-            if "step" not in state:
-                state["step"] = self._new_step(p, group)
-            if has_momentum and "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            steps.append(state["step"])
-            if has_momentum:
-                buffers.append(state["momentum_buffer"])
+        *buffers, steps = self._state_lists(params, group, ("momentum_buffer", "step") if has_momentum else ("step",))
+        return [to_local(params), to_local([p.grad for p in params]), *(to_local(b) for b in buffers), steps]
+
+    def _fused_layout(self, group: dict[str, Any]) -> dict[str, int]:
+        from largebatch.fused.lars import lars_layout
+
+        return lars_layout(group["momentum"] != 0)
+
+    def _step_group(self, group: dict[str, Any], grad_clip_coef: Tensor | None, prepared: PreparedGroup) -> None:
+        params, grads, *buffers, steps = prepared.lists
         lars(
-            to_local(params),
-            to_local([p.grad for p in params]),
-            to_local(buffers) if has_momentum else None,
+            params,
+            grads,
+            buffers[0] if buffers else None,
             steps,
-            shard_reduction=shard_reduction(params, group["shard_group"]),
+            shard_reduction=prepared.reduction,
             foreach=group["foreach"],
             fused=group["fused"],
+            fused_buckets=prepared.buckets,
             differentiable=group["differentiable"],
             lr=group["lr"],
             momentum=group["momentum"],
@@ -177,6 +185,7 @@ def lars(
     *,
     foreach: bool | None = None,
     fused: bool | None = None,
+    fused_buckets: list[Bucket] | None = None,
     differentiable: bool = False,
     shard_reduction: ShardReduction | None = None,
     grad_scale: Tensor | None = None,
@@ -225,6 +234,7 @@ def lars(
             grad_scale=grad_scale,
             found_inf=found_inf,
             shard_reduction=shard_reduction,
+            buckets=fused_buckets,
             **hyper,
         )
         return

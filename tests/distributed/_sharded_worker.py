@@ -16,7 +16,7 @@ from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, se
 from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
-import largebatch.optimizers.lamb as lamb_module
+import largebatch.optimizers._base as base_module
 from largebatch import AGVM, LAMB, LARS, Adan
 
 WORLD = 2
@@ -103,12 +103,12 @@ def run(rank: int, out: str, port: int) -> None:
     results["fsdp/agvm"] = full_params(model) + [factors]
 
     # The same LAMB run with the cross-rank reduction switched off: must differ.
-    real = lamb_module.shard_reduction
-    lamb_module.shard_reduction = lambda params, shard_group=None: None
+    real = base_module.shard_reduction
+    base_module.shard_reduction = lambda params, shard_group=None: None
     model = fsdp_model()
     train(model, LAMB(model.parameters(), **SETUPS["lamb"][1]), rank)
     results["fsdp/lamb/no_reduction"] = full_params(model)
-    lamb_module.shard_reduction = real
+    base_module.shard_reduction = real
 
     # DDP: whole parameters everywhere, nothing to reduce in the optimizer.
     model = DistributedDataParallel(make_model())

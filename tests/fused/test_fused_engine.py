@@ -1,5 +1,5 @@
-"""The multi-tensor engine: grouping, chunk tables and their cache, layout checks, the global
-gradient norm, determinism."""
+"""The multi-tensor engine: bucketing, step plans (tables), layout checks, the global gradient
+norm, determinism. What plans do across steps is in test_fused_plans.py."""
 
 from __future__ import annotations
 
@@ -13,16 +13,30 @@ from hypothesis import strategies as st
 import _oracle as oracle
 from _fused_cases import DEVICE, TEST_CHUNKING, random_tensors, requires_kernels, step_counters, tensor_specs
 from largebatch.fused import Chunking, fused_adan, fused_grad_norm, fused_lamb, fused_lars
-from largebatch.fused._engine import chunk_table, group_by_device_and_dtypes
+from largebatch.fused._plan import PlanCache, StepPlan, bucket_tensor_lists
 
 pytestmark = requires_kernels
 CHUNK = TEST_CHUNKING.chunk_size
 
 
-def test_groups_split_by_device_and_every_lists_dtype_in_input_order():
+def chunk_table(elementwise, scalars=(), chunk_size=CHUNK):
+    """A plan built for one call, as a functional fused step builds it."""
+    lists = [*elementwise, *scalars]
+    return StepPlan(lists, n_elementwise=len(elementwise), n_table=len(lists), owned_from=min(2, len(elementwise)),
+                    chunk_size=chunk_size)  # fmt: skip
+
+
+def plan_in(plans, elementwise, chunk_size=CHUNK):
+    """The plan of one bucket, made current through `plans` as an optimizer's step does."""
+    ((bucket,),) = [plans.buckets("test", elementwise, n_elementwise=len(elementwise), n_table=len(elementwise),
+                                  owned_from=min(2, len(elementwise)), chunk_size=chunk_size)]  # fmt: skip
+    return bucket.plan
+
+
+def test_buckets_split_by_device_and_every_lists_dtype_in_input_order():
     a, b, c, d = (torch.zeros(2, dtype=dt) for dt in (torch.float32, torch.bfloat16, torch.float32, torch.float32))
     states = [torch.zeros(2), torch.zeros(2), torch.zeros(2, dtype=torch.bfloat16), torch.zeros(2)]
-    groups = group_by_device_and_dtypes([[a, b, c, d], states])
+    groups = bucket_tensor_lists([[a, b, c, d], states])
     cpu = torch.device("cpu")
     assert list(groups) == [
         (cpu, (torch.float32, torch.float32)),
@@ -47,16 +61,31 @@ def test_chunk_table_rows():
     assert (table.n_tensors, table.n_chunks) == (5, 7)
 
 
-def test_chunk_table_is_cached_until_a_tensor_moves_or_the_chunking_changes():
+def test_uniform_lists_are_one_bucket_of_the_lists_themselves():
+    params = [torch.zeros(2), torch.zeros(3)]
+    steps = [torch.zeros(()), torch.zeros(())]
+    ((key, (bucket_params, bucket_steps)),) = bucket_tensor_lists([params, steps]).items()
+    assert key == (torch.device("cpu"), (torch.float32, torch.float32))
+    assert bucket_params == params and bucket_steps == steps
+
+
+def test_a_plan_is_reused_until_the_sizes_or_the_chunking_change_and_moved_rows_are_uploaded():
     params = [torch.zeros(CHUNK + 1, device=DEVICE), torch.zeros(3, device=DEVICE)]
     grads = [torch.zeros_like(p) for p in params]
-    first = chunk_table([params, grads])
-    assert chunk_table([params, grads]) is first
-    assert chunk_table([params, grads], chunk_size=2 * CHUNK) is not first
+    plans = PlanCache()
+    first = plan_in(plans, [params, grads])
+    assert plan_in(plans, [params, grads]) is first
+    assert (plans.builds, plans.uploads) == (1, 0)
     grads[1] = torch.zeros_like(params[1])
-    rebuilt = chunk_table([params, grads])
-    assert rebuilt is not first
-    assert rebuilt.pointers[1].tolist() == [g.data_ptr() for g in grads]
+    assert plan_in(plans, [params, grads]) is first
+    assert (plans.builds, plans.uploads) == (1, 1)
+    assert first.pointers[1].tolist() == [g.data_ptr() for g in grads]
+    assert first.pointers[0].tolist() == [p.data_ptr() for p in params]
+    assert plan_in(plans, [params, grads], chunk_size=2 * CHUNK) is not first
+    assert plans.builds == 2
+    resized = [torch.zeros(CHUNK + 2, device=DEVICE), params[1]]
+    assert plan_in(plans, [resized, [torch.zeros_like(resized[0]), grads[1]]]).n_chunks == 3
+    assert plans.builds == 3
 
 
 def test_alignment_hint_only_when_every_tensor_is_16_byte_aligned():
@@ -64,6 +93,9 @@ def test_alignment_hint_only_when_every_tensor_is_16_byte_aligned():
     aligned = [flat[0:4], flat[8:20]]
     assert chunk_table([aligned]).alignment == 16
     assert chunk_table([[flat[0:4], flat[9:20]]]).alignment == 1
+    plans = PlanCache()
+    assert plan_in(plans, [aligned]).alignment == 16
+    assert plan_in(plans, [[flat[0:4], flat[9:21]]]).alignment == 1  # moved off the boundary
 
 
 def test_views_into_one_buffer_step_like_separate_tensors():

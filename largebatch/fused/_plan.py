@@ -1,0 +1,370 @@
+"""Step plans: what a fused step prepares once and re-checks on every step.
+
+A fused step over one bucket of tensors (one param group's tensors on one device, with one dtype
+per list) launches kernels that find their chunk and their tensors through a device-side int64
+table (see `_engine`). A `StepPlan` holds that table and everything else that depends only on
+the tensors' sizes:
+
+    chunk_tensors[c]   which tensor chunk c belongs to
+    numels[i]          the number of elements of tensor i
+    first_chunks[i]    the first chunk of tensor i (n_chunks at index n_tensors)
+    pointers[l][i]     data_ptr() of tensor i of list l (param, grad, each state, the step)
+
+plus the per-chunk partial sums, per-tensor sums and found_inf increment, allocated at the first
+step and reused, so that a later step whose tensors have not moved allocates nothing and uploads
+nothing.
+
+Plans belong to their owner: an optimizer keeps one `PlanCache` per param group (dropped on
+`load_state_dict`); a functional call without a cache builds a throw-away plan. Nothing is global,
+so a captured CUDA graph can never read a table that an unrelated step evicted, and an optimizer
+with any number of groups rebuilds nothing in steady state.
+
+Every step, reused plan or new, checks every tensor of every list against what the plan assumes
+before anything is launched or mutated; a mismatch raises the same RuntimeError that building
+the plan would (`validate_lists`). Only pointer rows that moved are uploaded (a gradient list
+freshly allocated by backward is one row: a few KB). How each list is checked:
+
+* parameters and gradients, every step: data_ptr(), shape, strides and dtype of every tensor
+  (C-level maps over the list; the full validation only when something differs);
+* the optimizer's own states and step counters (lists from `owned_from` on): when each tensor is
+  the very object the plan last checked and its version counter has not moved since, nothing
+  about it can have changed (torch bumps `_version` for every in-place op, resize_, set_ and
+  in-place views included), so the list is not re-read; otherwise it is checked like a gradient.
+  The one change that leaves `_version` alone is assigning `.data` of a state tensor, which no
+  optimizer state should see. The kernels write through raw pointers and bump no version, and
+  counting the step is followed by `count_step` noting the counters' new versions.
+
+Device identity needs no per-tensor check while pointers stay put: CUDA's unified virtual
+addressing gives every allocation, host or any device, its own address, so an unchanged
+data_ptr() is an unchanged device.
+"""
+
+from __future__ import annotations
+
+import functools
+import operator
+from collections.abc import Sequence
+from operator import attrgetter, is_
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from ._engine import VECTOR_ALIGNMENT, check_device, check_dtype, current_chunking
+
+__all__ = ["Bucket", "PlanCache", "StepPlan", "bucket_tensor_lists", "planned_buckets", "validate_lists"]
+
+_shape = attrgetter("shape")
+_device = attrgetter("device")
+_dtype = attrgetter("dtype")
+_version = attrgetter("_version")
+
+
+def _aligned(pointers: list[int]) -> bool:
+    """Every pointer a multiple of VECTOR_ALIGNMENT (a power of two): no low bit set in any."""
+    return functools.reduce(operator.or_, pointers, 0) % VECTOR_ALIGNMENT == 0
+
+
+def _layout(tensor: Tensor) -> tuple[int, ...]:
+    """The strides that matter: those of dimensions longer than 1 (none for 0 or 1 element)."""
+    if tensor.numel() <= 1:
+        return ()
+    return tuple(stride for size, stride in zip(tensor.shape, tensor.stride()) if size > 1)
+
+
+def _is_dense(tensor: Tensor) -> bool:
+    """Non-overlapping and without gaps: in increasing stride order, each stride is the number
+    of elements spanned by the dimensions before it (any permutation of a contiguous layout)."""
+    if tensor.numel() <= 1:
+        return True
+    expected = 1
+    for stride, size in sorted((stride, size) for size, stride in zip(tensor.shape, tensor.stride()) if size > 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def validate_lists(elementwise: Sequence[Sequence[Tensor]], scalars: Sequence[Sequence[Tensor]]) -> None:
+    """Raise RuntimeError, naming the tensor, unless the kernels can walk these lists: CUDA (or,
+    interpreted, CPU) tensors of a supported dtype, one dtype per list, dense parameters, every
+    companion laid out like its parameter on its device, one-element float32 step counters."""
+    params = elementwise[0]
+    device = params[0].device
+    check_device(device)
+    for index, lst in enumerate(elementwise):
+        check_dtype(lst[0].dtype)
+        if len(lst) != len(params):
+            raise RuntimeError(f"fused=True needs parallel tensor lists; list {index} has {len(lst)} tensors, not {len(params)}")
+        if any(t.dtype != lst[0].dtype for t in lst):
+            raise RuntimeError(f"fused=True needs one dtype per tensor list of a bucket; list {index} mixes dtypes")
+    for i, param in enumerate(params):
+        # The kernels walk each tensor's storage as a flat array, which is right when every
+        # tensor of the row is dense and laid out like the parameter (channels_last included).
+        if param.device != device:
+            raise RuntimeError(f"fused=True needs one device per bucket; tensor {i} is on {param.device}, not {device}")
+        if not _is_dense(param):
+            raise RuntimeError(f"fused=True needs dense parameters; tensor {i} has strides {param.stride()}")
+        for lst in elementwise[1:]:
+            other = lst[i]
+            if other.device != device or other.shape != param.shape or _layout(other) != _layout(param):
+                raise RuntimeError(
+                    f"fused=True needs each gradient and state laid out like its parameter: tensor {i} is "
+                    f"{tuple(param.shape)}/{param.stride()} on {device}, one of its companions "
+                    f"{tuple(other.shape)}/{other.stride()} on {other.device}"
+                )
+    for lst in scalars:
+        if len(lst) != len(params):
+            raise RuntimeError(f"fused=True needs one step counter per tensor; got {len(lst)} for {len(params)} tensors")
+        for i, scalar in enumerate(lst):
+            if scalar.numel() != 1 or scalar.dtype != torch.float32 or scalar.device != device:
+                raise RuntimeError(
+                    "fused=True needs each step counter to be a one-element float32 tensor on its parameter's "
+                    f"device; counter {i} is {tuple(scalar.shape)} {scalar.dtype} on {scalar.device}"
+                )
+
+
+class StepPlan:
+    """The table, buffers and checks of one bucket (see the module docstring).
+
+    lists: the bucket's parallel lists; the first `n_elementwise` are walked in chunks (all
+        shaped like lists[0]), the rest are one-element step counters.
+    n_table: how many leading lists have a pointer row in the table (the kernels' arguments).
+    owned_from: lists from this index on are the optimizer's own (states and counters).
+    """
+
+    def __init__(
+        self,
+        lists: Sequence[Sequence[Tensor]],
+        *,
+        n_elementwise: int,
+        n_table: int,
+        owned_from: int,
+        chunk_size: int,
+    ) -> None:
+        validate_lists(lists[:n_elementwise], lists[n_elementwise:])
+        params = lists[0]
+        self.device = params[0].device
+        self.chunk_size, self.n_elementwise, self.owned_from = chunk_size, n_elementwise, owned_from
+        self.n_lists, self.n_tensors = len(lists), len(params)
+        self.shapes = list(map(_shape, params))
+        self.dtypes = [lst[0].dtype for lst in lists]
+        self.strides = [list(map(Tensor.stride, lst)) for lst in lists[:n_elementwise]]
+        self.pointer_rows = [list(map(Tensor.data_ptr, lst)) for lst in lists]
+        self._owned: list[list[Tensor]] = [[] for _ in lists]
+        self._versions: list[list[int]] = [[] for _ in lists]
+        self._remember(lists, range(owned_from, len(lists)))
+
+        chunk_tensors: list[int] = []
+        first_chunks: list[int] = []
+        for i, tensor in enumerate(params):
+            first_chunks.append(len(chunk_tensors))
+            chunk_tensors.extend([i] * -(-tensor.numel() // chunk_size))
+        self.n_chunks = len(chunk_tensors)
+        first_chunks.append(self.n_chunks)
+        numels = [t.numel() for t in params]
+        table_pointers = [ptr for row in self.pointer_rows[:n_table] for ptr in row]
+        self.storage = self._upload(torch.tensor(chunk_tensors + numels + first_chunks + table_pointers, dtype=torch.int64))
+        views = self.storage.split([self.n_chunks, self.n_tensors, self.n_tensors + 1] + [self.n_tensors] * n_table)
+        self.chunk_tensors, self.numels, self.first_chunks = views[:3]
+        self.pointers = tuple(views[3:])
+        # Per elementwise list: every pointer on a 16-byte boundary. All of them: the kernels may
+        # use vector loads (ALIGNMENT, a kernel constexpr, 16 or 1).
+        self._aligned_rows = [_aligned(row) for row in self.pointer_rows[:n_elementwise]]
+        self.alignment = VECTOR_ALIGNMENT if all(self._aligned_rows) else 1
+
+        self._scratch: dict[tuple[str, int], Tensor] = {}
+        # 1 when the step counts (no inf/NaN found), else 0: written in place from found_inf.
+        self._increment = torch.empty((), dtype=torch.bool, device=self.device)
+        self.uploads = 0
+
+    def current(self, lists: Sequence[Sequence[Tensor]]) -> bool:
+        """Make the plan current for this step's `lists`: True, or False when they are not this
+        plan's bucket (other sizes, counts, dtypes or device: the caller then re-buckets or builds
+        a new plan). Raises, changing nothing, what `validate_lists` raises for lists that are
+        this bucket's but that the kernels cannot walk (a layout or a counter gone wrong)."""
+        if len(lists) != self.n_lists or any(len(lst) != self.n_tensors for lst in lists):
+            return False
+        if list(map(_shape, lists[0])) != self.shapes:
+            return False
+        checked = [i for i in range(self.n_lists) if i < self.owned_from or not self._untouched(i, lists[i])]
+        rows = {i: list(map(Tensor.data_ptr, lists[i])) for i in checked}
+        moved = [i for i in checked if rows[i] != self.pointer_rows[i]]
+        for i in checked:
+            if set(map(_dtype, lists[i])) != {self.dtypes[i]}:
+                return False
+        if any(set(map(_device, lists[i])) != {self.device} for i in moved):
+            return False
+        if not self._layouts_hold(lists, checked):
+            validate_lists(lists[: self.n_elementwise], lists[self.n_elementwise :])  # raises where the kernels cannot go
+            self.strides = [list(map(Tensor.stride, lst)) for lst in lists[: self.n_elementwise]]
+        if moved and self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                "fused=True: tensors moved while a CUDA graph is being captured (a captured step must see the same "
+                "parameters, gradients and states as the warm-up steps before it)"
+            )
+        for i in moved:
+            self.pointer_rows[i] = rows[i]
+            if i < len(self.pointers):
+                self.pointers[i].copy_(self._upload(torch.tensor(rows[i], dtype=torch.int64)), non_blocking=True)
+                self.uploads += 1
+            if i < self.n_elementwise:
+                self._aligned_rows[i] = _aligned(rows[i])
+        self.alignment = VECTOR_ALIGNMENT if all(self._aligned_rows) else 1
+        self._remember(lists, [i for i in checked if i >= self.owned_from])
+        return True
+
+    def scratch(self, per: str, columns: int) -> Tensor:
+        """A float32 buffer of `columns` per chunk (per="chunk") or per tensor (per="tensor"), made
+        once and reused by every later step (a captured step allocates nothing)."""
+        key = (per, columns)
+        if key not in self._scratch:
+            rows = {"chunk": self.n_chunks, "tensor": self.n_tensors}[per]
+            self._scratch[key] = torch.empty((rows, columns), dtype=torch.float32, device=self.device)
+        return self._scratch[key]
+
+    def count_step(self, steps: Sequence[Tensor], found_inf: Tensor | None) -> None:
+        """step += 1 for this bucket's counters (the last list), or += 0 when GradScaler found an
+        inf/NaN: any nonzero found_inf (GradScaler sums one flag per device, so 2.0 means two
+        devices found one); counters never go down.
+
+        One foreach op into the preallocated increment: no allocation and no host
+        synchronisation, so a step can be captured in a CUDA graph; the kernels read the counts.
+        """
+        if found_inf is None:
+            torch._foreach_add_(list(steps), 1.0)
+        else:
+            torch.eq(found_inf, 0, out=self._increment)
+            torch._foreach_add_(list(steps), self._increment)
+        self._owned[-1], self._versions[-1] = list(steps), list(map(_version, steps))
+
+    def _untouched(self, index: int, lst: Sequence[Tensor]) -> bool:
+        """Every tensor is the object last checked, with no in-place op on it since."""
+        return all(map(is_, lst, self._owned[index])) and list(map(_version, lst)) == self._versions[index]
+
+    def _remember(self, lists: Sequence[Sequence[Tensor]], indices: Sequence[int]) -> None:
+        for i in indices:
+            self._owned[i], self._versions[i] = list(lists[i]), list(map(_version, lists[i]))
+
+    def _layouts_hold(self, lists: Sequence[Sequence[Tensor]], checked: Sequence[int]) -> bool:
+        """The fast layout check of the lists that need one: shapes (the parameters' were compared
+        already) and strides as the plan has them; counters of one element."""
+        for i in checked:
+            if i < self.n_elementwise:
+                if (i and list(map(_shape, lists[i])) != self.shapes) or list(map(Tensor.stride, lists[i])) != self.strides[i]:
+                    return False
+            elif any(n != 1 for n in map(Tensor.numel, lists[i])):
+                return False
+        return True
+
+    def _upload(self, host: Tensor) -> Tensor:
+        """`host` on the plan's device without blocking the host: from pinned memory, whose
+        caching allocator keeps the block until the copy has read it."""
+        if self.device.type != "cuda":
+            return host.to(self.device)
+        if torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                "fused=True: a step plan cannot be built while a CUDA graph is being captured; run one eager step "
+                "(on a side stream, as torch.cuda.graph's warm-up) before capturing"
+            )
+        return host.pin_memory().to(self.device, non_blocking=True)
+
+
+class Bucket(NamedTuple):
+    """One bucket of a fused step: its device and dtypes, its lists, and its current plan."""
+
+    device: torch.device
+    dtypes: tuple[torch.dtype, ...]
+    lists: Sequence[Sequence[Tensor]]
+    plan: StepPlan
+
+
+class PlanCache:
+    """The step plans of one owner (an optimizer's param group), one per bucket.
+
+    `builds` counts plan builds and `uploads` pointer-row uploads, for tests and benchmarks.
+    """
+
+    def __init__(self) -> None:
+        self._plans: dict[Any, StepPlan] = {}
+        # name -> the one plan of a group that had one bucket last step: tried first, before any
+        # bucketing (what almost every group is: one device, one dtype).
+        self._sole: dict[Any, StepPlan] = {}
+        self.builds = 0
+
+    @property
+    def uploads(self) -> int:
+        return sum(plan.uploads for plan in self._plans.values())
+
+    def buckets(self, name: str, lists: Sequence[Sequence[Tensor]], **layout: int) -> list[Bucket]:
+        """The buckets of `lists`, each with its plan made current (see `planned_buckets`)."""
+        sole_key = (name, *sorted(layout.items()))  # a plan serves one chunking and one list layout
+        sole = self._sole.get(sole_key)
+        if sole is not None and sole.current(lists):
+            return [Bucket(sole.device, tuple(sole.dtypes), lists, sole)]
+        buckets = []
+        for (device, dtypes), bucket in bucket_tensor_lists(lists).items():
+            key = (*sole_key, device, dtypes)
+            plan = self._plans.get(key)
+            if plan is None or not plan.current(bucket):
+                plan = self._plans[key] = StepPlan(bucket, **layout)
+                self.builds += 1
+            buckets.append(Bucket(device, dtypes, bucket, plan))
+        if len(buckets) == 1:
+            self._sole[sole_key] = buckets[0].plan
+        else:
+            self._sole.pop(sole_key, None)
+        return buckets
+
+
+def planned_buckets(
+    name: str,
+    lists: Sequence[Sequence[Tensor]],
+    *,
+    n_elementwise: int,
+    n_table: int,
+    plans: PlanCache | None,
+) -> list[Bucket]:
+    """Bucket `lists` (params, grads, states, then step counters: the first `n_elementwise`
+    walked in chunks, the first `n_table` in the kernels' table) and make each bucket's plan current.
+
+    Every bucket is checked before this returns, so a refused step raises before any bucket's
+    tensors or counters change. Without `plans` (a functional call) each plan is built for this
+    call only.
+    """
+    layout = dict(
+        n_elementwise=n_elementwise,
+        n_table=n_table,
+        owned_from=min(2, n_elementwise),  # params and grads come first; the rest is optimizer state
+        chunk_size=current_chunking().chunk_size,
+    )
+    if plans is not None:
+        return plans.buckets(name, lists, **layout)
+    return [
+        Bucket(device, dtypes, bucket, StepPlan(bucket, **layout))
+        for (device, dtypes), bucket in bucket_tensor_lists(lists).items()
+    ]
+
+
+def bucket_tensor_lists(
+    lists: Sequence[Sequence[Tensor]],
+) -> dict[tuple[torch.device, tuple[torch.dtype, ...]], list[Sequence[Tensor]]]:
+    """Split parallel lists (params, grads, states, …) into buckets of one device and one dtype per list.
+
+    A kernel is specialised on the dtype of every list, so a bucket is the set of indices i that
+    share the device and (dtype of lists[0][i], dtype of lists[1][i], …). Order within a bucket
+    follows the input order. The usual case, every list already uniform, is decided with one set
+    per list and returns the lists as they are; only a mixed group takes the per-row split.
+    """
+    dtype_sets = [set(map(_dtype, lst)) for lst in lists]
+    devices = set(map(_device, lists[0]))
+    if len(devices) == 1 and all(len(dtypes) == 1 for dtypes in dtype_sets):
+        key = (next(iter(devices)), tuple(next(iter(dtypes)) for dtypes in dtype_sets))
+        return {key: list(lists)}
+    buckets: dict[tuple[torch.device, tuple[torch.dtype, ...]], list[Sequence[Tensor]]] = {}
+    for row in zip(*lists):
+        key = (row[0].device, tuple(t.dtype for t in row))
+        bucket = buckets.setdefault(key, [[] for _ in lists])
+        for lst, tensor in zip(bucket, row):
+            lst.append(tensor)  # type: ignore[attr-defined]
+    return buckets
