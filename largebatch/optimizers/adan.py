@@ -14,9 +14,11 @@ from ._base import (
     check_bool,
     check_non_negative,
     check_positive,
+    check_same_lengths,
     debias_factor,
     debias_factors,
     resolve_foreach,
+    scalar_lr,
 )
 from ._sharding import to_local
 
@@ -44,7 +46,7 @@ class Adan(LargeBatchOptimizer):
 
     Args:
         params: tensors, named parameters, or param-group dicts (every option can be set per group).
-        lr: learning rate, a float or a 0-dim tensor (default 1e-3).
+        lr: learning rate, a float or a one-element tensor (default 1e-3).
         betas: (β1, β2, β3) (default (0.98, 0.92, 0.99), the official defaults).
         eps: added outside the square root (default 1e-8).
         weight_decay: λ (default 0).
@@ -55,6 +57,8 @@ class Adan(LargeBatchOptimizer):
 
     _name = "Adan"
     _has_fused = True
+    _STATE_KEYS = ("step", "exp_avg", "exp_avg_diff", "exp_avg_sq", "prev_grad")
+    _SQUARED_STATE_KEYS = ("exp_avg_sq",)
 
     def __init__(
         self,
@@ -102,11 +106,8 @@ class Adan(LargeBatchOptimizer):
     def _setstate_defaults(self) -> dict[str, Any]:
         return {**super()._setstate_defaults(), "no_prox": False, "max_grad_norm": None}
 
-    def _step_group(self, group: dict[str, Any], grad_clip_coef: Tensor | None) -> None:
-        params = self._params_with_grad(group)
-        if not params:
-            return
-        keys = ("exp_avg", "exp_avg_diff", "exp_avg_sq", "prev_grad")
+    def _step_group(self, group: dict[str, Any], params: list[Tensor], grad_clip_coef: Tensor | None) -> None:
+        keys = self._STATE_KEYS[1:]  # the buffers, after "step"
         buffers: dict[str, list[Tensor]] = {key: [] for key in keys}
         steps = []
         for p in params:
@@ -171,9 +172,21 @@ def adan(
     """Functional Adan: one step over the given tensors, in place. See :class:`Adan`.
 
     ``grad_scale``/``found_inf`` (GradScaler's protocol) are supported by the fused path only.
+
+    Raises:
+        ValueError: the tensor lists differ in length.
     """
+    check_same_lengths(
+        params=params,
+        grads=grads,
+        exp_avgs=exp_avgs,
+        exp_avg_diffs=exp_avg_diffs,
+        exp_avg_sqs=exp_avg_sqs,
+        prev_grads=prev_grads,
+        state_steps=state_steps,
+    )
     hyper = dict(
-        lr=lr,
+        lr=scalar_lr(lr),
         beta1=beta1,
         beta2=beta2,
         beta3=beta3,

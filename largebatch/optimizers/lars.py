@@ -13,10 +13,12 @@ from ._base import (
     check_bool,
     check_non_negative,
     check_positive,
+    check_same_lengths,
     foreach_fp32_norms,
     fp32_norm,
     param_norm,
     resolve_foreach,
+    scalar_lr,
 )
 from ._sharding import ShardReduction, complete_norms, shard_reduction, to_local
 from ._trust import trust_ratio
@@ -53,7 +55,7 @@ class LARS(LargeBatchOptimizer):
 
     Args:
         params: tensors, named parameters, or param-group dicts (every option can be set per group).
-        lr: learning rate, a float or a 0-dim tensor (default 1.0, as timm; LARS is usually run at
+        lr: learning rate, a float or a one-element tensor (default 1.0, as timm; LARS is usually run at
             lr ≈ 0.1·batch/256 with warmup).
         momentum: μ (default 0.9).
         dampening: (default 0).
@@ -69,6 +71,11 @@ class LARS(LargeBatchOptimizer):
 
     _name = "LARS"
     _has_fused = True
+    _OPTIONAL_STATE_KEYS = ("momentum_buffer",)
+    _NO_ADAPTATION_ADVICE = (
+        "every group has layer_adaptation=False, so the local rate is 1 everywhere and this LARS is "
+        "SGD with momentum. Set layer_adaptation=True on the weight groups (it is the default)."
+    )
 
     def __init__(
         self,
@@ -130,10 +137,10 @@ class LARS(LargeBatchOptimizer):
             "lr_in_momentum": False,
         }
 
-    def _step_group(self, group: dict[str, Any], grad_clip_coef: Tensor | None) -> None:
-        params = self._params_with_grad(group)
-        if not params:
-            return
+    def _group_adapts(self, group: dict[str, Any]) -> bool:
+        return group["layer_adaptation"]
+
+    def _step_group(self, group: dict[str, Any], params: list[Tensor], grad_clip_coef: Tensor | None) -> None:
         has_momentum = group["momentum"] != 0
         buffers, steps = [], []
         for p in params:
@@ -198,9 +205,14 @@ def lars(
     ``momentum_buffers`` is None when ``momentum`` is 0; ``adapt`` is the group's
     ``layer_adaptation``; ``shard_reduction`` completes the norms across ranks when the tensors
     are local shards. ``grad_scale``/``found_inf`` are supported by the fused path only.
+
+    Raises:
+        ValueError: the tensor lists differ in length, or ``momentum_buffers`` is given with
+            momentum 0 (or missing with momentum != 0).
     """
+    check_same_lengths(params=params, grads=grads, momentum_buffers=momentum_buffers, state_steps=state_steps)
     hyper = dict(
-        lr=lr,
+        lr=scalar_lr(lr),
         momentum=momentum,
         dampening=dampening,
         nesterov=nesterov,
