@@ -41,9 +41,10 @@ class AdaGradNorm(LargeBatchOptimizer):
     travels with ``state_dict()`` like any per-parameter state.
 
     Non-finite gradients: b² is shared by the whole group and only grows, so one step with a NaN
-    gradient anywhere in the group makes b² NaN and every later step of every tensor of the group
-    NaN (for good: b² never recovers), and one step with an inf gradient makes b² inf and freezes
-    the group (every later step is lr · g / inf = 0). Nothing here skips such a step. With
+    gradient anywhere in the group makes b² NaN, and every tensor of the group NaN, for good (b²
+    never recovers). One step with an inf gradient makes b² inf: the inf entries become NaN
+    (inf / inf) and the rest of the group is frozen for good (every later step is lr · g / inf = 0).
+    The step does not look for such gradients (that would cost a host synchronisation). With
     ``torch.amp.GradScaler`` use its usual protocol (``scaler.step(optimizer)``): it unscales the
     gradients and skips ``step()`` whenever one is inf or NaN, so b² is untouched. GradScaler's
     in-step protocol of fused optimizers (``grad_scale``/``found_inf`` handed to ``step()``) is
