@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -67,7 +68,7 @@ def test_no_warning_when_some_group_adapts(build):
 
 
 def test_the_readme_hugging_face_section_says_it():
-    readme = open(__file__.rsplit("/tests/", 1)[0] + "/README.md", encoding="utf-8").read()
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
     section = readme.split("### With Hugging Face Trainer and Lightning", 1)[1].split("\n### ", 1)[0]
     text = " ".join(section.split())
     assert "TrainingArguments.weight_decay" in text and "exactly as Adam" in text
