@@ -351,6 +351,7 @@ class LargeBatchOptimizer(Optimizer):
 
     # ----------------------------------------------------------------------- checkpoints
 
+    @torch._disable_dynamo  # as torch.optim's: bookkeeping, never traced
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
         """torch's `state_dict`, without the group keys of this process's setup (`shard_group`).
 
@@ -380,6 +381,7 @@ class LargeBatchOptimizer(Optimizer):
         state = {(numbers_by_id[id(k)] if isinstance(k, Tensor) else k): v for k, v in self.state.items()}
         return {"state": state, "param_groups": groups}
 
+    @torch._disable_dynamo  # as torch.optim's: bookkeeping, never traced
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
         """torch's `load_state_dict`, with the whole checkpoint checked before anything changes.
 

@@ -61,50 +61,58 @@ def betas(n: int) -> tuple[st.SearchStrategy, st.SearchStrategy]:
     return good, st.one_of(bad_entry, st.sampled_from([(0.9,) * (n + 1), (0.9,) * (n - 1), None, 0.9]))
 
 
-# name -> (valid values, invalid values), per optimizer. Every invalid value breaks a documented
-# rule (type, sign, finiteness, float32 range, bool-ness, shape of betas, one-element lr).
+# (valid values, invalid values) of each kind of hyper-parameter. Every invalid value breaks a
+# documented rule (type, sign, finiteness, float32 range, bool-ness, shape of betas, one element).
+LR = (valid_lr, bad_lr)
+NON_NEGATIVE = (non_negative, bad_non_negative)
+POSITIVE = (positive, bad_positive)
+POSITIVE_OR_NONE = (st.one_of(st.none(), positive), bad_positive.filter(lambda v: v is not None))
+NONE_ONLY = (st.none(), st.one_of(positive, bad_positive.filter(lambda v: v is not None)))  # refused keys
+FLAG = (flag, bad_flag)
+FOREACH = (st.sampled_from([None, False, True]), bad_flag.filter(lambda v: v is not None))
+
 SPACES: dict[type, dict[str, tuple[st.SearchStrategy, st.SearchStrategy]]] = {
     LAMB: {
-        "lr": (valid_lr, bad_lr),
+        "lr": LR,
         "betas": betas(2),
-        "eps": (non_negative, bad_non_negative),
-        "weight_decay": (non_negative, bad_non_negative),
-        "trust_clip": (st.one_of(st.none(), positive), bad_positive.filter(lambda v: v is not None)),
-        "max_grad_norm": (st.one_of(st.none(), positive), bad_positive.filter(lambda v: v is not None)),
-        "always_adapt": (flag, bad_flag),
-        "bias_correction": (flag, bad_flag),
-        "maximize": (flag, bad_flag),
-        "foreach": (st.sampled_from([None, False, True]), bad_flag.filter(lambda v: v is not None)),
+        "eps": NON_NEGATIVE,
+        "weight_decay": NON_NEGATIVE,
+        "trust_clip": POSITIVE_OR_NONE,
+        "max_grad_norm": POSITIVE_OR_NONE,
+        "always_adapt": FLAG,
+        "bias_correction": FLAG,
+        "maximize": FLAG,
+        "foreach": FOREACH,
     },
     LARS: {
-        "lr": (valid_lr, bad_lr),
-        "momentum": (non_negative, bad_non_negative),
-        "dampening": (non_negative, bad_non_negative),
-        "weight_decay": (non_negative, bad_non_negative),
-        "trust_coefficient": (positive, bad_positive),
-        "eps": (non_negative, bad_non_negative),
-        "nesterov": (flag, bad_flag),
-        "trust_clip": (flag, bad_flag),
-        "lr_in_momentum": (flag, bad_flag),
-        "max_grad_norm": (st.none(), st.one_of(positive, bad_positive.filter(lambda v: v is not None))),
-        "foreach": (st.sampled_from([None, False, True]), bad_flag.filter(lambda v: v is not None)),
+        "lr": LR,
+        "momentum": NON_NEGATIVE,
+        "dampening": NON_NEGATIVE,
+        "weight_decay": NON_NEGATIVE,
+        "trust_coefficient": POSITIVE,
+        "eps": NON_NEGATIVE,
+        "nesterov": FLAG,
+        "trust_clip": FLAG,
+        "lr_in_momentum": FLAG,
+        "max_grad_norm": NONE_ONLY,
+        "foreach": FOREACH,
     },
     Adan: {
-        "lr": (valid_lr, bad_lr),
+        "lr": LR,
         "betas": betas(3),
-        "eps": (non_negative, bad_non_negative),
-        "weight_decay": (non_negative, bad_non_negative),
-        "no_prox": (flag, bad_flag),
-        "max_grad_norm": (st.one_of(st.none(), positive), bad_positive.filter(lambda v: v is not None)),
-        "foreach": (st.sampled_from([None, False, True]), bad_flag.filter(lambda v: v is not None)),
+        "eps": NON_NEGATIVE,
+        "weight_decay": NON_NEGATIVE,
+        "no_prox": FLAG,
+        "max_grad_norm": POSITIVE_OR_NONE,
+        "foreach": FOREACH,
     },
     AdaGradNorm: {
-        "lr": (valid_lr, bad_lr),
-        "initial_accumulator_value": (non_negative, bad_non_negative),
-        "eps": (non_negative, bad_non_negative),
-        "weight_decay": (non_negative, bad_non_negative),
-        "max_grad_norm": (st.none(), st.one_of(positive, bad_positive.filter(lambda v: v is not None))),
-        "foreach": (st.sampled_from([None, False, True]), bad_flag.filter(lambda v: v is not None)),
+        "lr": LR,
+        "initial_accumulator_value": NON_NEGATIVE,
+        "eps": NON_NEGATIVE,
+        "weight_decay": NON_NEGATIVE,
+        "max_grad_norm": NONE_ONLY,
+        "foreach": FOREACH,
     },
 }
 
@@ -152,36 +160,33 @@ def assert_names_an_invalid_argument(error: ValueError, invalid: set[str]):
     assert any(f"Invalid {name}" in message for name in invalid), f"{message!r} names none of {sorted(invalid)}"
 
 
-@pytest.mark.filterwarnings("ignore:(LAMB|LARS) adapts no param group")
-@pytest.mark.parametrize("cls", list(SPACES), ids=lambda c: c.__name__)
-@settings(max_examples=60)
-@given(data=st.data())
-def test_constructor_raises_naming_the_argument_or_steps_to_finite_parameters(cls, data):
-    values, invalid = data.draw(hyper_parameters(cls))
-    params, grads = params_and_grads()
+def build_through_constructor(cls, values, params):
     group_only = {name: values.pop(name) for name in GROUP_ONLY.get(cls, ()) if name in values}
-    try:
-        opt = cls([{"params": params, **group_only}], **values)
-    except ValueError as error:
-        assert_names_an_invalid_argument(error, invalid)
-        return
-    assert not invalid, f"accepted invalid {sorted(invalid)}: {values}"
-    steps_to_finite_parameters(opt, params, grads)
+    return cls([{"params": params, **group_only}], **values)
 
 
-@pytest.mark.filterwarnings("ignore:(LAMB|LARS) adapts no param group")
-@pytest.mark.parametrize("cls", list(SPACES), ids=lambda c: c.__name__)
-@settings(max_examples=60)
-@given(data=st.data())
-def test_add_param_group_raises_naming_the_argument_or_steps_to_finite_parameters(cls, data):
-    values, invalid = data.draw(hyper_parameters(cls))
-    params, grads = params_and_grads()
+def build_through_add_param_group(cls, values, params):
     opt = cls([params[0]])
     try:
         opt.add_param_group({"params": [params[1]], **values})
+    except ValueError:
+        assert len(opt.param_groups) == 1  # the rejected group is not kept
+        raise
+    return opt
+
+
+@pytest.mark.filterwarnings("ignore:(LAMB|LARS) adapts no param group")
+@pytest.mark.parametrize("build", [build_through_constructor, build_through_add_param_group], ids=["init", "add_param_group"])
+@pytest.mark.parametrize("cls", list(SPACES), ids=lambda c: c.__name__)
+@settings(max_examples=60)
+@given(data=st.data())
+def test_raises_naming_the_argument_or_steps_to_finite_parameters(cls, build, data):
+    values, invalid = data.draw(hyper_parameters(cls))
+    params, grads = params_and_grads()
+    try:
+        opt = build(cls, dict(values), params)
     except ValueError as error:
         assert_names_an_invalid_argument(error, invalid)
-        assert len(opt.param_groups) == 1  # the rejected group is not kept
         return
     assert not invalid, f"accepted invalid {sorted(invalid)}: {values}"
     steps_to_finite_parameters(opt, params, grads)
