@@ -1,8 +1,11 @@
 """What every largebatch optimizer shares.
 
-* argument validation that names the bad argument,
+* argument validation that names the bad argument (ValueError), for the constructor,
+  `add_param_group` and every group of a checkpoint,
 * the `torch.optim.Optimizer` plumbing: closure, per-group dispatch, `__setstate__` defaults,
   fused/foreach selection and the GradScaler protocol of torch's fused optimizers,
+* `state_dict`/`load_state_dict` in torch's layout and with torch's hooks, the load checked
+  whole against this class's state layout before anything changes,
 * small tensor helpers used by the per-tensor and foreach bodies alike: fp32 norms, the
   global gradient-clipping coefficient, bias corrections that stay tensors when capturable.
 """
@@ -105,6 +108,15 @@ def check_beta(name: str, value: float) -> None:
 def check_bool(name: str, value: Any) -> None:
     if not isinstance(value, bool):
         raise ValueError(f"Invalid {name}: {value!r} (must be a bool)")
+
+
+def check_step(value: Any, where: str) -> None:
+    """A saved step count is a finite number >= 0: a number or a one-element real tensor."""
+    number = value
+    if isinstance(value, Tensor) and value.numel() == 1 and not (value.is_complex() or value.dtype == torch.bool):
+        number = value.detach().cpu().item()
+    if not isinstance(number, numbers.Real) or isinstance(number, bool) or not (math.isfinite(number) and number >= 0):
+        raise ValueError(f"{where}['step'] is {value!r}: a step count must be a finite number >= 0")
 
 
 def check_same_lengths(**lists: Sequence[Any] | None) -> None:
@@ -213,15 +225,6 @@ FOREIGN_STATES = (
     "(load_timm_lamb_state, load_apex_lamb_state, load_timm_adan_state, load_official_adan_state), "
     "which map its layout onto this one."
 )
-
-
-def check_step(value: Any, where: str) -> None:
-    """A saved step count is a finite number >= 0: a number or a one-element real tensor."""
-    number = value
-    if isinstance(value, Tensor) and value.numel() == 1 and not (value.is_complex() or value.dtype == torch.bool):
-        number = value.detach().cpu().item()
-    if not isinstance(number, numbers.Real) or isinstance(number, bool) or not (math.isfinite(number) and number >= 0):
-        raise ValueError(f"{where}['step'] is {value!r}: a step count must be a finite number >= 0")
 
 
 class LargeBatchOptimizer(Optimizer):
