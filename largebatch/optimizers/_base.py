@@ -60,10 +60,18 @@ STEP_DTYPE = torch.float32
 FP32_MAX = torch.finfo(torch.float32).max
 
 
+def _is_real_number(value: Any) -> bool:
+    """A Python or numpy int or float: what torch's ops take as a scalar. Not a bool (True is no
+    learning rate), and not a Fraction (torch's ops refuse it at step time)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return False
+    return isinstance(value, numbers.Integral) or not isinstance(value, numbers.Rational)
+
+
 def _checked_real(name: str, value: Any, condition: str) -> float:
-    """`value` as a float if it is a real, finite number of float32 range (bools refused), else a
-    ValueError naming `name` and the `condition` it must meet."""
-    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+    """`value` as a float if it is a real, finite number of float32 range (see `_is_real_number`),
+    else a ValueError naming `name` and the `condition` it must meet."""
+    if not _is_real_number(value):
         raise ValueError(f"Invalid {name}: {value!r} (must be a real number {condition})")
     number = float(value)
     if not math.isfinite(number) or abs(number) > FP32_MAX:
@@ -101,7 +109,7 @@ def check_positive(name: str, value: float | None, *, allow_none: bool = False) 
 
 
 def check_beta(name: str, value: float) -> None:
-    if not isinstance(value, numbers.Real) or isinstance(value, bool) or not 0.0 <= value < 1.0:
+    if not _is_real_number(value) or not 0.0 <= value < 1.0:
         raise ValueError(f"Invalid {name}: {value!r} (must be in [0, 1))")
 
 
@@ -115,7 +123,7 @@ def check_step(value: Any, where: str) -> None:
     number = value
     if isinstance(value, Tensor) and value.numel() == 1 and not (value.is_complex() or value.dtype == torch.bool):
         number = value.detach().cpu().item()
-    if not isinstance(number, numbers.Real) or isinstance(number, bool) or not (math.isfinite(number) and number >= 0):
+    if not _is_real_number(number) or not (math.isfinite(number) and number >= 0):
         raise ValueError(f"{where}['step'] is {value!r}: a step count must be a finite number >= 0")
 
 

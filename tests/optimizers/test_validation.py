@@ -1,5 +1,8 @@
 """Every invalid hyper-parameter raises a ValueError that names it; bad tensors raise clearly."""
 
+from fractions import Fraction
+
+import numpy as np
 import pytest
 import torch
 
@@ -48,6 +51,8 @@ INVALID = [
     (LAMB, {"lr": 1e-3 + 0j}, "lr"),
     (LAMB, {"lr": float("inf")}, "lr"),
     (LAMB, {"lr": True}, "lr"),
+    (LAMB, {"lr": Fraction(1, 1000)}, "lr"),
+    (LAMB, {"betas": (Fraction(9, 10), 0.999)}, r"betas\[0\]"),
     (LAMB, {"lr": 1e39}, "lr"),
     (LAMB, {"lr": torch.tensor(1e-3, dtype=torch.complex64)}, "lr"),
     (LAMB, {"lr": torch.tensor(True)}, "lr"),
@@ -131,6 +136,15 @@ def test_a_group_rejected_by_any_exception_is_not_kept(monkeypatch, error):
     with pytest.raises(error):
         opt.add_param_group({"params": [torch.zeros(1, requires_grad=True)]})
     assert len(opt.param_groups) == 1
+
+
+@pytest.mark.parametrize("cls", [LAMB, LARS, Adan, AdaGradNorm], ids=lambda c: c.__name__)
+def test_numpy_numbers_are_accepted(cls):
+    p = torch.ones(2, requires_grad=True)
+    opt = cls([p], lr=np.float32(0.1), weight_decay=np.int64(0), eps=np.float64(1e-6))
+    p.grad = torch.ones(2)
+    opt.step()
+    assert torch.isfinite(p).all() and not torch.equal(p.detach(), torch.ones(2))
 
 
 def test_check_non_negative_refuses_bools():

@@ -9,6 +9,7 @@ combination can overflow: a non-finite parameter means a check let a bad value t
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 from typing import Any
 
 import pytest
@@ -23,7 +24,7 @@ FP32_MAX = torch.finfo(torch.float32).max
 finite = st.floats(1e-8, 1e30)
 non_negative = st.one_of(st.just(0.0), finite, st.integers(0, 10))
 positive = st.one_of(finite, st.integers(1, 10))
-not_a_number = st.sampled_from([None, "0.1", 1j, True, False, [0.1], torch.tensor([0.1, 0.2])])
+not_a_number = st.sampled_from([None, "0.1", 1j, True, False, [0.1], Fraction(1, 10), torch.tensor([0.1, 0.2])])
 non_finite = st.sampled_from([math.inf, -math.inf, math.nan])
 beyond_fp32 = st.floats(FP32_MAX * 1.01, 1e300)
 bad_non_negative = st.one_of(not_a_number, non_finite, beyond_fp32, st.floats(-1e30, -1e-8))
