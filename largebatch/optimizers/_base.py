@@ -1,15 +1,23 @@
 """What every largebatch optimizer shares.
 
-* argument validation that names the bad argument,
+* argument validation that names the bad argument (ValueError), for the constructor,
+  `add_param_group` and every group of a checkpoint,
 * the `torch.optim.Optimizer` plumbing: closure, per-group dispatch, `__setstate__` defaults,
   fused/foreach selection and the GradScaler protocol of torch's fused optimizers,
+* `state_dict`/`load_state_dict` in torch's layout and with torch's hooks, the load checked
+  whole against this class's state layout before anything changes,
 * small tensor helpers used by the per-tensor and foreach bodies alike: fp32 norms, the
   global gradient-clipping coefficient, bias corrections that stay tensors when capturable.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import copy
+import math
+import numbers
+import warnings
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
 from operator import attrgetter, itemgetter
 from typing import Any, NamedTuple
 
@@ -26,6 +34,9 @@ __all__ = [
     "check_lr",
     "check_non_negative",
     "check_positive",
+    "check_step",
+    "check_same_lengths",
+    "scalar_lr",
     "fp32_norm",
     "param_norm",
     "foreach_fp32_norms",
@@ -47,41 +58,93 @@ _IS_SPARSE = attrgetter("is_sparse")
 
 # --------------------------------------------------------------------------- validation
 
+#: The largest hyper-parameter accepted: the step runs in float32 for fp32/bf16/fp16 parameters,
+#: so a larger finite value would pass the checks and overflow to inf at step time.
+FP32_MAX = torch.finfo(torch.float32).max
+
+
+def _is_real_number(value: Any) -> bool:
+    """A Python or numpy int or float: what torch's ops take as a scalar. Not a bool (True is no
+    learning rate), and not a Fraction (torch's ops refuse it at step time)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return False
+    return isinstance(value, numbers.Integral) or not isinstance(value, numbers.Rational)
+
+
+def _checked_real(name: str, value: Any, condition: str) -> float:
+    """`value` as a float if it is a real, finite number of float32 range (see `_is_real_number`),
+    else a ValueError naming `name` and the `condition` it must meet."""
+    if not _is_real_number(value):
+        raise ValueError(f"Invalid {name}: {value!r} (must be a real number {condition})")
+    number = float(value)
+    if not math.isfinite(number) or abs(number) > FP32_MAX:
+        raise ValueError(f"Invalid {name}: {value!r} (must be finite and at most {FP32_MAX:.4g} in magnitude)")
+    return number
+
 
 def check_lr(lr: float | Tensor) -> None:
-    """`lr` is a non-negative float or a one-element tensor."""
+    """`lr` is a finite non-negative real number, or a one-element real tensor of any shape
+    (`()`, `(1,)`, `(1, 1)`, ...: the step squeezes it, see `scalar_lr`)."""
     if isinstance(lr, Tensor):
         if lr.numel() != 1:
-            raise ValueError(f"lr as a Tensor must have one element, got shape {tuple(lr.shape)}")
-        value = float(lr.detach().cpu())  # __init__ only: never inside step()
+            raise ValueError(f"Invalid lr: a Tensor lr must have one element, got shape {tuple(lr.shape)}")
+        if lr.is_complex() or lr.dtype == torch.bool:
+            raise ValueError(f"Invalid lr: a Tensor lr must be real, got dtype {lr.dtype}")
+        value = lr.detach().cpu().item()  # __init__ and load_state_dict only: never inside step()
     else:
         value = lr
-    if not value >= 0.0:  # also rejects NaN
-        raise ValueError(f"Invalid lr: {lr} (must be >= 0)")
+    if not _checked_real("lr", value, ">= 0") >= 0.0:
+        raise ValueError(f"Invalid lr: {lr!r} (must be >= 0)")
 
 
 def check_non_negative(name: str, value: float | None, *, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0.0:
+    if not _checked_real(name, value, ">= 0") >= 0.0:
         raise ValueError(f"Invalid {name}: {value!r} (must be a number >= 0)")
 
 
 def check_positive(name: str, value: float | None, *, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0.0:
+    if not _checked_real(name, value, "> 0") > 0.0:
         raise ValueError(f"Invalid {name}: {value!r} (must be a number > 0)")
 
 
 def check_beta(name: str, value: float) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= value < 1.0:
+    if not _is_real_number(value) or not 0.0 <= value < 1.0:
         raise ValueError(f"Invalid {name}: {value!r} (must be in [0, 1))")
 
 
 def check_bool(name: str, value: Any) -> None:
     if not isinstance(value, bool):
         raise ValueError(f"Invalid {name}: {value!r} (must be a bool)")
+
+
+def check_step(value: Any, where: str) -> None:
+    """A saved step count is a finite number >= 0: a number or a one-element real tensor."""
+    number = value
+    if isinstance(value, Tensor) and value.numel() == 1 and not (value.is_complex() or value.dtype == torch.bool):
+        number = value.detach().cpu().item()
+    if not _is_real_number(number) or not (math.isfinite(number) and number >= 0):
+        raise ValueError(f"{where}['step'] is {value!r}: a step count must be a finite number >= 0")
+
+
+def check_same_lengths(**lists: Sequence[Any] | None) -> None:
+    """The functional forms' tensor lists (None: not used) have one entry per parameter."""
+    lengths = {name: len(values) for name, values in lists.items() if values is not None}
+    if len(set(lengths.values())) > 1:
+        listed = ", ".join(f"{name}: {length}" for name, length in lengths.items())
+        raise ValueError(f"the tensor lists must have one entry per parameter, got lengths {listed}")
+
+
+def scalar_lr(lr: float | Tensor) -> float | Tensor:
+    """A tensor lr of shape `(1,)` or `(1, 1)` as a 0-dim view, so that it broadcasts like a
+    scalar onto any parameter (torch.optim accepts these shapes too); floats are unchanged.
+    A view, so a scheduler that fills the caller's tensor in place is still seen."""
+    if isinstance(lr, Tensor) and lr.dim() != 0:
+        return lr.reshape(())
+    return lr
 
 
 # --------------------------------------------------------------------------- tensor helpers
@@ -167,10 +230,20 @@ def resolve_foreach(params: Sequence[Tensor], foreach: bool | None, differentiab
 # --------------------------------------------------------------------------- the base class
 
 
-class PreparedGroup(NamedTuple):
-    """One group's step inputs: [params, grads, *states, steps] as local shards, how its norms are
-    completed across shard ranks, and (fused groups) its buckets with current step plans."""
+#: Where a state saved by another optimizer goes instead of load_state_dict (named in its errors).
+FOREIGN_STATES = (
+    "A state saved by another optimizer loads only through largebatch.interop's loaders "
+    "(load_timm_lamb_state, load_apex_lamb_state, load_timm_adan_state, load_official_adan_state), "
+    "which map its layout onto this one."
+)
 
+
+class PreparedGroup(NamedTuple):
+    """One group's step inputs: its parameters with a gradient, [params, grads, *states, steps]
+    as local shards (what the functional form takes), how its norms are completed across shard
+    ranks, and (fused groups) its buckets with current step plans."""
+
+    params: list[Tensor]
     lists: list[list[Tensor]]
     reduction: ShardReduction | None
     buckets: list[Any] | None
@@ -179,17 +252,30 @@ class PreparedGroup(NamedTuple):
 class LargeBatchOptimizer(Optimizer):
     """Plumbing shared by LAMB, LARS, Adan and AdaGrad-Norm.
 
-    Subclasses set `_name` and implement `_step_group` (call the functional form for one group)
-    and `_init_state` (create a parameter's state at its first step); those with fused kernels
-    (`_has_fused`) also implement `_group_lists` and `_fused_layout`, and every step collects all
-    their groups' tensors (`_prepare_group`) before it steps any. Group keys that are
-    hyper-parameters with a boolean or None default are filled in by `__setstate__`, so states
-    saved by an older version load.
+    Subclasses set `_name` and their state layout (the `_*STATE_KEYS` below), and implement
+    `_step_group` (call the functional form for one group), `_validate_group` (their
+    hyper-parameters) and, where they use `_state_lists`, `_init_state` (create a parameter's
+    state at its first step). Those with fused kernels (`_has_fused`) also implement
+    `_group_lists` and `_fused_layout`. Every step collects all groups' tensors
+    (`_prepare_group`: for fused groups, every tensor checked) before it steps any. Group keys
+    that are hyper-parameters with a boolean or None default are filled in by `__setstate__`, so
+    pickled optimizers of an older version load.
     """
 
     _name: str = "optimizer"
     #: fused kernels exist for this optimizer (the largebatch.fused engine)
     _has_fused: bool = False
+
+    #: The per-parameter state `_step_group` creates: keys every non-empty state holds, keys it may
+    #: hold, keys that are 0-dim (the others have the parameter's shape), and keys that are sums of
+    #: squares (never negative). load_state_dict refuses anything else.
+    _STATE_KEYS: tuple[str, ...] = ("step",)
+    _OPTIONAL_STATE_KEYS: tuple[str, ...] = ()
+    _SCALAR_STATE_KEYS: tuple[str, ...] = ("step",)
+    _SQUARED_STATE_KEYS: tuple[str, ...] = ()
+    #: LAMB and LARS: why no group is adapted and what to do, when that is the case (warned once,
+    #: at construction); None for optimizers without layer adaptation.
+    _NO_ADAPTATION_ADVICE: str | None = None
 
     #: Group keys that describe this run's process setup, not the optimisation: a ProcessGroup
     #: cannot be pickled and is different in the next run. Left out of state_dict().
@@ -208,14 +294,23 @@ class LargeBatchOptimizer(Optimizer):
         if any(group["fused"] for group in self.param_groups):
             # GradScaler hands us grad_scale/found_inf instead of unscaling first (torch's protocol).
             self._step_supports_amp_scaling = True
+        self._warn_if_no_group_adapts()
+
+    def _group_adapts(self, group: dict[str, Any]) -> bool:
+        """Whether the group's step uses the layer-wise trust ratio (LAMB and LARS override it)."""
+        return True
+
+    def _warn_if_no_group_adapts(self) -> None:
+        if self._NO_ADAPTATION_ADVICE is not None and not any(map(self._group_adapts, self.param_groups)):
+            warnings.warn(f"{self._name} adapts no param group: {self._NO_ADAPTATION_ADVICE}", UserWarning, stacklevel=4)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         try:
             self._validate_group(self.param_groups[-1])
             self._check_fused_groups_agree()
-        except (ValueError, RuntimeError):
-            self.param_groups.pop()  # a rejected group must not stay half-added
+        except BaseException:
+            self.param_groups.pop()  # a rejected group is never kept, whatever the error
             raise
 
     def _check_fused_groups_agree(self) -> None:
@@ -253,7 +348,8 @@ class LargeBatchOptimizer(Optimizer):
     def _validate_group(self, group: dict[str, Any]) -> None:
         """Raise ValueError naming any bad hyper-parameter of a (defaults-merged) group.
 
-        Subclasses extend it with their own hyper-parameters.
+        Subclasses extend it with their own hyper-parameters. Called for every group added and
+        for every group of a checkpoint being loaded.
         """
         check_lr(group["lr"])
         for flag in ("maximize", "capturable", "differentiable"):
@@ -261,6 +357,11 @@ class LargeBatchOptimizer(Optimizer):
         for flag in ("foreach", "fused"):
             if group[flag] is not None:
                 check_bool(flag, group[flag])
+        if "max_grad_norm" not in self.defaults and group.get("max_grad_norm") is not None:
+            raise ValueError(
+                f"Invalid max_grad_norm: {self._name} does not clip gradients (only LAMB and Adan do); "
+                "call torch.nn.utils.clip_grad_norm_ before step() instead"
+            )
         shard_group = group["shard_group"]
         if shard_group is not None and not (dist.is_available() and isinstance(shard_group, dist.ProcessGroup)):
             raise ValueError(f"Invalid shard_group: {shard_group!r} (must be a torch.distributed ProcessGroup or None)")
@@ -287,6 +388,19 @@ class LargeBatchOptimizer(Optimizer):
                 if "step" in p_state:
                     p_state["step"] = self._placed_step(p_state["step"], p, group)
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> LargeBatchOptimizer:
+        """The default deepcopy (through `__getstate__`/`__setstate__`), except that a group's
+        ProcessGroup is shared, not copied: it is a handle to the job's communicator (and cannot
+        be pickled)."""
+        for group in self.param_groups:
+            for key in self._UNSAVED_GROUP_KEYS:
+                if group.get(key) is not None:
+                    memo[id(group[key])] = group[key]
+        copied = type(self).__new__(type(self))
+        memo[id(self)] = copied
+        copied.__setstate__(copy.deepcopy(self.__getstate__(), memo))
+        return copied
+
     def _placed_step(self, step: Any, param: Tensor, group: dict[str, Any]) -> Tensor:
         """A loaded step counter where `_new_step` would put it.
 
@@ -298,22 +412,149 @@ class LargeBatchOptimizer(Optimizer):
             return step
         return torch.tensor(float(step), dtype=STEP_DTYPE, device=device)
 
+    # ----------------------------------------------------------------------- checkpoints
+
+    @torch._disable_dynamo  # as torch.optim's: bookkeeping, never traced
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
-        state_dict = super().state_dict()
-        for group in state_dict["param_groups"]:
-            for key in self._UNSAVED_GROUP_KEYS:
-                group.pop(key, None)
+        """torch's `state_dict`, without the group keys of this process's setup (`shard_group`).
+
+        They are left out before the post-hooks run, so a hook sees (and can `torch.save`)
+        exactly what is returned.
+        """
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
+        state_dict = self._packed_state_dict()
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            result = post_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
         return state_dict
 
+    def _packed_state_dict(self) -> dict[str, Any]:
+        """torch's layout: parameters numbered in group order, state keyed by those numbers."""
+        numbers_by_id: dict[int, int] = {}
+        groups, start = [], 0
+        for group in self.param_groups:
+            for offset, p in enumerate(group["params"]):
+                numbers_by_id.setdefault(id(p), start + offset)
+            start += len(group["params"])
+            packed = {k: v for k, v in group.items() if k != "params" and k not in self._UNSAVED_GROUP_KEYS}
+            packed["params"] = [numbers_by_id[id(p)] for p in group["params"]]
+            groups.append(packed)
+        state = {(numbers_by_id[id(k)] if isinstance(k, Tensor) else k): v for k, v in self.state.items()}
+        return {"state": state, "param_groups": groups}
+
+    @torch._disable_dynamo  # as torch.optim's: bookkeeping, never traced
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
-        live = [{key: group[key] for key in self._LIVE_GROUP_KEYS} for group in self.param_groups]
-        super().load_state_dict(state_dict)
-        for group, keep in zip(self.param_groups, live):
-            group.update(keep)
-            for p in group["params"]:  # counters go where the live group keeps them
-                p_state = self.state.get(p, {})
-                if "step" in p_state:
-                    p_state["step"] = self._placed_step(p_state["step"], p, group)
+        """torch's `load_state_dict`, with the whole checkpoint checked before anything changes.
+
+        Runs the load pre-hooks, checks what they return (group and parameter counts, this
+        class's state keys, state shapes equal to the parameters', step counts finite and >= 0,
+        sums of squares >= 0, every group's hyper-parameters through the constructor's checks),
+        then replaces the state and groups at once and runs the post-hooks. The live groups keep
+        their `_LIVE_GROUP_KEYS`. State tensors are copied onto the parameter's device, floating
+        ones in its dtype (torch's policy; `_loaded_value` says where a subclass differs).
+
+        Raises:
+            ValueError: saying what is wrong; the optimizer is then unchanged. A state saved by
+                another optimizer is refused: see `largebatch.interop`.
+        """
+        state_dict = dict(state_dict)  # the pre-hooks may edit it: not the caller's dict
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        state, groups = self._loaded(state_dict)
+        self.__setstate__({"state": state, "param_groups": groups})
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    def _loaded(self, state_dict: Mapping[str, Any]) -> tuple[defaultdict[Tensor, dict[str, Any]], list[dict[str, Any]]]:
+        """The state and param groups `state_dict` gives this optimizer, checked and built
+        without touching it (see `load_state_dict`)."""
+        if not isinstance(state_dict, Mapping) or "state" not in state_dict or "param_groups" not in state_dict:
+            raise ValueError("state_dict must be a dict with 'state' and 'param_groups' (an optimizer's state_dict())")
+        saved_groups, saved_state = state_dict["param_groups"], state_dict["state"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(
+                f"state_dict has {len(saved_groups)} param groups, this {self._name} {len(self.param_groups)}"
+            )
+        groups = []
+        owners: dict[Any, tuple[Tensor, dict[str, Any]]] = {}
+        for index, (saved, live) in enumerate(zip(saved_groups, self.param_groups)):
+            group = self._loaded_group(saved, live, f"state_dict param_groups[{index}]")
+            owners.update((saved_id, (param, group)) for saved_id, param in zip(saved["params"], group["params"]))
+            groups.append(group)
+        state: defaultdict[Tensor, dict[str, Any]] = defaultdict(dict)
+        for saved_id, saved_param_state in saved_state.items():
+            if saved_id not in owners:
+                raise ValueError(f"state_dict state has an entry for parameter {saved_id!r}, which no param group lists")
+            param, group = owners[saved_id]
+            self._check_param_state(saved_param_state, param, group, f"state_dict state[{saved_id!r}]")
+            state[param] = {key: self._loaded_value(key, value, param, group) for key, value in saved_param_state.items()}
+        return state, groups
+
+    def _loaded_group(self, saved: Any, live: dict[str, Any], where: str) -> dict[str, Any]:
+        """A saved group made into a live one: its hyper-parameters (copied, and checked as the
+        constructor checks them) with the live group's params and `_LIVE_GROUP_KEYS`."""
+        if not isinstance(saved, Mapping) or "params" not in saved:
+            raise ValueError(f"{where} is not a param group (a dict with 'params')")
+        if len(saved["params"]) != len(live["params"]):
+            raise ValueError(
+                f"{where} has {len(saved['params'])} parameters, this {self._name}'s group {len(live['params'])}"
+            )
+        missing = [key for key in self.defaults if key not in saved and key not in self._LIVE_GROUP_KEYS]
+        if missing:
+            raise ValueError(
+                f"{where} has no {', '.join(map(repr, missing))}: it was not saved by {self._name}. {FOREIGN_STATES}"
+            )
+        group = {k: copy.deepcopy(v) for k, v in saved.items() if k != "params" and k not in self._LIVE_GROUP_KEYS}
+        group.update({key: live[key] for key in self._LIVE_GROUP_KEYS}, params=live["params"])
+        if "param_names" in live and "param_names" not in group:
+            group["param_names"] = live["param_names"]
+        try:
+            self._validate_group(group)
+        except ValueError as error:
+            raise ValueError(f"{where}: {error}") from None
+        return group
+
+    def _check_param_state(self, saved: Any, param: Tensor, group: dict[str, Any], where: str) -> None:
+        """One parameter's saved state has this class's layout (see `_STATE_KEYS`) and sane values."""
+        if not isinstance(saved, Mapping):
+            raise ValueError(f"{where} is a {type(saved).__name__}, not a dict of state")
+        if not saved:
+            return  # a parameter that never had a gradient
+        allowed = self._STATE_KEYS + self._OPTIONAL_STATE_KEYS
+        unknown = [key for key in saved if key not in allowed]
+        missing = [key for key in self._STATE_KEYS if key not in saved]
+        if unknown or missing:
+            found = ", ".join(f"{kind} {keys}" for kind, keys in (("unknown keys", unknown), ("no", missing)) if keys)
+            raise ValueError(
+                f"{where} has {found}: a {self._name} state holds {list(allowed)}, so it was not saved by "
+                f"{self._name}. {FOREIGN_STATES}"
+            )
+        for key, value in saved.items():
+            if key == "step":
+                check_step(value, where)
+                continue
+            if not isinstance(value, Tensor):
+                raise ValueError(f"{where}[{key!r}] is a {type(value).__name__}, not a tensor")
+            expected = () if key in self._SCALAR_STATE_KEYS else tuple(param.shape)
+            if tuple(value.shape) != expected:
+                raise ValueError(f"{where}[{key!r}] has shape {tuple(value.shape)}, its parameter needs {expected}")
+            if key in self._SQUARED_STATE_KEYS and not bool((to_local([value])[0] >= 0).all()):
+                raise ValueError(f"{where}[{key!r}] has negative or NaN entries: a sum of squares is >= 0")
+
+    def _loaded_value(self, key: str, value: Any, param: Tensor, group: dict[str, Any]) -> Tensor:
+        """A checked state entry, copied where this optimizer keeps it: the step counter where
+        `_new_step` puts it, other tensors on the parameter's device, in its dtype when it is
+        floating-point (torch's policy). Never the checkpoint's own tensor: states are updated
+        in place."""
+        if key == "step":
+            step = self._placed_step(value, param, group)
+            return step.clone() if step is value else step
+        dtype = param.dtype if param.is_floating_point() else value.dtype
+        return value.to(device=param.device, dtype=dtype, copy=True)
 
     def _setstate_defaults(self) -> dict[str, Any]:
         return {
@@ -361,19 +602,18 @@ class LargeBatchOptimizer(Optimizer):
         """Create the entries of `param`'s state that are missing (lazily, at its first step)."""
         raise NotImplementedError  # every subclass that uses _state_lists defines it
 
-    def _grad_clip_coefficients(self, prepared: Sequence[PreparedGroup | None] | None = None) -> list[Tensor | None]:
+    def _grad_clip_coefficients(self, prepared: Sequence[PreparedGroup | None]) -> list[Tensor | None]:
         """Per group, the global-norm clipping multiplier (None where the group sets no max_grad_norm).
 
-        The norm is over every gradient of the optimizer, as apex and timm compute it. Sharded
-        groups contribute their squares summed over the shard ranks: one all-reduce per kind of
-        sharding for all their tensors together. Prepared fused groups square their gradients
-        through their step plans, whose checks already covered them.
+        The norm is over every gradient of the optimizer (`prepared`: per group, its gradients,
+        None where it has none), as apex and timm compute it. Sharded groups contribute their
+        squares summed over the shard ranks: one all-reduce per kind of sharding for all their
+        tensors together. Fused groups square their gradients through their step plans, whose
+        checks already covered them.
         """
         max_norms = [group.get("max_grad_norm") for group in self.param_groups]
         if all(m is None for m in max_norms):
             return [None] * len(max_norms)
-        if prepared is None:
-            prepared = [self._gradients_of(group) for group in self.param_groups]
         grad_scale = getattr(self, "grad_scale", None)
         local_squares: dict[Any, list[Tensor]] = {}
         for group, ready in zip(self.param_groups, prepared):
@@ -403,13 +643,6 @@ class LargeBatchOptimizer(Optimizer):
         )
         total = total_square.sqrt()
         return [None if m is None else clip_coefficient(total, m) for m in max_norms]
-
-    def _gradients_of(self, group: dict[str, Any]) -> PreparedGroup | None:
-        """The [params, grads] (local shards) and shard reduction of a group, for the clipping norm."""
-        params = [p for p in group["params"] if p.grad is not None]
-        if not params:
-            return None
-        return PreparedGroup([to_local(params), to_local([p.grad for p in params])], shard_reduction(params, group["shard_group"]), None)
 
     def _prepare_groups(self) -> list[PreparedGroup | None]:
         """`_prepare_group` for every group, all or nothing.
@@ -442,22 +675,20 @@ class LargeBatchOptimizer(Optimizer):
             from largebatch.fused._plan import planned_buckets
 
             buckets = planned_buckets(self._name, lists, **self._fused_layout(group), plans=self._fused_plans(index))
-        return PreparedGroup(lists, shard_reduction(params, group["shard_group"]), buckets)
+        return PreparedGroup(params, lists, shard_reduction(params, group["shard_group"]), buckets)
 
     def _group_lists(self, group: dict[str, Any], params: list[Tensor]) -> list[list[Tensor]]:
         """[params, grads, *states, steps] of a group's parameters with gradients, as local shards
-        (what the functional form takes); missing states are created."""
-        raise NotImplementedError  # every fused optimizer defines it
+        (what the functional form takes); missing states are created. Here [params, grads]: what
+        the clipping norm needs, for optimizers that collect their states in `_step_group`."""
+        return [to_local(params), to_local([p.grad for p in params])]
 
     def _fused_layout(self, group: dict[str, Any]) -> dict[str, int]:
         """How the fused kernels walk `_group_lists` (see largebatch.fused._plan.planned_buckets)."""
         raise NotImplementedError  # every fused optimizer defines it
 
-    def _step_group(
-        self, group: dict[str, Any], grad_clip_coef: Tensor | None, prepared: PreparedGroup | None = None
-    ) -> None:
-        """Step one group. Optimizers with a fused implementation get it `prepared`
-        (`_prepare_group`); the others (AdaGrad-Norm) collect their tensors themselves."""
+    def _step_group(self, group: dict[str, Any], prepared: PreparedGroup, grad_clip_coef: Tensor | None) -> None:
+        """Step one group, `prepared` by `_prepare_group` (its parameters with a gradient: never none)."""
         raise NotImplementedError  # every subclass defines it
 
     @_use_grad_for_differentiable
@@ -475,14 +706,12 @@ class LargeBatchOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if self._has_fused:  # LAMB, LARS, Adan: every group is prepared (and, fused, checked) first
-            prepared = self._prepare_groups()
-            for group, ready, coef in zip(self.param_groups, prepared, self._grad_clip_coefficients(prepared)):
-                if ready is not None:
-                    self._step_group(group, coef, ready)
-        else:
-            for group, coef in zip(self.param_groups, self._grad_clip_coefficients()):
-                self._step_group(group, coef)
+        # Every group is collected, and its gradients checked (sparse, complex; for fused groups
+        # every tensor), before the global clipping norm reads them and before any group steps.
+        prepared = self._prepare_groups()
+        for group, ready, coef in zip(self.param_groups, prepared, self._grad_clip_coefficients(prepared)):
+            if ready is not None:
+                self._step_group(group, ready, coef)
         return loss
 
     def _amp_args(self) -> dict[str, Tensor | None]:

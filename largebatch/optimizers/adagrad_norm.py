@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import defaultdict
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -10,11 +12,14 @@ from torch.optim.optimizer import Optimizer, ParamsT
 
 from ._base import (
     LargeBatchOptimizer,
+    PreparedGroup,
     check_non_negative,
+    check_same_lengths,
     foreach_fp32_norms,
     fp32_norm,
     norm_dtype,
     resolve_foreach,
+    scalar_lr,
 )
 from ._sharding import ShardReduction, complete_squares, shard_reduction, to_local
 
@@ -36,9 +41,20 @@ class AdaGradNorm(LargeBatchOptimizer):
     ``state[group["params"][0]]["sum_sq"]`` (a 0-dim tensor on that parameter's device), so it
     travels with ``state_dict()`` like any per-parameter state.
 
+    Non-finite gradients: b² is shared by the whole group and only grows, so one step with a NaN
+    gradient anywhere in the group makes b² NaN, and every tensor of the group NaN, for good (b²
+    never recovers). One step with an inf gradient makes b² inf: the inf entries become NaN
+    (inf / inf) and the rest of the group is frozen for good (every later step is lr · g / inf = 0).
+    The step does not look for such gradients (that would cost a host synchronisation). With
+    ``torch.amp.GradScaler`` use its usual protocol (``scaler.step(optimizer)``): it unscales the
+    gradients and skips ``step()`` whenever one is inf or NaN, so b² is untouched. GradScaler's
+    in-step protocol of fused optimizers (``grad_scale``/``found_inf`` handed to ``step()``) is
+    not supported: AdaGrad-Norm has no fused path. Without GradScaler, check the gradients (or
+    the loss) before ``step()``.
+
     Args:
         params: tensors, named parameters, or param-group dicts (every option can be set per group).
-        lr: learning rate α, a float or a 0-dim tensor (default 1e-2, as torch.optim.Adagrad).
+        lr: learning rate α, a float or a one-element tensor (default 1e-2, as torch.optim.Adagrad).
         initial_accumulator_value: b0² (default 0).
         eps: added to b (default 1e-10, as torch.optim.Adagrad).
         weight_decay: λ, L2 penalty added to the gradient (default 0).
@@ -48,6 +64,12 @@ class AdaGradNorm(LargeBatchOptimizer):
     """
 
     _name = "AdaGradNorm"
+    # b² lives in the state of the group's first parameter only, which may hold it without a step
+    # (when that parameter has had no gradient yet); every other stepped parameter holds a step.
+    _STATE_KEYS = ()
+    _OPTIONAL_STATE_KEYS = ("step", "sum_sq")
+    _SCALAR_STATE_KEYS = ("step", "sum_sq")
+    _SQUARED_STATE_KEYS = ("sum_sq",)
 
     def __init__(
         self,
@@ -82,31 +104,33 @@ class AdaGradNorm(LargeBatchOptimizer):
         check_non_negative("eps", group["eps"])
         check_non_negative("weight_decay", group["weight_decay"])
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """As torch's, except b² keeps its float32/64 dtype.
+    def _loaded(self, state_dict: Mapping[str, Any]) -> tuple[defaultdict[Tensor, dict[str, Any]], list[dict[str, Any]]]:
+        """The base class's checks, and b² where this class keeps it: on each group's first
+        parameter only, and there whenever the group has stepped."""
+        state, groups = super()._loaded(state_dict)
+        for index, group in enumerate(groups):
+            first, *others = group["params"]
+            where = f"state_dict param_groups[{index}]"
+            if any("sum_sq" in state.get(p, {}) for p in others):
+                raise ValueError(f"{where}: 'sum_sq' is kept by the group's first parameter only")
+            if "sum_sq" not in state.get(first, {}) and any("step" in state.get(p, {}) for p in group["params"]):
+                raise ValueError(f"{where} has stepped but its first parameter holds no 'sum_sq' (b²)")
+        return state, groups
 
-        torch casts every floating-point state tensor to its parameter's dtype on load; for a
-        bf16 parameter that would round the accumulator to 8 bits of mantissa.
-        """
-        super().load_state_dict(state_dict)
-        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
-        params = [p for group in self.param_groups for p in group["params"]]
-        for saved_id, param in zip(saved_ids, params):
-            saved = state_dict["state"].get(saved_id, {})
-            if "sum_sq" in saved:
-                self.state[param]["sum_sq"] = saved["sum_sq"].to(
-                    device=param.device, dtype=norm_dtype(param.dtype), copy=True
-                )
+    def _loaded_value(self, key: str, value: Any, param: Tensor, group: dict[str, Any]) -> Tensor:
+        """As the base class's, except that b² keeps its float32/64 dtype: torch's policy would
+        cast it to a bf16 parameter's dtype and round the accumulator to 8 bits of mantissa."""
+        if key == "sum_sq":
+            return value.to(device=param.device, dtype=norm_dtype(param.dtype), copy=True)
+        return super()._loaded_value(key, value, param, group)
 
     def accumulator(self, group_index: int = 0) -> Tensor | None:
         """b² of one group (None before its first step)."""
         first = self.param_groups[group_index]["params"][0]
         return self.state[first].get("sum_sq") if first in self.state else None
 
-    def _step_group(self, group: dict[str, Any], grad_clip_coef: Tensor | None) -> None:
-        params = self._params_with_grad(group)
-        if not params:
-            return
+    def _step_group(self, group: dict[str, Any], prepared: PreparedGroup, grad_clip_coef: Tensor | None) -> None:
+        params = prepared.params
         first_state = self.state[group["params"][0]]
         if "sum_sq" not in first_state:
             first_state["sum_sq"] = torch.full(
@@ -153,8 +177,12 @@ def adagrad_norm(
     """Functional AdaGrad-Norm: one step in place; ``sum_sq`` (b², 0-dim fp32) is updated too.
 
     ``shard_reduction`` sums the squares across ranks when the tensors are local shards.
+
+    Raises:
+        ValueError: the tensor lists differ in length.
     """
-    hyper = dict(lr=lr, eps=eps, weight_decay=weight_decay, maximize=maximize, shard_reduction=shard_reduction)
+    check_same_lengths(params=params, grads=grads, state_steps=state_steps)
+    hyper = dict(lr=scalar_lr(lr), eps=eps, weight_decay=weight_decay, maximize=maximize, shard_reduction=shard_reduction)
     if resolve_foreach(params, foreach, differentiable):
         _multi_tensor_adagrad_norm(params, grads, sum_sq, state_steps, **hyper)
     else:

@@ -15,9 +15,11 @@ from ._base import (
     check_bool,
     check_non_negative,
     check_positive,
+    check_same_lengths,
     debias_factor,
     debias_factors,
     resolve_foreach,
+    scalar_lr,
 )
 from ._sharding import to_local
 
@@ -26,8 +28,6 @@ if TYPE_CHECKING:
 
 __all__ = ["Adan", "adan"]
 
-# The per-parameter state tensors besides the step counter, in the functional form's order.
-_BUFFERS = ("exp_avg", "exp_avg_diff", "exp_avg_sq", "prev_grad")
 
 
 class Adan(LargeBatchOptimizer):
@@ -51,7 +51,7 @@ class Adan(LargeBatchOptimizer):
 
     Args:
         params: tensors, named parameters, or param-group dicts (every option can be set per group).
-        lr: learning rate, a float or a 0-dim tensor (default 1e-3).
+        lr: learning rate, a float or a one-element tensor (default 1e-3).
         betas: (β1, β2, β3) (default (0.98, 0.92, 0.99), the official defaults).
         eps: added outside the square root (default 1e-8).
         weight_decay: λ (default 0).
@@ -62,6 +62,8 @@ class Adan(LargeBatchOptimizer):
 
     _name = "Adan"
     _has_fused = True
+    _STATE_KEYS = ("step", "exp_avg", "exp_avg_diff", "exp_avg_sq", "prev_grad")
+    _SQUARED_STATE_KEYS = ("exp_avg_sq",)
 
     def __init__(
         self,
@@ -112,12 +114,12 @@ class Adan(LargeBatchOptimizer):
     def _init_state(self, param: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
         if "step" not in state:
             state["step"] = self._new_step(param, group)
-        for key in _BUFFERS:
+        for key in self._STATE_KEYS[1:]:  # the buffers, after "step"
             if key not in state:
                 state[key] = torch.zeros_like(param, memory_format=torch.preserve_format)
 
     def _group_lists(self, group: dict[str, Any], params: list[Tensor]) -> list[list[Tensor]]:
-        *buffers, steps = self._state_lists(params, group, (*_BUFFERS, "step"))
+        *buffers, steps = self._state_lists(params, group, (*self._STATE_KEYS[1:], "step"))
         return [to_local(params), to_local([p.grad for p in params]), *(to_local(b) for b in buffers), steps]
 
     def _fused_layout(self, group: dict[str, Any]) -> dict[str, int]:
@@ -125,7 +127,7 @@ class Adan(LargeBatchOptimizer):
 
         return ADAN_LAYOUT
 
-    def _step_group(self, group: dict[str, Any], grad_clip_coef: Tensor | None, prepared: PreparedGroup) -> None:
+    def _step_group(self, group: dict[str, Any], prepared: PreparedGroup, grad_clip_coef: Tensor | None) -> None:
         beta1, beta2, beta3 = group["betas"]
         # The update is elementwise: on shards it needs only their local tensors (the global
         # clipping norm, the one whole-model quantity, is completed in _grad_clip_coefficients).
@@ -178,9 +180,21 @@ def adan(
     """Functional Adan: one step over the given tensors, in place. See :class:`Adan`.
 
     ``grad_scale``/``found_inf`` (GradScaler's protocol) are supported by the fused path only.
+
+    Raises:
+        ValueError: the tensor lists differ in length.
     """
+    check_same_lengths(
+        params=params,
+        grads=grads,
+        exp_avgs=exp_avgs,
+        exp_avg_diffs=exp_avg_diffs,
+        exp_avg_sqs=exp_avg_sqs,
+        prev_grads=prev_grads,
+        state_steps=state_steps,
+    )
     hyper = dict(
-        lr=lr,
+        lr=scalar_lr(lr),
         beta1=beta1,
         beta2=beta2,
         beta3=beta3,

@@ -17,10 +17,12 @@ from ._base import (
     check_bool,
     check_non_negative,
     check_positive,
+    check_same_lengths,
     foreach_fp32_norms,
     fp32_norm,
     param_norm,
     resolve_foreach,
+    scalar_lr,
 )
 from ._sharding import ShardReduction, complete_norms, to_local
 from ._trust import trust_ratio
@@ -58,7 +60,7 @@ class LAMB(LargeBatchOptimizer):
     Args:
         params: tensors, named parameters, or param-group dicts (every option below can be
             overridden per group).
-        lr: learning rate, a float or a 0-dim tensor (default 1e-3).
+        lr: learning rate, a float or a one-element tensor (default 1e-3).
         betas: (β1, β2) (default (0.9, 0.999)).
         eps: added to √v̂ (default 1e-6, as apex and the paper's code).
         weight_decay: λ, decoupled, inside u so it is scaled by r (default 0.01).
@@ -79,6 +81,14 @@ class LAMB(LargeBatchOptimizer):
 
     _name = "LAMB"
     _has_fused = True
+    _STATE_KEYS = ("step", "exp_avg", "exp_avg_sq")
+    _SQUARED_STATE_KEYS = ("exp_avg_sq",)
+    _NO_ADAPTATION_ADVICE = (
+        "every group has weight_decay=0 with always_adapt=False (or layer_adaptation=False), so the "
+        "trust ratio is 1 everywhere and this LAMB is exactly Adam. Hugging Face Trainer builds its groups "
+        "with TrainingArguments.weight_decay, whose default is 0. Set weight_decay > 0 on the weight "
+        "groups, or always_adapt=True."
+    )
 
     def __init__(
         self,
@@ -144,10 +154,13 @@ class LAMB(LargeBatchOptimizer):
             "max_grad_norm": None,
         }
 
+    def _group_adapts(self, group: dict[str, Any]) -> bool:
+        return lamb_adapts(group)
+
     def _init_state(self, param: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
         if "step" not in state:
             state["step"] = self._new_step(param, group)
-        for key in ("exp_avg", "exp_avg_sq"):
+        for key in self._STATE_KEYS[1:]:  # the moments, after "step"
             if key not in state:
                 state[key] = torch.zeros_like(param, memory_format=torch.preserve_format)
 
@@ -160,7 +173,7 @@ class LAMB(LargeBatchOptimizer):
 
         return LAMB_LAYOUT
 
-    def _step_group(self, group: dict[str, Any], grad_clip_coef: Tensor | None, prepared: PreparedGroup) -> None:
+    def _step_group(self, group: dict[str, Any], prepared: PreparedGroup, grad_clip_coef: Tensor | None) -> None:
         beta1, beta2 = group["betas"]
         lamb(
             *prepared.lists,
@@ -223,9 +236,15 @@ def lamb(
     ``always_adapt`` and ``weight_decay``); ``grad_clip_coef`` is the global clipping multiplier;
     ``shard_reduction`` completes the norms across ranks when the tensors are local shards.
     ``grad_scale``/``found_inf`` (GradScaler's protocol) are supported by the fused path only.
+
+    Raises:
+        ValueError: the tensor lists differ in length.
     """
+    check_same_lengths(
+        params=params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs, state_steps=state_steps
+    )
     hyper = dict(
-        lr=lr,
+        lr=scalar_lr(lr),
         beta1=beta1,
         beta2=beta2,
         eps=eps,

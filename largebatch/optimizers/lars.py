@@ -14,10 +14,12 @@ from ._base import (
     check_bool,
     check_non_negative,
     check_positive,
+    check_same_lengths,
     foreach_fp32_norms,
     fp32_norm,
     param_norm,
     resolve_foreach,
+    scalar_lr,
 )
 from ._sharding import ShardReduction, complete_norms, to_local
 from ._trust import trust_ratio
@@ -57,7 +59,7 @@ class LARS(LargeBatchOptimizer):
 
     Args:
         params: tensors, named parameters, or param-group dicts (every option can be set per group).
-        lr: learning rate, a float or a 0-dim tensor (default 1.0, as timm; LARS is usually run at
+        lr: learning rate, a float or a one-element tensor (default 1.0, as timm; LARS is usually run at
             lr ≈ 0.1·batch/256 with warmup).
         momentum: μ (default 0.9).
         dampening: (default 0).
@@ -73,6 +75,11 @@ class LARS(LargeBatchOptimizer):
 
     _name = "LARS"
     _has_fused = True
+    _OPTIONAL_STATE_KEYS = ("momentum_buffer",)
+    _NO_ADAPTATION_ADVICE = (
+        "every group has layer_adaptation=False, so the local rate is 1 everywhere and this LARS is "
+        "SGD with momentum. Set layer_adaptation=True on the weight groups (it is the default)."
+    )
 
     def __init__(
         self,
@@ -134,6 +141,9 @@ class LARS(LargeBatchOptimizer):
             "lr_in_momentum": False,
         }
 
+    def _group_adapts(self, group: dict[str, Any]) -> bool:
+        return group["layer_adaptation"]
+
     def _init_state(self, param: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
         if "step" not in state:
             state["step"] = self._new_step(param, group)
@@ -150,7 +160,7 @@ class LARS(LargeBatchOptimizer):
 
         return lars_layout(group["momentum"] != 0)
 
-    def _step_group(self, group: dict[str, Any], grad_clip_coef: Tensor | None, prepared: PreparedGroup) -> None:
+    def _step_group(self, group: dict[str, Any], prepared: PreparedGroup, grad_clip_coef: Tensor | None) -> None:
         params, grads, *buffers, steps = prepared.lists
         lars(
             params,
@@ -207,9 +217,14 @@ def lars(
     ``momentum_buffers`` is None when ``momentum`` is 0; ``adapt`` is the group's
     ``layer_adaptation``; ``shard_reduction`` completes the norms across ranks when the tensors
     are local shards. ``grad_scale``/``found_inf`` are supported by the fused path only.
+
+    Raises:
+        ValueError: the tensor lists differ in length, or ``momentum_buffers`` is given with
+            momentum 0 (or missing with momentum != 0).
     """
+    check_same_lengths(params=params, grads=grads, momentum_buffers=momentum_buffers, state_steps=state_steps)
     hyper = dict(
-        lr=lr,
+        lr=scalar_lr(lr),
         momentum=momentum,
         dampening=dampening,
         nesterov=nesterov,

@@ -132,6 +132,10 @@ ADAGRAD_NORM_CASE = OptimizerCase(
 )
 
 CASES = [LAMB_CASE, LARS_CASE, ADAN_CASE, ADAGRAD_NORM_CASE]
+
+# Random hyper-parameters often adapt no group, on purpose; that warning has its own tests
+# (test_no_adaptation_warning.py). For `pytestmark = pytest.mark.filterwarnings(...)`.
+IGNORE_NO_ADAPTATION_WARNING = "ignore:(LAMB|LARS) adapts no param group:UserWarning"
 CASE_IDS = [case.name for case in CASES]
 
 # Shapes the optimizers must handle: 0-dim, empty, vectors, matrices (transposed = non-contiguous).

@@ -6,9 +6,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from _cases import CASE_IDS, CASES, make_grads, make_param, run_torch, shape_specs
+from _cases import CASE_IDS, CASES, IGNORE_NO_ADAPTATION_WARNING, make_grads, make_param, run_torch, shape_specs
 from largebatch import LARS
 from oracles.numpy_optimizers import lars as lars_oracle
+
+pytestmark = pytest.mark.filterwarnings(IGNORE_NO_ADAPTATION_WARNING)
 
 STEPS = 10
 

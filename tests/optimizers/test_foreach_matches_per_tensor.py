@@ -6,7 +6,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from _cases import CASE_IDS, CASES, make_grads, make_param, run_torch, shape_specs
+from _cases import CASE_IDS, CASES, IGNORE_NO_ADAPTATION_WARNING, make_grads, make_param, run_torch, shape_specs
+
+pytestmark = pytest.mark.filterwarnings(IGNORE_NO_ADAPTATION_WARNING)
 
 STEPS = 5
 # Same operations in the same order, so fp32/fp64 agree to rounding; bf16 (8-bit mantissa) can

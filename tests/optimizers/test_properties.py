@@ -8,8 +8,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from _cases import CASE_IDS, CASES, make_grads, make_param, run_torch, shape_specs
+from _cases import CASE_IDS, CASES, IGNORE_NO_ADAPTATION_WARNING, make_grads, make_param, run_torch, shape_specs
 from largebatch import LAMB, LARS, AdaGradNorm, Adan
+
+pytestmark = pytest.mark.filterwarnings(IGNORE_NO_ADAPTATION_WARNING)
 
 ALL = [LAMB, LARS, Adan, AdaGradNorm]
 IMPLS = pytest.mark.parametrize("foreach", [False, True], ids=["per_tensor", "foreach"])

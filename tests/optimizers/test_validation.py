@@ -1,9 +1,13 @@
 """Every invalid hyper-parameter raises a ValueError that names it; bad tensors raise clearly."""
 
+from fractions import Fraction
+
+import numpy as np
 import pytest
 import torch
 
 from largebatch import LAMB, LARS, AdaGradNorm, Adan
+from largebatch.optimizers._base import check_non_negative, check_positive
 
 INVALID = [
     (LAMB, {"lr": -1e-3}, "lr"),
@@ -41,6 +45,47 @@ INVALID = [
     (AdaGradNorm, {"eps": -1e-10}, "eps"),
     (AdaGradNorm, {"weight_decay": -0.1}, "weight_decay"),
     (AdaGradNorm, {"foreach": "auto"}, "foreach"),
+    # lr of the wrong type, non-finite, a bool, complex, or beyond float32
+    (LAMB, {"lr": None}, "lr"),
+    (LAMB, {"lr": "1e-3"}, "lr"),
+    (LAMB, {"lr": 1e-3 + 0j}, "lr"),
+    (LAMB, {"lr": float("inf")}, "lr"),
+    (LAMB, {"lr": True}, "lr"),
+    (LAMB, {"lr": Fraction(1, 1000)}, "lr"),
+    (LAMB, {"betas": (Fraction(9, 10), 0.999)}, r"betas\[0\]"),
+    (LAMB, {"lr": 1e39}, "lr"),
+    (LAMB, {"lr": torch.tensor(1e-3, dtype=torch.complex64)}, "lr"),
+    (LAMB, {"lr": torch.tensor(True)}, "lr"),
+    (LAMB, {"lr": torch.tensor(float("inf"))}, "lr"),
+    (LAMB, {"lr": torch.tensor([[1e39]], dtype=torch.float64)}, "lr"),
+    (LARS, {"lr": None}, "lr"),
+    (Adan, {"lr": 2j}, "lr"),
+    (AdaGradNorm, {"lr": "0.1"}, "lr"),
+    # non-finite, too large, and bool hyper-parameters
+    (LAMB, {"weight_decay": float("inf")}, "weight_decay"),
+    (LAMB, {"weight_decay": float("nan")}, "weight_decay"),
+    (LAMB, {"weight_decay": True}, "weight_decay"),
+    (LAMB, {"eps": float("inf")}, "eps"),
+    (LAMB, {"eps": True}, "eps"),
+    (LAMB, {"eps": 1e39}, "eps"),
+    (LAMB, {"trust_clip": float("inf")}, "trust_clip"),
+    (LAMB, {"max_grad_norm": float("inf")}, "max_grad_norm"),
+    (LARS, {"momentum": float("inf")}, "momentum"),
+    (LARS, {"momentum": float("nan")}, "momentum"),
+    (LARS, {"dampening": float("inf")}, "dampening"),
+    (LARS, {"weight_decay": float("nan")}, "weight_decay"),
+    (LARS, {"weight_decay": True}, "weight_decay"),
+    (LARS, {"eps": float("inf")}, "eps"),
+    (LARS, {"trust_coefficient": float("inf")}, "trust_coefficient"),
+    (LARS, {"trust_coefficient": 1e39}, "trust_coefficient"),
+    (LARS, {"trust_coefficient": None}, "trust_coefficient"),
+    (Adan, {"eps": float("nan")}, "eps"),
+    (Adan, {"weight_decay": float("inf")}, "weight_decay"),
+    (Adan, {"max_grad_norm": float("nan")}, "max_grad_norm"),
+    (AdaGradNorm, {"initial_accumulator_value": float("inf")}, "initial_accumulator_value"),
+    (AdaGradNorm, {"initial_accumulator_value": 1e39}, "initial_accumulator_value"),
+    (AdaGradNorm, {"eps": float("inf")}, "eps"),
+    (AdaGradNorm, {"weight_decay": float("nan")}, "weight_decay"),
 ]
 
 
@@ -64,6 +109,82 @@ def test_invalid_per_group_override_is_caught_too(cls):
     with pytest.raises(ValueError, match="lr"):
         opt.add_param_group({"params": [torch.zeros(1, requires_grad=True)], "lr": -1.0})
     assert len(opt.param_groups) == 1
+
+
+@pytest.mark.parametrize("bad_lr", [None, "0.1", 1j, True, torch.tensor(0.1j)], ids=repr)
+@pytest.mark.parametrize("cls", [LAMB, LARS, Adan, AdaGradNorm], ids=lambda c: c.__name__)
+def test_a_rejected_group_is_never_kept(cls, bad_lr):
+    """Whatever the bad value (once a TypeError), the group is not kept and the next step works."""
+    p = torch.ones(2, requires_grad=True)
+    opt = cls([p])
+    with pytest.raises(ValueError, match="Invalid lr"):
+        opt.add_param_group({"params": [torch.zeros(1, requires_grad=True)], "lr": bad_lr})
+    assert len(opt.param_groups) == 1
+    p.grad = torch.ones(2)
+    opt.step()
+    assert torch.isfinite(p).all() and not torch.equal(p.detach(), torch.ones(2))
+
+
+@pytest.mark.parametrize("error", [TypeError, KeyError, RuntimeError, KeyboardInterrupt])
+def test_a_group_rejected_by_any_exception_is_not_kept(monkeypatch, error):
+    opt = LAMB([torch.zeros(2, requires_grad=True)])
+
+    def rejects(group):
+        raise error("rejected")
+
+    monkeypatch.setattr(opt, "_validate_group", rejects)
+    with pytest.raises(error):
+        opt.add_param_group({"params": [torch.zeros(1, requires_grad=True)]})
+    assert len(opt.param_groups) == 1
+
+
+@pytest.mark.parametrize("cls", [LAMB, LARS, Adan, AdaGradNorm], ids=lambda c: c.__name__)
+def test_numpy_numbers_are_accepted(cls):
+    p = torch.ones(2, requires_grad=True)
+    opt = cls([p], lr=np.float32(0.1), weight_decay=np.int64(0), eps=np.float64(1e-6))
+    p.grad = torch.ones(2)
+    opt.step()
+    assert torch.isfinite(p).all() and not torch.equal(p.detach(), torch.ones(2))
+
+
+def test_check_non_negative_refuses_bools():
+    for value in (True, False):
+        with pytest.raises(ValueError, match="eps"):
+            check_non_negative("eps", value)
+
+
+def test_check_positive_admits_none_only_when_allowed():
+    with pytest.raises(ValueError, match="trust_coefficient"):
+        check_positive("trust_coefficient", None)
+    check_positive("trust_clip", None, allow_none=True)
+    with pytest.raises(ValueError, match="trust_clip"):
+        check_positive("trust_clip", True, allow_none=True)
+
+
+@pytest.mark.parametrize("cls", [LARS, AdaGradNorm], ids=lambda c: c.__name__)
+def test_max_grad_norm_is_refused_where_it_is_not_applied(cls):
+    """LARS and AdaGrad-Norm do not clip: a max_grad_norm group key would silently do nothing."""
+    with pytest.raises(ValueError, match="max_grad_norm"):
+        cls([{"params": [torch.zeros(2, requires_grad=True)], "max_grad_norm": 1.0}])
+    opt = cls([torch.zeros(2, requires_grad=True)])
+    with pytest.raises(ValueError, match="max_grad_norm"):
+        opt.add_param_group({"params": [torch.zeros(1, requires_grad=True)], "max_grad_norm": 1.0})
+    assert len(opt.param_groups) == 1
+    cls([{"params": [torch.zeros(2, requires_grad=True)], "max_grad_norm": None}])  # None: no clipping
+
+
+@pytest.mark.parametrize("cls", [LAMB, Adan], ids=lambda c: c.__name__)
+def test_bad_gradients_are_named_before_the_clipping_norm_reads_them(cls):
+    p = torch.zeros(3, requires_grad=True)
+    opt = cls([p], max_grad_norm=1.0)
+    p.grad = torch.sparse_coo_tensor([[0]], [1.0], (3,))
+    with pytest.raises(RuntimeError, match=f"{cls.__name__} does not support sparse gradients"):
+        opt.step()
+    c = torch.zeros(3, dtype=torch.complex64, requires_grad=True)
+    opt = cls([c], max_grad_norm=1.0)
+    c.grad = torch.ones_like(c)
+    with pytest.raises(RuntimeError, match=f"{cls.__name__} does not support complex parameters"):
+        opt.step()
 
 
 @pytest.mark.parametrize("cls", [LAMB, LARS, Adan, AdaGradNorm], ids=lambda c: c.__name__)
