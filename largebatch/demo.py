@@ -202,10 +202,11 @@ def check_demo_dependencies(plot: bool) -> None:
         except ImportError:
             missing.append(distribution)
     if missing:
-        hint = " (or run with --no-plot)" if missing == ["matplotlib"] else ""
+        alternative = ", or run with --no-plot" if missing == ["matplotlib"] else ""
         raise SystemExit(
             f"largebatch.demo needs the [demo] extra; missing: {', '.join(missing)}.\n"
-            f'Install it with: pip install "largebatch[demo]"   (in a clone: pip install -e ".[demo]"){hint}'
+            f'Install it with: pip install "largebatch[demo]" (in a clone: pip install -e ".[demo]")'
+            f"{alternative}."
         )
 
 
