@@ -29,6 +29,7 @@ their rows, and everything around them runs.
 from __future__ import annotations
 
 import argparse
+import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -188,7 +189,7 @@ def check_no_host_sync(profile: str, variant: str) -> dict[str, Any]:
             "fresh gradient tensors": fresh_gradients,
             "GradScaler step": grad_scaler_step,
         }
-        syncs = {}
+        syncs, where = {}, []
         for phase, run in phases.items():
             try:
                 with host_syncs_raise(device):
@@ -197,11 +198,12 @@ def check_no_host_sync(profile: str, variant: str) -> dict[str, Any]:
                 if "synchroniz" not in str(error):
                     raise
                 syncs[phase] = str(error).splitlines()[0]
+                where.append(f"{phase}:\n{traceback.format_exc(limit=-8)}")  # the frames that synced
         synchronize(device)
     if device.type != "cuda":
         return {"status": "ok", "detail": f"dry run: the CPU has no host-device sync to catch; {', '.join(phases)} ran"}
     if syncs:
-        return {"status": "FAILED", "detail": "; ".join(f"{p}: {e}" for p, e in syncs.items())}
+        return {"status": "FAILED", "detail": "; ".join(f"{p}: {e}" for p, e in syncs.items()), "output": "\n".join(where)}
     return {"status": "ok", "detail": f"no sync in: {', '.join(phases)}"}
 
 
