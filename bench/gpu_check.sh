@@ -8,7 +8,15 @@
 #
 # Results: $OUT/gpu_check.{json,md} and $OUT/logs/ when $OUT is set (as on the device machine),
 # else gpu_check_out/. Exit status 1 when any row failed. PYTHON picks the interpreter.
+#
+# bench/.deps (git-ignored), when present, is put on the path after the checkout: packages for a
+# machine without network, e.g. `pip install --no-deps --target bench/.deps timm` beforehand.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+DEPS="$PWD/bench/.deps"
+if [ -d "$DEPS" ]; then
+  export PYTHONPATH="$PWD:$DEPS${PYTHONPATH:+:$PYTHONPATH}"
+else
+  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+fi
 exec "${PYTHON:-python}" -m bench.gpu_check --out "${OUT:-gpu_check_out}" "$@"

@@ -16,6 +16,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import sys
 import sysconfig
 import time
@@ -344,6 +345,9 @@ def add_run_arguments(parser: argparse.ArgumentParser, default_name: str) -> Non
 
 def run_from_arguments(args: argparse.Namespace, make_jobs: Callable[[str], list[Job]], title: str) -> None:
     """Run `make_jobs(profile)` after the environment row, as the arguments say; exit 1 on any failure."""
+    # Killed by a timeout's SIGTERM, the run still takes its running child down (see run_isolated);
+    # the files already hold every finished row.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     profile = "dry-run" if args.dry_run else "cuda"
     jobs = [j for j in make_jobs(profile) if not args.only or any(o in j.name for o in args.only)]
     file = run([environment_job(profile), *jobs], profile, args.out, args.name, title, args.budget_s)
