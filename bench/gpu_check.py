@@ -39,7 +39,7 @@ from torch import Tensor
 
 import largebatch
 from bench.isolated import Job
-from bench.report import PROFILES, fused_chunking, report_jobs, synchronize
+from bench.report import PROFILES, Profile, fused_chunking, report_jobs, synchronize
 from bench.shapes import Shape
 
 # The optimizers checked, with the hyper-parameters of the report (and clipping, a separate pass).
@@ -100,13 +100,16 @@ def _states(optimizer: torch.optim.Optimizer, params: list[Tensor]) -> list[Tens
     return [value for p in params for _, value in sorted(optimizer.state[p].items()) if isinstance(value, Tensor)]
 
 
-def _compare_with_reference(variant: str, shapes: list[Shape], device: torch.device, misaligned: bool, steps: int) -> dict[str, Any]:
+def _compare_with_reference(
+    variant: str, shapes: list[Shape], device: torch.device, misaligned: bool, steps: int
+) -> dict[str, Any]:
     cls, hyper = VARIANTS[variant]
     generator = torch.Generator(device=device).manual_seed(0)
     initial = _leaves(shapes, device, generator, misaligned)
     runs = []
     for fused in (True, False):
-        params = [_offset_copy(p.detach()).requires_grad_() if misaligned else p.detach().clone().requires_grad_() for p in initial]
+        copy = _offset_copy if misaligned else Tensor.clone
+        params = [copy(p.detach()).requires_grad_() for p in initial]
         options = {"fused": True} if fused else {"fused": False, "foreach": False}
         runs.append((params, cls(params, **hyper, **options)))
     for _ in range(steps):
@@ -144,6 +147,17 @@ def check_reference(profile: str, variant: str) -> dict[str, Any]:
     return {"status": "ok" if passed else "FAILED", "detail": f"{config.check_steps} steps; {detail}", "cases": results}
 
 
+def _setup(
+    profile: str, variant: str
+) -> tuple[Profile, torch.device, type[torch.optim.Optimizer], dict[str, Any], torch.Generator, list[Tensor]]:
+    """The profile, its device, the variant's class and hyper-parameters, a seeded generator, and
+    leaves of CHECK_SHAPES drawn from it."""
+    config = PROFILES[profile]
+    device = torch.device(config.device)
+    generator = torch.Generator(device=device).manual_seed(0)
+    return config, device, *VARIANTS[variant], generator, _leaves(CHECK_SHAPES[profile], device, generator)
+
+
 @contextmanager
 def host_syncs_raise(device: torch.device) -> Iterator[None]:
     """Inside: any synchronising CUDA call raises (on the CPU there is no device to sync with)."""
@@ -160,11 +174,7 @@ def host_syncs_raise(device: torch.device) -> Iterator[None]:
 
 def check_no_host_sync(profile: str, variant: str) -> dict[str, Any]:
     """Job function: a steady step, a step on fresh gradient tensors and a GradScaler step, none syncing."""
-    config = PROFILES[profile]
-    device = torch.device(config.device)
-    cls, hyper = VARIANTS[variant]
-    generator = torch.Generator(device=device).manual_seed(0)
-    params = _leaves(CHECK_SHAPES[profile], device, generator)
+    config, device, cls, hyper, generator, params = _setup(profile, variant)
     for param in params:
         param.grad = torch.randn(param.shape, device=device, generator=generator)
     scaler = torch.amp.GradScaler(device.type, init_scale=4.0)
@@ -219,11 +229,7 @@ def _graphed(step: Callable[[], None], device: torch.device, replays: int) -> tu
 
 def check_graph(profile: str, variant: str) -> dict[str, Any]:
     """Job function: capturable=True, lr a device tensor: captured-step replays == eager steps."""
-    config = PROFILES[profile]
-    device = torch.device(config.device)
-    cls, hyper = VARIANTS[variant]
-    generator = torch.Generator(device=device).manual_seed(0)
-    initial = _leaves(CHECK_SHAPES[profile], device, generator)
+    config, device, cls, hyper, generator, initial = _setup(profile, variant)
     copies = []
     with fused_chunking(config):
         for _ in ("eager", "graphed"):
@@ -261,10 +267,12 @@ def check_graph(profile: str, variant: str) -> dict[str, Any]:
         synchronize(device)
     params_error = _errors(graph_params, eager_params)
     states_error = _errors(_states(graphed, graph_params), _states(eager, eager_params))
-    identical = all(torch.equal(a, b) for a, b in zip(graph_params + _states(graphed, graph_params), eager_params + _states(eager, eager_params)))
+    graph_tensors = graph_params + _states(graphed, graph_params)
+    identical = all(torch.equal(a, b) for a, b in zip(graph_tensors, eager_params + _states(eager, eager_params)))
     passed = max(params_error, states_error) <= 1.0
     detail = (
-        f"{how}; after {config.warmup} + {config.graph_replays} steps: {'bitwise identical' if identical else 'not bitwise identical'}, "
+        f"{how}; after {config.warmup} + {config.graph_replays} steps: "
+        f"{'bitwise identical' if identical else 'not bitwise identical'}, "
         f"worst error/tolerance params {params_error:.3g}, states {states_error:.3g}"
     )
     return {"status": "ok" if passed else "FAILED", "detail": detail}
@@ -273,7 +281,7 @@ def check_graph(profile: str, variant: str) -> dict[str, Any]:
 def correctness_jobs(profile: str) -> list[Job]:
     checks = [("reference", "check_reference"), ("no host sync", "check_no_host_sync"), ("CUDA graph", "check_graph")]
     return [
-        Job("correctness", f"{check}: {variant}", "bench.gpu_check", function, {"profile": profile, "variant": variant}, timeout_s=180)
+        Job("correctness", f"{check}: {variant}", "bench.gpu_check", function, {"profile": profile, "variant": variant}, 180)
         for check, function in checks
         for variant in VARIANTS
     ]

@@ -61,7 +61,9 @@ def _exit_description(returncode: int) -> str:
     return f"exited with code {returncode}"
 
 
-def run_isolated(job: Job, env: Mapping[str, str], log_path: Path | None = None, timeout_s: float | None = None) -> dict[str, Any]:
+def run_isolated(
+    job: Job, env: Mapping[str, str], log_path: Path | None = None, timeout_s: float | None = None
+) -> dict[str, Any]:
     """Run `job` in a child process and return its row; never raises for anything the child does.
 
     The child gets its own session, so a timeout kills it with everything it started (Triton's
@@ -73,7 +75,8 @@ def run_isolated(job: Job, env: Mapping[str, str], log_path: Path | None = None,
     with tempfile.TemporaryDirectory(prefix="bench-job-") as scratch:
         result_path = Path(scratch) / "result.json"
         log = Path(scratch) / "log.txt" if log_path is None else log_path
-        command = [sys.executable, "-m", "bench.isolated", str(result_path), job.module, job.function, json.dumps(dict(job.kwargs))]
+        arguments = [str(result_path), job.module, job.function, json.dumps(dict(job.kwargs))]
+        command = [sys.executable, "-m", "bench.isolated", *arguments]
         begin = time.monotonic()
         with open(log, "w") as output:
             child = subprocess.Popen(

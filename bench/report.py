@@ -75,7 +75,15 @@ class Profile:
 
 PROFILES = {
     "cuda": Profile(
-        "cuda", FULL_SIZE, warmup=3, steps=20, check_steps=5, graph_replays=10, copy_bytes=1 << 30, chunking=None, interpret=False
+        "cuda",
+        FULL_SIZE,
+        warmup=3,
+        steps=20,
+        check_steps=5,
+        graph_replays=10,
+        copy_bytes=1 << 30,
+        chunking=None,
+        interpret=False,
     ),
     "dry-run": Profile(
         "cpu",

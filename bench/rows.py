@@ -111,6 +111,9 @@ class ReportFile:
     """`<name>.json` and `<name>.md` under `out`, both rewritten (atomically) after every row."""
 
     def __init__(self, out: Path, name: str, title: str, profile: str, jobs: list[Job]) -> None:
+        names = [job.name for job in jobs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"Invalid jobs: their names must be unique (rows are found by name), got {names}")
         self.json_path, self.markdown_path = out / f"{name}.json", out / f"{name}.md"
         self.report: dict[str, Any] = {
             "title": title,
@@ -212,7 +215,8 @@ def _cell(text: Any, limit: int = 90) -> str:
 
 def _status_table(rows: list[dict[str, Any]]) -> list[str]:
     lines = ["| check | status | detail | s |", "|---|---|---|---:|"]
-    lines += [f"| {r['name']} | {r['status']} | {_cell(r.get('detail') or '', 200)} | {r.get('seconds', '')} |" for r in rows]
+    for r in rows:
+        lines.append(f"| {r['name']} | {r['status']} | {_cell(r.get('detail') or '', 200)} | {r.get('seconds', '')} |")
     return lines
 
 
@@ -251,7 +255,8 @@ def markdown(report: dict[str, Any]) -> str:
     rows = report["rows"]
     versions = " · ".join(f"{k} {v or 'not installed'}" for k, v in report["versions"].items())
     done = "complete" if report["complete"] else f"INCOMPLETE ({len(rows)} rows so far, {len(report['pending'])} pending)"
-    lines = [f"# {report['title']}", "", f"{report['device'] or 'device not known yet'} · {versions} · started {report['started']} · {done}", ""]
+    device = report["device"] or "device not known yet"
+    lines = [f"# {report['title']}", "", f"{device} · {versions} · started {report['started']} · {done}", ""]
     if report["note"]:
         lines += [f"**{report['note']}**", ""]
     sections = list(dict.fromkeys(r["section"] for r in rows))
@@ -260,7 +265,8 @@ def markdown(report: dict[str, Any]) -> str:
         lines += [f"## {section[0].upper()}{section[1:]}", ""]
         if section == "bandwidth":
             for r in in_section:
-                value = f"{r['copy_bandwidth_GBps']:.3g} GB/s" if r["status"] == "ok" else f"{r['status']}: {_cell(r.get('detail') or '')}"
+                ok = r["status"] == "ok"
+                value = f"{r['copy_bandwidth_GBps']:.3g} GB/s" if ok else f"{r['status']}: {_cell(r.get('detail') or '')}"
                 lines.append(f"Copy bandwidth: {value}.")
         elif section == "step time":
             per_param = ", ".join(f"{k} {v}" for k, v in MIN_BYTES_PER_PARAM.items())
@@ -339,8 +345,12 @@ def add_run_arguments(parser: argparse.ArgumentParser, default_name: str) -> Non
     parser.add_argument("--out", type=Path, default=Path("gpu_check_out"), help="folder for the JSON, Markdown and logs")
     parser.add_argument("--name", default=default_name, help="file name stem of the JSON and Markdown")
     parser.add_argument("--dry-run", action="store_true", help="the CPU dry run: tiny shapes, interpreted kernels")
-    parser.add_argument("--only", action="append", default=[], help="run only the jobs whose name contains this (repeatable)")
-    parser.add_argument("--budget-s", type=float, default=DEFAULT_BUDGET_S, help="stop starting jobs after this many seconds")
+    parser.add_argument(
+        "--only", action="append", default=[], help="run only the jobs whose name contains this (repeatable)"
+    )
+    parser.add_argument(
+        "--budget-s", type=float, default=DEFAULT_BUDGET_S, help="stop starting jobs after this many seconds"
+    )
 
 
 def run_from_arguments(args: argparse.Namespace, make_jobs: Callable[[str], list[Job]], title: str) -> None:

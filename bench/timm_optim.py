@@ -28,7 +28,7 @@ def timm_optim_folder(search_path: list[str] | None = None) -> Path:
     """The installed `timm/optim` folder, found without importing timm (None: sys.path)."""
     spec = importlib.machinery.PathFinder.find_spec("timm", search_path)
     if spec is None or not spec.submodule_search_locations:
-        raise TimmNotInstalled("timm not installed (`pip install timm`; its rows need only timm and torch)")
+        raise TimmNotInstalled("timm not installed (`pip install --no-deps timm` is enough)")
     return Path(next(iter(spec.submodule_search_locations))) / "optim"
 
 
