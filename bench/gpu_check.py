@@ -81,9 +81,14 @@ def _offset_copy(value: Tensor) -> Tensor:
 
 
 def _errors(actual: list[Tensor], expected: list[Tensor]) -> float:
-    """The worst |a − e| / tolerance over all tensors (≤ 1 passes); inf where NaNs differ."""
+    """The worst |a − e| / tolerance over all tensors (≤ 1 passes); inf where NaNs, shapes or the
+    number of tensors differ."""
+    if len(actual) != len(expected):
+        return float("inf")
     worst = 0.0
     for a, e in zip(actual, expected):
+        if a.shape != e.shape:
+            return float("inf")
         if e.numel() == 0:
             continue
         a, e = a.detach().double(), e.detach().double()

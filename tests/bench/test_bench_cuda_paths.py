@@ -4,12 +4,14 @@ torch.cuda calls they make: what they do with those calls is checked, not the GP
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
 import torch
 
-from bench import gpu_check, report
+from bench import gpu_check, report, rows
+from bench.isolated import REPO_ROOT
 
 CUDA = torch.device("cuda")
 
@@ -106,3 +108,23 @@ def test_graph_capture_runs_the_step_once_and_returns_the_replay(monkeypatch):
     replay()
     assert events == ["capture begins", "step", "capture ends", "replay"]
     assert how == "1 step captured, 10 replays"
+
+
+def test_environment_on_a_cuda_machine_names_what_triton_lacks(monkeypatch):
+    class Properties:
+        name, major, minor, total_memory = "NVIDIA H200", 9, 0, 141 * 2**30
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: Properties())
+    monkeypatch.setattr(rows, "c_compiler", lambda: None)
+    row = rows.environment("cuda")
+    assert row["facts"]["device"] == "NVIDIA H200 (sm_90, 141 GiB)"
+    assert row["status"] == "error" and row["fatal"] is False  # the baselines can still run
+    assert "no C compiler (gcc)" in row["detail"]
+
+
+def test_cuda_children_never_run_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert "TRITON_INTERPRET" not in rows.child_env(report.PROFILES["cuda"])
+    assert rows.child_env(report.PROFILES["dry-run"])["TRITON_INTERPRET"] == "1"
+    assert rows.child_env(report.PROFILES["cuda"])["PYTHONPATH"].split(os.pathsep)[0] == str(REPO_ROOT)

@@ -218,6 +218,8 @@ def test_errors_against_tolerance():
     assert gpu_check._errors(tensors(1.0 + tolerance / 2), expected) == pytest.approx(0.5, rel=1e-3)
     assert gpu_check._errors(tensors(1.0 + 2 * tolerance), expected) == pytest.approx(2.0, rel=1e-3)
     assert gpu_check._errors(tensors(float("nan")), expected) == float("inf")
+    assert gpu_check._errors([], expected) == float("inf")  # a missing state tensor
+    assert gpu_check._errors([torch.ones(1, dtype=torch.float64)], expected) == float("inf")  # would broadcast
 
 
 class _OffWhenFused(torch.optim.SGD):
