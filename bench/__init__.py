@@ -1,2 +1,3 @@
-"""Benchmarks: pytest-benchmark files (`python -m pytest bench`) and the optimizer-step report
-(`python -m bench.report --json out.json`). Not part of the test suite."""
+"""Benchmarks, not part of the test suite: the one-shot GPU check (`bash bench/gpu_check.sh`:
+correctness on CUDA, then the optimizer-step report, `python -m bench.report` alone), and
+pytest-benchmark files (`python -m pytest bench`). See bench/RESULTS.md."""

@@ -3,7 +3,8 @@ AdamW and SGD on BERT-large and ResNet-50 parameter shapes (fp32, CUDA only). Ru
 
     python -m pytest bench/test_fused_bench.py --benchmark-group-by=param:shapes
 
-`python -m bench.report` gives the same steps as a share of copy bandwidth, with the targets.
+`bash bench/gpu_check.sh` gives the same steps (host and device time, as a share of copy
+bandwidth, with the targets), after checking the fused steps' correctness on the GPU.
 """
 
 from __future__ import annotations
@@ -11,12 +12,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench.report import Candidate, parameters_with_grads, candidates
+from bench.report import CANDIDATES, Candidate, parameters_with_grads
 from bench.shapes import FULL_SIZE
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused kernels are benchmarked on CUDA only")
 
-FUSED = [c for c in candidates() if c.implementation in ("largebatch fused", "torch fused")]
+FUSED = [c for c in CANDIDATES.values() if c.implementation in ("largebatch fused", "torch fused")]
 WARMUP_STEPS = 3  # Triton compiles on the first step
 
 
