@@ -183,7 +183,7 @@ def test_state_dict_round_trip_continues_identically():
     for r in sequence[3:]:
         resumed.step(make_statistics(trace=r))
     assert resumed.state_dict() == full.state_dict()
-    with pytest.raises(ValueError, match="batch_size 128 outside"):
+    with pytest.raises(ValueError, match=r"batch_size 128 \(must be an int in \[initial_batch_size=2, max_batch_size=64\]"):
         resumed.load_state_dict({"batch_size": 128, "step_count": 0, "history": []})
 
 

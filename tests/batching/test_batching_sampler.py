@@ -155,5 +155,5 @@ def test_bad_arguments_raise_value_errors_naming_them():
         sampler.set_epoch(-1)
     with pytest.raises(ValueError, match="saved length=11"):
         sampler.load_state_dict({"epoch": 0, "position": 0, "length": 11, "seed": 0})
-    with pytest.raises(ValueError, match="position 12 outside"):
+    with pytest.raises(ValueError, match=r"position 12 \(must be an int in \[0, 10\]"):
         sampler.load_state_dict({"epoch": 0, "position": 12, "length": 10, "seed": 0})

@@ -1,0 +1,16 @@
+"""Argument checks shared by the controller, the sampler and the noise-scale monitor."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def is_int(value: Any) -> bool:
+    """A true int (bool is an int subclass, and never meant as a count)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_int(name: str, value: Any, minimum: int, what: str | None = None) -> None:
+    """ValueError naming `name` unless `value` is an int >= `minimum` (`what` words the bound)."""
+    if not is_int(value) or value < minimum:
+        raise ValueError(f"Invalid {name}: {value!r} (must be an int >= {what or minimum})")
