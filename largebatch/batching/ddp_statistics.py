@@ -39,8 +39,7 @@ under ``no_sync()`` for K·W units. All estimators are ratios of squared norms i
 common gradient scale (GradScaler's, the gradient-accumulation 1/K) cancels in every b_req.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: DDP checks the hook's annotations at registration.
 import torch
 import torch.distributed as dist
 from torch import Tensor
