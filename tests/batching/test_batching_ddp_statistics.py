@@ -118,6 +118,13 @@ def check_against_one_process(rank, counter):
             torch.testing.assert_close(ddp.module.weight.grad.reshape(-1), mean, rtol=1e-12, atol=1e-14)
             with pytest.raises(ValueError, match="without record_next_backward"):
                 state.statistics()
+            with pytest.raises(ValueError, match="Invalid local_batch_size"):
+                state.record_next_backward(0)
+            state.record_next_backward(6)
+            with pytest.raises(ValueError, match="no gradient bucket was recorded"):
+                state.statistics()  # no backward ran
+    with pytest.raises(ValueError, match="Invalid inner_products"):
+        DDPGradientStatistics(inner_products=1)
 
 
 def check_closed_form(rank):
@@ -265,6 +272,12 @@ def test_ddp_statistics_sampler_and_warmup_on_two_gloo_ranks():
             pytest.fail(f"the {WORLD_SIZE} gloo workers did not finish within {TIMEOUT_S} s")
 
 
-def test_the_state_refuses_a_missing_process_group_and_bad_arguments():
+def test_the_state_refuses_a_missing_process_group_and_a_single_rank():
     with pytest.raises(ValueError, match="needs torch.distributed to be initialised"):
         DDPGradientStatistics()
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        with pytest.raises(ValueError, match="Invalid process_group: world size 1"):
+            DDPGradientStatistics()
+    finally:
+        dist.destroy_process_group()
