@@ -26,7 +26,10 @@ with B_simple from a `GradientNoiseScale` (EMA-smoothed, unbiased |G|²) fed wit
 step's statistics, and k = `noise_scale_factor`. The norm test asks for tr(Σ̂)/(η²‖ḡ‖²): the
 same ratio with the biased ‖ḡ‖² = |G|² + tr(Σ)/b, unsmoothed, and k = 1/η². Couple the learning
 rate with `lr_coupling=BatchSizeCoupledLR(optimizer, base_batch_size=b_0, rule=...)`: its rule
-rescales every group's lr by (b_new/b_old)^k at each growth.
+rescales every group's lr by (b_new/b_old)^k at each growth. B_simple is hard to measure from
+a batch much smaller than itself (the |G|² estimate drowns in noise, and can come out <= 0, i.e.
+B_simple = +inf), so early decisions are noisy: `noise_scale_min_updates` waits for several
+measurements, and `noise_scale_max_growth` caps each decision's growth (2: at most double).
 """
 
 from __future__ import annotations
@@ -85,6 +88,13 @@ class AdaptiveBatchSize:
             the test (for logging B_simple; its state is part of this controller's). With
             test="noise_scale" it is the policy's source, and a fresh one is made if None.
         noise_scale_factor: k of the noise-scale policy (> 0): the batch follows k·B_simple.
+        noise_scale_min_updates: the noise-scale policy holds the batch until the monitor has
+            taken this many measurements (>= 1). At a small batch one estimate of |G|² is noisy
+            and can be <= 0 (B_simple = +inf, which would jump straight to b_max).
+        noise_scale_max_growth: optionally cap the noise-scale policy's growth per decision at
+            this factor (> 1; e.g. 2: at most double, as a doubling warmup does). B_simple cannot
+            be measured well from a batch much smaller than itself, so early estimates are
+            noisy; the cap bounds the jump one of them can cause. None (default): no cap.
 
     Usage::
 
@@ -115,11 +125,14 @@ class AdaptiveBatchSize:
         lr_coupling: BatchSizeCoupling | None = None,
         noise_scale: GradientNoiseScale | None = None,
         noise_scale_factor: float = 1.0,
+        noise_scale_min_updates: int = 1,
+        noise_scale_max_growth: float | None = None,
     ) -> None:
         check_int("initial_batch_size", initial_batch_size, 2)
         check_int("max_batch_size", max_batch_size, initial_batch_size, f"initial_batch_size={initial_batch_size}")
         check_int("interval", interval, 1)
         check_int("multiple", multiple, 1)
+        check_int("noise_scale_min_updates", noise_scale_min_updates, 1)
         if lr_coupling is not None and not isinstance(lr_coupling, BatchSizeCoupling):
             raise ValueError(f"Invalid lr_coupling: {lr_coupling!r} (must have a set_batch_size(int) method)")
         if noise_scale is not None and not isinstance(noise_scale, GradientNoiseScale):
@@ -130,6 +143,14 @@ class AdaptiveBatchSize:
             or not 0.0 < noise_scale_factor < math.inf
         ):
             raise ValueError(f"Invalid noise_scale_factor: {noise_scale_factor!r} (must be a finite number > 0)")
+        if noise_scale_max_growth is not None and (
+            isinstance(noise_scale_max_growth, bool)
+            or not isinstance(noise_scale_max_growth, (int, float))
+            or not 1.0 < noise_scale_max_growth < math.inf
+        ):
+            raise ValueError(
+                f"Invalid noise_scale_max_growth: {noise_scale_max_growth!r} (must be None or a finite number > 1)"
+            )
         if test == NOISE_SCALE_TEST:
             for tolerance_name, value in (("eta", eta), ("theta", theta), ("nu", nu)):
                 check_tolerance(tolerance_name, value)  # unused here, but a typo must not pass silently
@@ -142,6 +163,8 @@ class AdaptiveBatchSize:
         self.test = test
         self.noise_scale = noise_scale
         self.noise_scale_factor = float(noise_scale_factor)
+        self.noise_scale_min_updates = noise_scale_min_updates
+        self.noise_scale_max_growth = noise_scale_max_growth
         self.initial_batch_size = initial_batch_size
         self.max_batch_size = max_batch_size
         self.interval = interval
@@ -186,7 +209,13 @@ class AdaptiveBatchSize:
 
     def _required(self, statistics: GradientStatistics) -> float:
         if self._test is None:
-            return self.noise_scale_factor * self.noise_scale.update_from_statistics(statistics)
+            b_simple = self.noise_scale.update_from_statistics(statistics)
+            if self.noise_scale.updates < self.noise_scale_min_updates:
+                return 0.0  # too few measurements yet: no growth
+            required = self.noise_scale_factor * b_simple
+            if self.noise_scale_max_growth is not None:
+                required = min(required, self.noise_scale_max_growth * self._batch_size)
+            return required
         required = float(self._test(statistics))  # the one host sync of a test
         if math.isnan(required):
             raise ValueError(

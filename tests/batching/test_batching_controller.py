@@ -310,6 +310,23 @@ def test_noise_scale_warmup_smooths_with_the_monitor_and_couples_the_lr():
         controller.required_batch_size(statistics_with_noise_scale(1.0))
 
 
+def test_noise_scale_warmup_waits_for_min_updates_measurements():
+    controller = AdaptiveBatchSize(
+        4, 64, test="noise_scale", noise_scale=GradientNoiseScale(beta=0.0), noise_scale_min_updates=3
+    )
+    sizes = [controller.step(statistics_with_noise_scale(value)) for value in (50.0, 50.0, 20.0, 30.0)]
+    assert sizes == [4, 4, 20, 30]  # the first two measurements only fill the monitor
+    assert [r.required for r in controller.history] == pytest.approx([0.0, 0.0, 20.0, 30.0])
+
+
+def test_noise_scale_warmup_growth_cap():
+    controller = AdaptiveBatchSize(
+        4, 100, test="noise_scale", noise_scale=GradientNoiseScale(beta=0.0), noise_scale_max_growth=2.0
+    )
+    sizes = [controller.step(statistics_with_noise_scale(value)) for value in (1e9, 5.0, 1000.0, 1000.0, 9.0)]
+    assert sizes == [8, 8, 16, 32, 32]  # at most double per decision, never shrink
+
+
 def test_a_monitor_beside_another_test_logs_every_test_step():
     monitor = GradientNoiseScale(beta=0.5)
     controller = AdaptiveBatchSize(2, 64, eta=1.0, interval=2, noise_scale=monitor)
@@ -352,6 +369,9 @@ def test_noise_scale_state_round_trips_through_the_controller():
         ({"test": "noise_scale", "noise_scale": 0.9}, "noise_scale"),
         ({"test": "noise_scale", "eta": -1.0}, "eta"),
         ({"test": ["norm"]}, "test"),
+        ({"test": "noise_scale", "noise_scale_min_updates": 0}, "noise_scale_min_updates"),
+        ({"test": "noise_scale", "noise_scale_max_growth": 1.0}, "noise_scale_max_growth"),
+        ({"test": "noise_scale", "noise_scale_max_growth": math.inf}, "noise_scale_max_growth"),
     ],
 )
 def test_bad_noise_scale_arguments_raise_value_errors_naming_them(kwargs, name):
