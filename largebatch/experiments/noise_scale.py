@@ -15,6 +15,11 @@ the same initialisation and shuffling seed, until the test accuracy reaches the 
 * **fixed small**: batch 32 throughout;
 * **fixed large**: batch 4096 throughout.
 
+The warmup waits for :data:`MIN_UPDATES` measurements before its first decision and at most
+doubles the batch per decision (:data:`MAX_GROWTH`): B_simple is several hundred here from the
+start, and measured from a batch of 32 (eight units of four samples) its |G|² estimate is mostly
+noise — often <= 0, i.e. B_simple = +inf — so without the cap one bad estimate jumps to 4096.
+
 In every run the learning rate follows the batch by `BatchSizeCoupledLR`'s square-root rule
 (lr = 1e-3·√(B/32)), and B_simple is measured every :data:`INTERVAL` steps the same way: the
 batch is split into :data:`RANKS` equal micro-batches — simulated data-parallel ranks, the units
@@ -30,6 +35,7 @@ processed, so small-batch counts are known to that many samples.
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from collections.abc import Sequence
@@ -66,7 +72,7 @@ class Setting:
     max_samples: int
 
 
-FULL = Setting(train_size=100_000, test_size=10_000, target=0.78, max_samples=1_500_000)
+FULL = Setting(train_size=100_000, test_size=10_000, target=0.80, max_samples=1_500_000)
 QUICK = Setting(train_size=4_000, test_size=1_000, target=0.40, max_samples=40_000)
 
 
@@ -157,32 +163,48 @@ def run(name: str, initial: int, maximum: int, task: Task, setting: Setting, see
     return log
 
 
-def markdown(logs: Sequence[RunLog], setting: Setting, command: str, seconds: float) -> str:
+def _mean_std(values: Sequence[float]) -> str:
+    if len(values) < 2:
+        return f"{values[0]:,.0f}"
+    return f"{statistics.mean(values):,.0f} ± {statistics.stdev(values):,.0f}"
+
+
+def markdown(runs: dict[str, list[RunLog]], setting: Setting, command: str, seconds: float) -> str:
+    seeds = len(next(iter(runs.values())))
     lines = [
         "# Batch-size warmup from the gradient noise scale",
         "",
         f"Made by `{command}` in {seconds / 60:.1f} min (one process, one torch thread). The setup: the "
         "docstring of `largebatch/experiments/noise_scale.py`. "
         f"{setting.train_size:,} training and {setting.test_size:,} test examples; target {setting.target:.0%} "
-        f"test accuracy, evaluated every {EVALUATE_EVERY_SAMPLES} samples; AdamW, lr {BASE_LR:g}·√(B/{INITIAL_BATCH}).",
+        f"test accuracy, evaluated every {EVALUATE_EVERY_SAMPLES:,} samples; AdamW, lr {BASE_LR:g}·√(B/{INITIAL_BATCH}); "
+        f"{seeds} seed(s), mean ± sample standard deviation over those that reached the target.",
         "",
-        "| run | steps to target | samples to target | final batch |",
-        "|---|---:|---:|---:|",
+        "| run | steps to target | samples to target | final batch | reached |",
+        "|---|---:|---:|---:|---:|",
     ]
-    for log in logs:
-        reached = log.steps_to_target is not None
-        steps = f"{log.steps_to_target:,}" if reached else f"— (not within {setting.max_samples:,} samples)"
-        samples_text = f"{log.samples_to_target:,}" if reached else "—"
-        lines.append(f"| {log.name} | {steps} | {samples_text} | {log.final_batch:,} |")
-    lines += ["", "B_simple when each run reached the target (or stopped):", ""]
-    for log in logs:
-        if log.noise_scale:
-            lines.append(f"* {log.name}: {log.noise_scale[-1][3]:,.0f}")
+    for name, logs in runs.items():
+        reached = [log for log in logs if log.steps_to_target is not None]
+        steps = _mean_std([log.steps_to_target for log in reached]) if reached else "—"
+        samples = _mean_std([log.samples_to_target for log in reached]) if reached else "—"
+        finals = sorted({log.final_batch for log in logs})
+        lines.append(f"| {name} | {steps} | {samples} | {', '.join(f'{b:,}' for b in finals)} | {len(reached)}/{len(logs)} |")
+    lines += ["", "Per seed (steps / samples to target):", ""]
+    for name, logs in runs.items():
+        per_seed = ", ".join(
+            f"{log.steps_to_target:,} / {log.samples_to_target:,}" if log.steps_to_target is not None else "—"
+            for log in logs
+        )
+        lines.append(f"* {name}: {per_seed}")
+    lines += ["", "B_simple at each run's last measurement, per seed:", ""]
+    for name, logs in runs.items():
+        lines.append(f"* {name}: " + ", ".join(f"{log.noise_scale[-1][3]:,.0f}" for log in logs if log.noise_scale))
     lines += ["", "![B_simple over training](noise_scale.png)", ""]
     return "\n".join(lines)
 
 
 def plot(logs: Sequence[RunLog], path: Path) -> None:
+    """B_simple (and the warmup's batch size) against samples, and test accuracy against steps."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -216,11 +238,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path("noise_scale_out"),
                         help="folder for noise_scale.md and noise_scale.png (default noise_scale_out/)")
     parser.add_argument("--no-plot", action="store_true", help="write the table only (no matplotlib needed)")
-    parser.add_argument("--seed", type=int, default=0, help="initialisation and shuffling seed (default 0)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                        help="initialisation and shuffling seeds (default 0 1 2); the plot shows the first")
     return parser.parse_args(argv)
 
 
-def main(argv: Sequence[str] | None = None) -> list[RunLog]:
+def main(argv: Sequence[str] | None = None) -> dict[str, list[RunLog]]:
     args = parse_args(argv)
     if not args.no_plot:
         try:
@@ -231,24 +254,23 @@ def main(argv: Sequence[str] | None = None) -> list[RunLog]:
     setting = QUICK if args.quick else FULL
     started = time.perf_counter()
     task = make_task(setting.train_size, setting.test_size)
-    logs = []
+    runs: dict[str, list[RunLog]] = {}
     for name, initial, maximum in (
         ("warmup", INITIAL_BATCH, MAX_BATCH),
         (f"fixed {INITIAL_BATCH}", INITIAL_BATCH, INITIAL_BATCH),
         (f"fixed {MAX_BATCH}", MAX_BATCH, MAX_BATCH),
     ):
-        log = run(name, initial, maximum, task, setting, args.seed)
-        print(f"{name}: steps {log.steps_to_target}, samples {log.samples_to_target}, "
-              f"final batch {log.final_batch}, {log.seconds:.0f} s", flush=True)
-        logs.append(log)
+        for seed in args.seeds:
+            log = run(name, initial, maximum, task, setting, seed)
+            print(f"{name}, seed {seed}: steps {log.steps_to_target}, samples {log.samples_to_target}, "
+                  f"final batch {log.final_batch}, {log.seconds:.0f} s", flush=True)
+            runs.setdefault(name, []).append(log)
     args.out.mkdir(parents=True, exist_ok=True)
-    command = "python -m largebatch.experiments.noise_scale" + (" " + " ".join(argv) if argv else "")
-    if argv is None:
-        command = "python -m largebatch.experiments.noise_scale " + " ".join(sys.argv[1:])
-    (args.out / "noise_scale.md").write_text(markdown(logs, setting, command.strip(), time.perf_counter() - started))
+    command = " ".join(["python -m largebatch.experiments.noise_scale", *(sys.argv[1:] if argv is None else argv)])
+    (args.out / "noise_scale.md").write_text(markdown(runs, setting, command, time.perf_counter() - started))
     if not args.no_plot:
-        plot(logs, args.out / "noise_scale.png")
-    return logs
+        plot([logs[0] for logs in runs.values()], args.out / "noise_scale.png")
+    return runs
 
 
 if __name__ == "__main__":

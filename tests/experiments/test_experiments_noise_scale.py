@@ -7,8 +7,9 @@ from largebatch.experiments import noise_scale as ns
 
 def test_quick_run_writes_the_table_and_the_plot(tmp_path):
     pytest.importorskip("matplotlib")
-    logs = ns.main(["--quick", "--out", str(tmp_path)])
-    assert [log.name for log in logs] == ["warmup", f"fixed {ns.INITIAL_BATCH}", f"fixed {ns.MAX_BATCH}"]
+    runs = ns.main(["--quick", "--seeds", "0", "--out", str(tmp_path)])
+    assert list(runs) == ["warmup", f"fixed {ns.INITIAL_BATCH}", f"fixed {ns.MAX_BATCH}"]
+    logs = [seeds[0] for seeds in runs.values()]
     warmup, small, large = logs
     assert small.final_batch == ns.INITIAL_BATCH and large.final_batch == ns.MAX_BATCH
     sizes = [size for _, _, size, _ in warmup.noise_scale]
@@ -22,5 +23,5 @@ def test_quick_run_writes_the_table_and_the_plot(tmp_path):
 
 
 def test_no_plot_writes_the_table_only(tmp_path):
-    ns.main(["--quick", "--no-plot", "--out", str(tmp_path)])
+    ns.main(["--quick", "--no-plot", "--seeds", "0", "--out", str(tmp_path)])
     assert (tmp_path / "noise_scale.md").exists() and not (tmp_path / "noise_scale.png").exists()
