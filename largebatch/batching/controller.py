@@ -18,7 +18,8 @@ new size, once, right when the batch grows.
 Batch-size warmup from the gradient noise scale (`test="noise_scale"`). McCandlish et al. (2018)
 estimate the critical batch size by B_simple = tr(Σ)/|G|², which grows as training converges;
 "Critical Batch Size Revisited" (Merrill et al. 2025) warms the batch size up as the critical
-batch size grows. This policy asks for
+batch size grows (they measure it directly, doubting the noise scale as its proxy). This policy
+asks for
 
     b_req = k · B_simple,     so b = clamp(k · B_simple, b_0, b_max), monotone, rounded up to `multiple`
 

@@ -11,7 +11,8 @@ DDP's usual mean all-reduce and, on the steps it is asked to, records per bucket
 * with ``inner_products=True``: ‖g_r − G‖² and ⟨g_r − G, G⟩, from a copy of the bucket held
   while its all-reduce runs (one bucket at a time, as DDP's own hooks do).
 
-`DDPGradientStatistics.statistics()` then sums the buckets and all-reduces five float64 numbers:
+`DDPGradientStatistics.statistics()` then sums the buckets and all-reduces four float64 numbers
+(six with ``inner_products=True``):
 
     tr(Σ̂)    = Σ_r ‖g_r − G‖² / D              with Σ_r ‖g_r − G‖² = Σ_r ‖g_r‖² − W‖G‖²
     Var_ip   = Σ_r ⟨g_r − G, G⟩² / D
@@ -115,7 +116,7 @@ class DDPGradientStatistics:
         self._parts.append(torch.stack(parts))
 
     def statistics(self) -> GradientStatistics:
-        """The recorded backward's statistics over all ranks: one all-reduce of five float64 numbers.
+        """The recorded backward's statistics over all ranks: one all-reduce of 4 (or 6) float64 numbers.
 
         Every rank gets the same values. `mean_gradient` holds the parameters' ``.grad`` (the
         reduced gradient, not copied) in DDP's bucket order; `coordinate_variance` is None.

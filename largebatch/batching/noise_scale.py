@@ -24,8 +24,9 @@ Sources of the two norms:
   statistics of `MicroBatchGradients` / `per_sample_gradients` — `update_from_statistics()`.
 * DDP: each rank's local gradient is the small batch and the all-reduced gradient the big one;
   `DDPGradientStatistics` records both norms inside DDP's all-reduce, at no extra backward.
-* `torch.nn.utils.clip_grad_norm_` (and this library's `max_grad_norm`) already compute the big
-  batch's norm: pass it as `large_sq_norm` rather than computing it again.
+* `torch.nn.utils.clip_grad_norm_` already computes the big batch's norm: pass its square as
+  `large_sq_norm` rather than computing it again. (The optimizers' own `max_grad_norm` norm is
+  not exposed.)
 
 Both estimators are ratios of squared norms, so a common gradient scale (GradScaler's) cancels in
 B_simple; |G|² and tr(Σ) themselves are in the units of the gradients given.
@@ -78,15 +79,20 @@ class GradientNoiseScale:
         beta: the EMAs' decay, in [0, 1); 0 keeps only the latest step. The paper smooths both
             estimators but gives no decay; the default 0.95 averages about 20 measurements.
 
-    Example (gradient accumulation in one process, no extra backward)::
+    Example (gradient accumulation over K micro-batches of m samples, no extra backward and no
+    gradient copy: the first micro-batch's norm is the small one, clipping gives the big one)::
 
         monitor = GradientNoiseScale()
-        recorder = MicroBatchGradients(model.parameters())
-        for x, y in micro_batches:
-            loss_fn(model(x), y).backward()
-            recorder.record(len(x))
-        monitor.update_from_statistics(recorder.statistics())
+        for k, (x, y) in enumerate(micro_batches):
+            (loss_fn(model(x), y) / K).backward()
+            if k == 0:
+                small_sq = K**2 * sum(p.grad.square().sum() for p in params)  # undo the 1/K
+        large_sq = torch.nn.utils.clip_grad_norm_(params, max_norm).square()
+        monitor.update(small_sq, m, large_sq, K * m)
         log(monitor.b_simple)
+
+    `MicroBatchGradients(...).statistics()` with `update_from_statistics` uses all K
+    micro-batches (lower variance) at the cost of one gradient copy per micro-batch.
     """
 
     def __init__(self, beta: float = 0.95) -> None:

@@ -3,7 +3,7 @@
 One spawn runs every check (starting two interpreters that import torch dominates the cost):
 
 * the hook's statistics equal `gradient_statistics` of the rank gradients in one process, with
-  one five-number all-reduce, for equal and unequal local batches;
+  one small all-reduce (four or six numbers), for equal and unequal local batches;
 * averaged over many steps at a fixed w on linear regression, they equal the closed form;
 * `GrowingBatchSampler` driven by the noise-scale policy: every index exactly once per epoch over
   both ranks while the size changes mid-epoch, identical size sequences, and a mid-epoch resume
@@ -90,7 +90,7 @@ def check_against_one_process(rank, counter):
             half_squared_error(ddp(shards[0][rank]), shards[1][rank]).backward()
             counter.calls = 0
             got = state.statistics()
-            assert counter.calls == 1, counter.calls  # one all-reduce of five numbers
+            assert counter.calls == 1, counter.calls  # one all-reduce of four or six numbers
             assert not state.recording
             mean = units.mean(0)  # DDP's plain mean of the rank gradients
             torch.testing.assert_close(got.mean_gradient[0].reshape(-1), mean, rtol=1e-12, atol=1e-14)
