@@ -249,6 +249,14 @@ def test_load_state_dict_refuses_bad_values_and_changes_nothing(change, message)
     assert controller.state_dict() == before
 
 
+def test_a_load_failing_late_in_the_state_leaves_the_earlier_fields_alone():
+    controller = AdaptiveBatchSize(2, 64)
+    before = controller.state_dict()
+    with pytest.raises(ValueError, match="history entry"):
+        controller.load_state_dict({"batch_size": 16, "step_count": 5, "history": [(0, 16.0, 16), (1, 2.0)]})
+    assert controller.state_dict() == before and controller.batch_size == 2
+
+
 def test_load_state_dict_refuses_a_missing_key_and_a_noise_scale_mismatch():
     controller = AdaptiveBatchSize(2, 64)
     with pytest.raises(ValueError, match=r"missing \['history'\]"):
