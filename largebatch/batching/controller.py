@@ -40,7 +40,7 @@ from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 from torch import Tensor
 
-from largebatch.batching._checks import check_int, is_int
+from largebatch.batching._checks import check_int, check_state_dict, is_int
 from largebatch.batching.criteria import DEFAULT_TOLERANCE, TEST_NAMES, batch_size_test, check_tolerance
 from largebatch.batching.noise_scale import GradientNoiseScale
 from largebatch.batching.statistics import GradientStatistics
@@ -290,11 +290,7 @@ class AdaptiveBatchSize:
 
         The whole state is checked first; on a ValueError the controller is unchanged.
         """
-        if not isinstance(state_dict, dict):
-            raise ValueError(f"Invalid state_dict: {type(state_dict).__name__} (must be a dict)")
-        missing = [key for key in STATE_KEYS if key not in state_dict]
-        if missing:
-            raise ValueError(f"Invalid state_dict: missing {missing} (an AdaptiveBatchSize state has {STATE_KEYS})")
+        check_state_dict(state_dict, STATE_KEYS, "AdaptiveBatchSize")
         batch_size, step_count = state_dict["batch_size"], state_dict["step_count"]
         if not is_int(batch_size) or not self.initial_batch_size <= batch_size <= self.max_batch_size:
             raise ValueError(

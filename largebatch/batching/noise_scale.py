@@ -39,7 +39,7 @@ from typing import Any, NamedTuple
 
 from torch import Tensor
 
-from largebatch.batching._checks import check_int, is_int
+from largebatch.batching._checks import check_int, check_state_dict, is_int
 from largebatch.batching.statistics import GradientStatistics
 
 __all__ = ["GradientNoiseScale", "NoiseScaleRecord"]
@@ -182,11 +182,7 @@ class GradientNoiseScale:
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore a `state_dict()`; everything is checked first, and on a ValueError nothing changes."""
-        if not isinstance(state_dict, dict):
-            raise ValueError(f"Invalid state_dict: {type(state_dict).__name__} (must be a dict)")
-        missing = [key for key in STATE_KEYS if key not in state_dict]
-        if missing:
-            raise ValueError(f"Invalid state_dict: missing {missing} (a GradientNoiseScale state has {STATE_KEYS})")
+        check_state_dict(state_dict, STATE_KEYS, "GradientNoiseScale")
         if state_dict["beta"] != self.beta:
             raise ValueError(f"Invalid state_dict: saved beta={state_dict['beta']!r} but this monitor has {self.beta!r}")
         updates = state_dict["updates"]

@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
-from largebatch.batching._checks import check_int, is_int
+from largebatch.batching._checks import check_int, check_state_dict, is_int
 from largebatch.batching.controller import AdaptiveBatchSize
 
 __all__ = ["GrowingBatchSampler"]
@@ -182,11 +182,7 @@ class GrowingBatchSampler(Sampler[list[int]]):
 
         The whole state is checked first; on a ValueError the sampler is unchanged.
         """
-        if not isinstance(state_dict, dict):
-            raise ValueError(f"Invalid state_dict: {type(state_dict).__name__} (must be a dict)")
-        missing = [key for key in STATE_KEYS if key not in state_dict]
-        if missing:
-            raise ValueError(f"Invalid state_dict: missing {missing} (a GrowingBatchSampler state has {STATE_KEYS})")
+        check_state_dict(state_dict, STATE_KEYS, "GrowingBatchSampler")
         for name in ("length", "seed"):
             if state_dict[name] != getattr(self, name):
                 raise ValueError(

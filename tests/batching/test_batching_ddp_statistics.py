@@ -11,15 +11,10 @@ One spawn runs every check (starting two interpreters that import torch dominate
 """
 
 import copy
-import os
-import socket
-import time
-from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
 from largebatch.batching import (
@@ -30,6 +25,8 @@ from largebatch.batching import (
     gradient_statistics,
     gradient_statistics_hook,
 )
+
+from _gloo import init_process_group, spawn  # tests/batching/_gloo.py
 
 WORLD_SIZE = 2
 TIMEOUT_S = 240
@@ -241,8 +238,7 @@ def check_sampler(rank):
 
 
 def worker(rank: int, port: int) -> None:
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE, timeout=timedelta(seconds=120))
+    init_process_group(rank, WORLD_SIZE, port, timeout_s=120)
     try:
         counter = CountingAllReduce()
         dist.all_reduce = counter
@@ -253,23 +249,10 @@ def worker(rank: int, port: int) -> None:
         dist.destroy_process_group()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_ddp_statistics_sampler_and_warmup_on_two_gloo_ranks():
-    if not dist.is_available():
-        pytest.skip("torch.distributed is not available in this build")
-    context = mp.start_processes(worker, args=(free_port(),), nprocs=WORLD_SIZE, join=False, start_method="spawn")
-    deadline = time.monotonic() + TIMEOUT_S
-    while not context.join(timeout=1.0):  # raises with the child's traceback if a worker fails
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"the {WORLD_SIZE} gloo workers did not finish within {TIMEOUT_S} s")
+    spawn(worker, WORLD_SIZE, TIMEOUT_S)
 
 
 def test_the_state_refuses_a_missing_process_group_and_a_single_rank():
