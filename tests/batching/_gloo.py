@@ -10,6 +10,18 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
+class CountingAllReduce:
+    """Stands in for `dist.all_reduce` in a worker, counting the calls (collectives are the cost)."""
+
+    def __init__(self):
+        self.calls = 0
+        self._all_reduce = dist.all_reduce
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self._all_reduce(*args, **kwargs)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

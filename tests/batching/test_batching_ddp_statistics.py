@@ -26,7 +26,7 @@ from largebatch.batching import (
     gradient_statistics_hook,
 )
 
-from _gloo import init_process_group, spawn  # tests/batching/_gloo.py
+from _gloo import CountingAllReduce, init_process_group, spawn  # tests/batching/_gloo.py
 
 WORLD_SIZE = 2
 TIMEOUT_S = 240
@@ -46,16 +46,6 @@ CLOSED_FORM = {
 
 def half_squared_error(output, target):
     return 0.5 * (output.squeeze(-1) - target).square().mean()
-
-
-class CountingAllReduce:
-    def __init__(self):
-        self.calls = 0
-        self._all_reduce = dist.all_reduce
-
-    def __call__(self, *args, **kwargs):
-        self.calls += 1
-        return self._all_reduce(*args, **kwargs)
 
 
 def linear_model():

@@ -7,7 +7,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from largebatch.batching import MicroBatchGradients, gradient_statistics
 
-from _gloo import init_process_group, spawn  # tests/batching/_gloo.py
+from _gloo import CountingAllReduce, init_process_group, spawn  # tests/batching/_gloo.py
 
 WORLD_SIZE = 2
 # Wall-clock limit for the whole spawn (starting two interpreters that import torch dominates).
@@ -34,16 +34,6 @@ def assert_same_statistics(got, expected):
         torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
     if expected.coordinate_variance is not None:
         torch.testing.assert_close(got.coordinate_variance, expected.coordinate_variance, rtol=1e-10, atol=1e-12)
-
-
-class CountingAllReduce:
-    def __init__(self):
-        self.calls = 0
-        self._all_reduce = dist.all_reduce
-
-    def __call__(self, *args, **kwargs):
-        self.calls += 1
-        return self._all_reduce(*args, **kwargs)
 
 
 def worker(rank: int, port: int) -> None:
