@@ -47,6 +47,7 @@ DEFAULT_TOLERANCE = 0.1
 
 
 def check_tolerance(name: str, value: float) -> None:
+    """ValueError naming `name` unless `value` is a number > 0 (a test's η, θ or ν)."""
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0.0:
         raise ValueError(f"Invalid {name}: {value!r} (must be a number > 0)")
 

@@ -244,6 +244,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, list[RunLog]]:
+    """Run the three settings for every seed; write the table (and plot) into ``--out``."""
     args = parse_args(argv)
     if not args.no_plot:
         try:
