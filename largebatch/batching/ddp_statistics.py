@@ -37,7 +37,9 @@ There are only W units, so each step's estimate has W − 1 degrees of freedom, 
 per-sample gradients: with few ranks, smooth it (`GradientNoiseScale`, or the controller's
 `test="noise_scale"`), or split each rank's batch into micro-batches with `MicroBatchGradients`
 under ``no_sync()`` for K·W units. All estimators are ratios of squared norms in the tests, so a
-common gradient scale (GradScaler's, the gradient-accumulation 1/K) cancels in every b_req.
+common gradient scale (GradScaler's, the gradient-accumulation 1/K) cancels in every b_req. On a
+step GradScaler skips (inf/NaN gradients) the statistics are not finite and the controller and
+`GradientNoiseScale` refuse them with a ValueError: skip the controller step there too.
 """
 
 # No `from __future__ import annotations`: DDP checks the hook's annotations at registration.
