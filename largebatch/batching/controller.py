@@ -38,6 +38,7 @@ from __future__ import annotations
 import math
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
+import torch
 from torch import Tensor
 
 from largebatch.batching._checks import check_int, check_state_dict, is_int
@@ -218,11 +219,13 @@ class AdaptiveBatchSize:
                 required = min(required, self.noise_scale_max_growth * self._batch_size)
             return required
         required = float(self._test(statistics))  # the one host sync of a test
-        if math.isnan(required):
+        if math.isnan(required) or not bool(
+            torch.stack([statistics.variance_trace, statistics.mean_sq_norm]).isfinite().all()
+        ):
             raise ValueError(
-                f"the {self.test} test returned NaN at step {self._step_count}: the gradients hold NaN or "
-                "inf, or the statistics lack this test's variances (DDPGradientStatistics records the "
-                "inner-product ones only with inner_products=True)"
+                f"the {self.test} test returned NaN or got non-finite statistics at step {self._step_count}: "
+                "the gradients hold NaN or inf (skip the steps GradScaler skips), or the statistics lack this "
+                "test's variances (DDPGradientStatistics records the inner-product ones only with inner_products=True)"
             )
         if self.noise_scale is not None:  # after the test: a failed step changes nothing
             self.noise_scale.update_from_statistics(statistics)

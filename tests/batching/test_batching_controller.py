@@ -117,7 +117,8 @@ def test_batch_never_shrinks_never_exceeds_max_and_follows_the_rule(b0, extra, m
     controller = AdaptiveBatchSize(b0, b_max, eta=1.0, multiple=multiple)
     batch = b0
     for r in required:
-        new = controller.step(make_statistics(trace=r))  # with eta = 1 and ‖ḡ‖ = 1, b_req = trace
+        # With eta = 1 and ‖ḡ‖ = 1, b_req = trace; noise with ḡ = 0 asks for +inf.
+        new = controller.step(make_statistics(trace=r) if math.isfinite(r) else make_statistics(mean=(0.0,)))
         assert new == expected_next(batch, r, b_max, multiple)
         assert batch <= new <= b_max
         batch = new
@@ -192,6 +193,14 @@ def test_state_dict_round_trip_continues_identically():
 def test_nan_statistics_raise():
     with pytest.raises(ValueError, match="NaN"):
         AdaptiveBatchSize(2, 8).step(make_statistics(trace=float("nan")))
+
+
+def test_infinite_statistics_raise_instead_of_jumping_to_the_maximum():
+    """An overflowing step (GradScaler skips it) must not grow the batch to b_max for good."""
+    controller = AdaptiveBatchSize(2, 8)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        controller.step(make_statistics(trace=float("inf")))
+    assert controller.batch_size == 2 and controller.step_count == 0
 
 
 @pytest.mark.parametrize(
