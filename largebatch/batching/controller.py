@@ -218,7 +218,7 @@ class AdaptiveBatchSize:
             if self.noise_scale_max_growth is not None:
                 required = min(required, self.noise_scale_max_growth * self._batch_size)
             return required
-        required = float(self._test(statistics))  # the one host sync of a test
+        required = float(self._test(statistics))  # a test step syncs with the host (here and below)
         if math.isnan(required) or not bool(
             torch.stack([statistics.variance_trace, statistics.mean_sq_norm]).isfinite().all()
         ):
