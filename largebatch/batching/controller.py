@@ -27,10 +27,12 @@ with B_simple from a `GradientNoiseScale` (EMA-smoothed, unbiased |G|²) fed wit
 step's statistics, and k = `noise_scale_factor`. The norm test asks for tr(Σ̂)/(η²‖ḡ‖²): the
 same ratio with the biased ‖ḡ‖² = |G|² + tr(Σ)/b, unsmoothed, and k = 1/η². Couple the learning
 rate with `lr_coupling=BatchSizeCoupledLR(optimizer, base_batch_size=b_0, rule=...)`: its rule
-rescales every group's lr by (b_new/b_old)^e (its rule's exponent) at each growth. B_simple is hard to measure from
-a batch much smaller than itself (the |G|² estimate drowns in noise, and can come out <= 0, i.e.
-B_simple = +inf), so early decisions are noisy: `noise_scale_min_updates` waits for several
-measurements, and `noise_scale_max_growth` caps each decision's growth (2: at most double).
+rescales every group's lr by (b_new/b_old)^e (e: the rule's exponent) at each growth.
+
+B_simple is hard to measure from a batch much smaller than itself (the |G|² estimate drowns in
+noise, and can come out <= 0, i.e. B_simple = +inf), so early decisions are noisy:
+`noise_scale_min_updates` waits for several measurements, and `noise_scale_max_growth` caps each
+decision's growth (2: at most double).
 """
 
 from __future__ import annotations
