@@ -39,13 +39,15 @@ __all__ = [
     "coordinate_test",
     "batch_size_test",
     "TEST_NAMES",
+    "check_tolerance",
 ]
 
 # η = θ = ν = 0.1: the paper's default for all tests (some of its CIFAR runs use 0.5).
 DEFAULT_TOLERANCE = 0.1
 
 
-def _check_tolerance(name: str, value: float) -> None:
+def check_tolerance(name: str, value: float) -> None:
+    """ValueError naming `name` unless `value` is a number > 0 (a test's η, θ or ν)."""
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0.0:
         raise ValueError(f"Invalid {name}: {value!r} (must be a number > 0)")
 
@@ -57,19 +59,19 @@ def _required(variance: Tensor, scale: Tensor) -> Tensor:
 
 def norm_test(statistics: GradientStatistics, eta: float = DEFAULT_TOLERANCE) -> Tensor:
     """b_req = tr(Σ̂) / (η²·‖ḡ‖²)."""
-    _check_tolerance("eta", eta)
+    check_tolerance("eta", eta)
     return _required(statistics.variance_trace, eta**2 * statistics.mean_sq_norm)
 
 
 def inner_product_test(statistics: GradientStatistics, theta: float = DEFAULT_TOLERANCE) -> Tensor:
     """b_req = Var_i(⟨g_i, ḡ⟩) / (θ²·‖ḡ‖⁴)."""
-    _check_tolerance("theta", theta)
+    check_tolerance("theta", theta)
     return _required(statistics.inner_product_variance, theta**2 * statistics.mean_sq_norm.square())
 
 
 def orthogonality_test(statistics: GradientStatistics, nu: float = DEFAULT_TOLERANCE) -> Tensor:
     """b_req = (Σ_i ‖g_i − (⟨g_i,ḡ⟩/‖ḡ‖²)·ḡ‖² / (b−1)) / (ν²·‖ḡ‖²)."""
-    _check_tolerance("nu", nu)
+    check_tolerance("nu", nu)
     return _required(statistics.orthogonal_variance, nu**2 * statistics.mean_sq_norm)
 
 
@@ -82,7 +84,7 @@ def augmented_inner_product_test(
 
 def coordinate_test(statistics: GradientStatistics, eta: float = DEFAULT_TOLERANCE) -> Tensor:
     """b_req = max_j Var_j / (η²·ḡ_j²) (this library's extension, see the module docstring)."""
-    _check_tolerance("eta", eta)
+    check_tolerance("eta", eta)
     if statistics.coordinate_variance is None:
         raise ValueError("coordinate_test needs statistics computed with coordinatewise=True")
     dtype = statistics.coordinate_variance.dtype
@@ -101,7 +103,7 @@ def batch_size_test(
     Every tolerance is validated, used or not, so a typo'd value never passes silently.
     """
     for tolerance_name, value in (("eta", eta), ("theta", theta), ("nu", nu)):
-        _check_tolerance(tolerance_name, value)
+        check_tolerance(tolerance_name, value)
     if name == "norm":
         return lambda statistics: norm_test(statistics, eta)
     if name == "inner_product":

@@ -1,17 +1,13 @@
 """DDP: statistics reduced over 2 gloo processes equal the statistics of the whole batch."""
 
-import os
-import socket
-import time
-from datetime import timedelta
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
 from largebatch.batching import MicroBatchGradients, gradient_statistics
+
+from _gloo import CountingAllReduce, init_process_group, spawn  # tests/batching/_gloo.py
 
 WORLD_SIZE = 2
 # Wall-clock limit for the whole spawn (starting two interpreters that import torch dominates).
@@ -40,19 +36,8 @@ def assert_same_statistics(got, expected):
         torch.testing.assert_close(got.coordinate_variance, expected.coordinate_variance, rtol=1e-10, atol=1e-12)
 
 
-class CountingAllReduce:
-    def __init__(self):
-        self.calls = 0
-        self._all_reduce = dist.all_reduce
-
-    def __call__(self, *args, **kwargs):
-        self.calls += 1
-        return self._all_reduce(*args, **kwargs)
-
-
 def worker(rank: int, port: int) -> None:
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE, timeout=timedelta(seconds=60))
+    init_process_group(rank, WORLD_SIZE, port, timeout_s=60)
     try:
         torch.manual_seed(0)  # the same data and model on both ranks; each takes its shard
         x, y = torch.randn(12, 3, dtype=torch.float64), torch.randn(12, 1, dtype=torch.float64)
@@ -98,20 +83,6 @@ def worker(rank: int, port: int) -> None:
         dist.destroy_process_group()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.distributed
 def test_ddp_statistics_equal_single_process_statistics():
-    if not dist.is_available():
-        pytest.skip("torch.distributed is not available in this build")
-    context = mp.start_processes(worker, args=(free_port(),), nprocs=WORLD_SIZE, join=False, start_method="spawn")
-    deadline = time.monotonic() + TIMEOUT_S
-    while not context.join(timeout=1.0):  # raises with the child's traceback if a worker fails
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"the {WORLD_SIZE} gloo workers did not finish within {TIMEOUT_S} s")
+    spawn(worker, WORLD_SIZE, TIMEOUT_S)

@@ -4,7 +4,7 @@ import pytest
 import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, DistributedSampler, SequentialSampler, TensorDataset
 
 from largebatch.batching import AdaptiveBatchSize, GradientStatistics, GrowingBatchSampler
 
@@ -155,5 +155,160 @@ def test_bad_arguments_raise_value_errors_naming_them():
         sampler.set_epoch(-1)
     with pytest.raises(ValueError, match="saved length=11"):
         sampler.load_state_dict({"epoch": 0, "position": 0, "length": 11, "seed": 0})
-    with pytest.raises(ValueError, match="position 12 outside"):
+    with pytest.raises(ValueError, match=r"position 12 \(must be an int in \[0, 10\]"):
         sampler.load_state_dict({"epoch": 0, "position": 12, "length": 10, "seed": 0})
+
+
+# ---------------------------------------------------------------------------- data-parallel ranks
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    world=st.integers(2, 4),
+    length=st.integers(4, 150),
+    growth=st.dictionaries(st.integers(1, 30), st.integers(2, 64), max_size=5),
+    shuffle=st.booleans(),
+    drop_last=st.booleans(),
+)
+def test_ranks_split_every_global_batch_and_see_every_index_once(world, length, growth, shuffle, drop_last):
+    assume(length >= world)
+    controllers = [AdaptiveBatchSize(2 * world, 16 * world, eta=1.0, multiple=world) for _ in range(world)]
+    samplers = [
+        GrowingBatchSampler(length, c, shuffle=shuffle, drop_last=drop_last, seed=2, num_replicas=world, rank=r)
+        for r, c in enumerate(controllers)
+    ]
+    for _ in range(2):  # epochs
+        iterators, steps, drawn = [iter(s) for s in samplers], [], 0
+        while True:
+            batches = [next(it, None) for it in iterators]
+            if batches[0] is None:
+                assert all(b is None for b in batches)  # all ranks end the epoch together
+                break
+            steps.append((batches, controllers[0].batch_size))
+            drawn += 1
+            for c in controllers:  # the same (all-reduced) statistics on every rank
+                c.step(statistics_requiring(growth.get(drawn, 0)))
+        full = steps if drop_last else steps[:-1]
+        for batches, size in full:
+            assert [len(b) for b in batches] == [size // world] * world
+        if not drop_last:
+            last, size = steps[-1]
+            lengths = [len(b) for b in last]
+            assert max(lengths) - min(lengths) <= 1  # the final batch is split evenly too
+            assert sum(lengths) < size + 2 * world  # short, or holding a remainder too small to split
+        seen = [i for batches, _ in steps for b in batches for i in b]
+        assert len(seen) == len(set(seen))
+        if not drop_last:
+            assert sorted(seen) == list(range(length))
+        else:
+            assert length - len(seen) < controllers[0].batch_size
+
+
+def test_one_rank_with_replicas_one_is_the_plain_sampler():
+    plain = list(GrowingBatchSampler(50, AdaptiveBatchSize(4, 4), seed=7))
+    sharded = list(GrowingBatchSampler(50, AdaptiveBatchSize(4, 4), seed=7, num_replicas=1, rank=0))
+    assert plain == sharded
+
+
+def test_two_ranks_take_consecutive_halves_of_each_global_batch():
+    controller = AdaptiveBatchSize(4, 4, multiple=2)
+    rank0 = list(GrowingBatchSampler(11, controller, shuffle=False, num_replicas=2, rank=0))
+    rank1 = list(GrowingBatchSampler(11, controller, shuffle=False, num_replicas=2, rank=1))
+    # Global batches [0..3], [4..10]: 3 indices left after the second would give one rank a
+    # single sample, so they join it; its 7 split 3 / 4.
+    assert rank0 == [[0, 1], [4, 5, 6]]
+    assert rank1 == [[2, 3], [7, 8, 9, 10]]
+
+
+def test_resume_on_another_number_of_ranks_continues_the_global_sequence():
+    controller = AdaptiveBatchSize(4, 4, multiple=4)
+    single = GrowingBatchSampler(40, controller, seed=1, num_replicas=1, rank=0)
+    iterator = iter(single)
+    head = [next(iterator) for _ in range(3)]
+    saved = single.state_dict()
+    rest = list(iterator)
+    shards = []
+    for rank in range(2):
+        sampler = GrowingBatchSampler(40, controller, seed=1, num_replicas=2, rank=rank)
+        sampler.load_state_dict(saved)
+        shards.append(list(sampler))
+    assert [a + b for a, b in zip(*shards)] == rest
+    assert sorted(i for b in head + rest for i in b) == list(range(40))
+
+
+def test_dataloader_workers_keep_ranks_in_lockstep_and_every_index_once():
+    """With workers the loader draws ahead (a new size arrives late), the same on every rank."""
+    data = TensorDataset(torch.arange(120))
+    controllers = [AdaptiveBatchSize(4, 32, eta=1.0, multiple=2) for _ in range(2)]
+    loaders = [
+        DataLoader(data, batch_sampler=GrowingBatchSampler(data, c, seed=0, num_replicas=2, rank=r), num_workers=1)
+        for r, c in enumerate(controllers)
+    ]
+    seen, sizes = [], [[], []]
+    for (x0,), (x1,) in zip(*loaders):
+        seen += x0.tolist() + x1.tolist()
+        sizes[0].append(len(x0))
+        sizes[1].append(len(x1))
+        for c in controllers:
+            c.step(statistics_requiring(4 * c.batch_size))
+    assert sorted(seen) == list(range(120))
+    assert sizes[0] == sizes[1] and sizes[0][0] == 2 and max(sizes[0]) > 2
+
+
+def test_rank_arguments_are_validated():
+    controller = AdaptiveBatchSize(4, 8, multiple=2)
+    with pytest.raises(ValueError, match="Invalid num_replicas"):
+        GrowingBatchSampler(10, controller, num_replicas=0, rank=0)
+    with pytest.raises(ValueError, match="Invalid rank"):
+        GrowingBatchSampler(10, controller, num_replicas=2, rank=2)
+    with pytest.raises(ValueError, match="Invalid rank"):
+        GrowingBatchSampler(10, controller, num_replicas=2, rank=-1)
+    with pytest.raises(ValueError, match="multiple=1 is not a multiple of num_replicas=2"):
+        GrowingBatchSampler(10, AdaptiveBatchSize(4, 8), num_replicas=2, rank=0)
+    with pytest.raises(ValueError, match="max_batch_size=9 is not a multiple of num_replicas=2"):
+        GrowingBatchSampler(10, AdaptiveBatchSize(4, 9, multiple=2), num_replicas=2, rank=0)
+    with pytest.raises(ValueError, match="initial_batch_size=3 is not a multiple of num_replicas=2"):
+        GrowingBatchSampler(10, AdaptiveBatchSize(3, 8, multiple=2), num_replicas=2, rank=0)
+    with pytest.raises(ValueError, match="length 3"):
+        GrowingBatchSampler(3, AdaptiveBatchSize(4, 8, multiple=4), num_replicas=4, rank=0)
+
+
+def test_a_sampler_as_data_source_is_refused():
+    """A DistributedSampler's length is one rank's share: using it silently dropped half the data."""
+    data = TensorDataset(torch.arange(300))
+    controller = AdaptiveBatchSize(4, 8)
+    for sampler in (DistributedSampler(data, num_replicas=2, rank=0), SequentialSampler(data)):
+        with pytest.raises(ValueError, match="Invalid data_source: .*Sampler.*pass the dataset itself"):
+            GrowingBatchSampler(sampler, controller)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"position": 3.5}, r"position 3.5 \(must be an int"),
+        ({"position": True}, r"position True \(must be an int"),
+        ({"position": -1}, r"position -1 \(must be an int in \[0, 10\]"),
+        ({"epoch": 1.0}, r"epoch 1.0 \(must be an int >= 0"),
+        ({"epoch": "2"}, r"epoch '2' \(must be an int >= 0"),
+        ({"epoch": -1}, r"epoch -1 \(must be an int >= 0"),
+        ({"epoch": None}, r"epoch None"),
+        ({"seed": 3}, r"saved seed=3"),
+    ],
+)
+def test_load_state_dict_refuses_bad_values_and_changes_nothing(change, message):
+    controller = AdaptiveBatchSize(2, 8)
+    sampler = GrowingBatchSampler(10, controller)
+    iterator = iter(sampler)
+    next(iterator)
+    before = sampler.state_dict()
+    with pytest.raises(ValueError, match=message):
+        sampler.load_state_dict(before | change)
+    assert sampler.state_dict() == before
+
+
+def test_load_state_dict_refuses_a_missing_key_or_a_non_dict():
+    sampler = GrowingBatchSampler(10, AdaptiveBatchSize(2, 8))
+    with pytest.raises(ValueError, match=r"missing \['position'\]"):
+        sampler.load_state_dict({"epoch": 0, "length": 10, "seed": 0})
+    with pytest.raises(ValueError, match="must be a dict"):
+        sampler.load_state_dict([0, 0, 10, 0])
