@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT, _default_to_fused_or_foreach, _use_grad_for_differentiable
 
-from ._sharding import ShardReduction, complete_squares, shard_reduction, to_local
+from ._sharding import ShardReduction, complete_squares, locals_of, shard_reduction, to_local
 
 __all__ = [
     "LargeBatchOptimizer",
@@ -192,6 +192,12 @@ def global_grad_norm(grads: Sequence[Tensor], *, foreach: bool) -> Tensor:
         for (device_grads,), _ in grouped.values()
     ]
     return torch.stack(partial).sum().sqrt()
+
+
+def _sum_of(tensors: Sequence[Tensor]) -> Tensor:
+    """The sum of 0-dim tensors on one device; the tensor itself when there is one (the usual
+    case of one group, whose step then launches nothing more)."""
+    return tensors[0] if len(tensors) == 1 else torch.stack(list(tensors)).sum()
 
 
 def clip_coefficient(total_norm: Tensor, max_norm: float) -> Tensor:
@@ -623,24 +629,23 @@ class LargeBatchOptimizer(Optimizer):
                 from largebatch.fused._norms import grad_squares
 
                 device = ready.buckets[0].device
-                square = sum(
-                    (grad_squares(b.plan, b.plan.pointers[1], b.dtypes[1], grad_scale).to(device) for b in ready.buckets),
-                    torch.zeros((), device=device),
-                )
+                square = _sum_of([
+                    grad_squares(b.plan, b.plan.pointers[1], b.dtypes[1], grad_scale).to(device) for b in ready.buckets
+                ])  # fmt: skip
             else:
                 norm = global_grad_norm(ready.lists[1], foreach=bool(group["foreach"]))
                 if grad_scale is not None:
                     norm = norm / grad_scale.to(norm.device)
                 square = norm.square()
-            local_squares.setdefault(ready.reduction, []).append(square.reshape(1))
+            local_squares.setdefault(ready.reduction, []).append(square)
         if not local_squares:
             return [None] * len(max_norms)
         device = next(iter(local_squares.values()))[0].device
-        total_square = sum(
-            (complete_squares(torch.cat([s.to(device) for s in squares]), reduction).sum()
-             for reduction, squares in local_squares.items()),
-            torch.zeros((), device=device),
-        )
+        total_square = _sum_of([
+            squares[0].to(device) if reduction is None and len(squares) == 1
+            else complete_squares(torch.stack([s.to(device) for s in squares]), reduction).sum()
+            for reduction, squares in local_squares.items()
+        ])  # fmt: skip
         total = total_square.sqrt()
         return [None if m is None else clip_coefficient(total, m) for m in max_norms]
 
@@ -681,7 +686,7 @@ class LargeBatchOptimizer(Optimizer):
         """[params, grads, *states, steps] of a group's parameters with gradients, as local shards
         (what the functional form takes); missing states are created. Here [params, grads]: what
         the clipping norm needs, for optimizers that collect their states in `_step_group`."""
-        return [to_local(params), to_local([p.grad for p in params])]
+        return locals_of(params, [p.grad for p in params])
 
     def _fused_layout(self, group: dict[str, Any]) -> dict[str, int]:
         """How the fused kernels walk `_group_lists` (see largebatch.fused._plan.planned_buckets)."""

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["ShardReduction", "complete_norms", "complete_squares", "shard_reduction", "to_local"]
+__all__ = ["ShardReduction", "complete_norms", "complete_squares", "locals_of", "shard_reduction", "to_local"]
 
 
 @functools.cache
@@ -51,6 +51,15 @@ def any_dtensor(tensors: Sequence[Tensor]) -> bool:
     optimizer step asks this of every list)."""
     dtensor = _dtensor_types()
     return any(issubclass(kind, dtensor) for kind in set(map(type, tensors)))
+
+
+def locals_of(params: Sequence[Tensor], *lists: Sequence[Tensor]) -> list[list[Tensor]]:
+    """[params, *lists] as local shards, where lists are parallel to params (their gradients and
+    states): one DTensor question for the group, asked of the parameters (a state or gradient is
+    a DTensor exactly when its parameter is)."""
+    if not any_dtensor(params):
+        return [list(params), *(list(lst) for lst in lists)]
+    return [to_local(params), *(to_local(lst) for lst in lists)]
 
 
 def to_local(tensors: Sequence[Tensor]) -> list[Tensor]:

@@ -21,7 +21,7 @@ from ._base import (
     resolve_foreach,
     scalar_lr,
 )
-from ._sharding import to_local
+from ._sharding import locals_of
 
 if TYPE_CHECKING:
     from largebatch.fused._plan import Bucket
@@ -120,7 +120,7 @@ class Adan(LargeBatchOptimizer):
 
     def _group_lists(self, group: dict[str, Any], params: list[Tensor]) -> list[list[Tensor]]:
         *buffers, steps = self._state_lists(params, group, (*self._STATE_KEYS[1:], "step"))
-        return [to_local(params), to_local([p.grad for p in params]), *(to_local(b) for b in buffers), steps]
+        return [*locals_of(params, [p.grad for p in params], *buffers), steps]
 
     def _fused_layout(self, group: dict[str, Any]) -> dict[str, int]:
         from largebatch.fused.adan import ADAN_LAYOUT

@@ -24,7 +24,7 @@ from ._base import (
     resolve_foreach,
     scalar_lr,
 )
-from ._sharding import ShardReduction, complete_norms, to_local
+from ._sharding import ShardReduction, complete_norms, locals_of
 from ._trust import trust_ratio
 
 if TYPE_CHECKING:
@@ -166,7 +166,7 @@ class LAMB(LargeBatchOptimizer):
 
     def _group_lists(self, group: dict[str, Any], params: list[Tensor]) -> list[list[Tensor]]:
         exp_avgs, exp_avg_sqs, steps = self._state_lists(params, group, ("exp_avg", "exp_avg_sq", "step"))
-        return [to_local(params), to_local([p.grad for p in params]), to_local(exp_avgs), to_local(exp_avg_sqs), steps]
+        return [*locals_of(params, [p.grad for p in params], exp_avgs, exp_avg_sqs), steps]
 
     def _fused_layout(self, group: dict[str, Any]) -> dict[str, int]:
         from largebatch.fused.lamb import LAMB_LAYOUT

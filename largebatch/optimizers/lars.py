@@ -21,7 +21,7 @@ from ._base import (
     resolve_foreach,
     scalar_lr,
 )
-from ._sharding import ShardReduction, complete_norms, to_local
+from ._sharding import ShardReduction, complete_norms, locals_of
 from ._trust import trust_ratio
 
 if TYPE_CHECKING:
@@ -153,7 +153,7 @@ class LARS(LargeBatchOptimizer):
     def _group_lists(self, group: dict[str, Any], params: list[Tensor]) -> list[list[Tensor]]:
         has_momentum = group["momentum"] != 0
         *buffers, steps = self._state_lists(params, group, ("momentum_buffer", "step") if has_momentum else ("step",))
-        return [to_local(params), to_local([p.grad for p in params]), *(to_local(b) for b in buffers), steps]
+        return [*locals_of(params, [p.grad for p in params], *buffers), steps]
 
     def _fused_layout(self, group: dict[str, Any]) -> dict[str, int]:
         from largebatch.fused.lars import lars_layout
