@@ -152,7 +152,9 @@ class StepPlan:
         self.strides = [list(map(Tensor.stride, lst)) for lst in lists[:n_elementwise]]
         self.pointer_rows = [list(map(Tensor.data_ptr, lst)) for lst in lists]
         self._owned: list[list[Tensor]] = [[] for _ in lists]
-        self._versions: list[list[int]] = [[] for _ in lists]
+        # Per owned list, the sum of its tensors' version counters: counters only grow, so an
+        # unchanged sum means no tensor of the list was modified in place.
+        self._version_sums: list[int] = [0 for _ in lists]
         self._remember(lists, range(owned_from, len(lists)))
 
         chunk_tensors: list[int] = []
@@ -236,15 +238,18 @@ class StepPlan:
         else:
             torch.eq(found_inf, 0, out=self._increment)
             torch._foreach_add_(list(steps), self._increment)
-        self._owned[-1], self._versions[-1] = list(steps), list(map(_version, steps))
+        # The in-place add counts once per counter: the plan's own change, not one to re-check
+        # (a sum that disagrees anyway, for other tensors than `current` saw, only re-checks them).
+        self._version_sums[-1] += len(steps)
 
     def _untouched(self, index: int, lst: Sequence[Tensor]) -> bool:
         """Every tensor is the object last checked, with no in-place op on it since."""
-        return all(map(is_, lst, self._owned[index])) and list(map(_version, lst)) == self._versions[index]
+        return all(map(is_, lst, self._owned[index])) and sum(map(_version, lst)) == self._version_sums[index]
 
     def _remember(self, lists: Sequence[Sequence[Tensor]], indices: Sequence[int]) -> None:
+        """Note the tensors of lists[i] and their versions as checked."""
         for i in indices:
-            self._owned[i], self._versions[i] = list(lists[i]), list(map(_version, lists[i]))
+            self._owned[i], self._version_sums[i] = list(lists[i]), sum(map(_version, lists[i]))
 
     def _layouts_hold(self, lists: Sequence[Sequence[Tensor]], checked: Sequence[int]) -> bool:
         """The fast layout check of the lists that need one: shapes (the parameters' were compared

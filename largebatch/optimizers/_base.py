@@ -260,7 +260,7 @@ class LargeBatchOptimizer(Optimizer):
 
     Subclasses set `_name` and their state layout (the `_*STATE_KEYS` below), and implement
     `_step_group` (call the functional form for one group), `_validate_group` (their
-    hyper-parameters) and, where they use `_state_lists`, `_init_state` (create a parameter's
+    hyper-parameters) and, where `_STATE_KEYS` does not say it all, `_init_state` (create a parameter's
     state at its first step). Those with fused kernels (`_has_fused`) also implement
     `_group_lists` and `_fused_layout`. Every step collects all groups' tensors
     (`_prepare_group`: for fused groups, every tensor checked) before it steps any. Group keys
@@ -605,8 +605,13 @@ class LargeBatchOptimizer(Optimizer):
             return [list(map(itemgetter(key), states)) for key in keys]
 
     def _init_state(self, param: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
-        """Create the entries of `param`'s state that are missing (lazily, at its first step)."""
-        raise NotImplementedError  # every subclass that uses _state_lists defines it
+        """Create the entries of `param`'s state that are missing (lazily, at its first step):
+        here the step counter and, for every other key of `_STATE_KEYS`, zeros like the parameter."""
+        if "step" not in state:
+            state["step"] = self._new_step(param, group)
+        for key in self._STATE_KEYS:
+            if key not in state:
+                state[key] = torch.zeros_like(param, memory_format=torch.preserve_format)
 
     def _grad_clip_coefficients(self, prepared: Sequence[PreparedGroup | None]) -> list[Tensor | None]:
         """Per group, the global-norm clipping multiplier (None where the group sets no max_grad_norm).

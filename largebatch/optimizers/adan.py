@@ -111,13 +111,6 @@ class Adan(LargeBatchOptimizer):
     def _setstate_defaults(self) -> dict[str, Any]:
         return {**super()._setstate_defaults(), "no_prox": False, "max_grad_norm": None}
 
-    def _init_state(self, param: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
-        if "step" not in state:
-            state["step"] = self._new_step(param, group)
-        for key in self._STATE_KEYS[1:]:  # the buffers, after "step"
-            if key not in state:
-                state[key] = torch.zeros_like(param, memory_format=torch.preserve_format)
-
     def _group_lists(self, group: dict[str, Any], params: list[Tensor]) -> list[list[Tensor]]:
         *buffers, steps = self._state_lists(params, group, (*self._STATE_KEYS[1:], "step"))
         return [*locals_of(params, [p.grad for p in params], *buffers), steps]

@@ -157,13 +157,6 @@ class LAMB(LargeBatchOptimizer):
     def _group_adapts(self, group: dict[str, Any]) -> bool:
         return lamb_adapts(group)
 
-    def _init_state(self, param: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
-        if "step" not in state:
-            state["step"] = self._new_step(param, group)
-        for key in self._STATE_KEYS[1:]:  # the moments, after "step"
-            if key not in state:
-                state[key] = torch.zeros_like(param, memory_format=torch.preserve_format)
-
     def _group_lists(self, group: dict[str, Any], params: list[Tensor]) -> list[list[Tensor]]:
         exp_avgs, exp_avg_sqs, steps = self._state_lists(params, group, ("exp_avg", "exp_avg_sq", "step"))
         return [*locals_of(params, [p.grad for p in params], exp_avgs, exp_avg_sqs), steps]

@@ -43,6 +43,19 @@ def _snapshot(optimizer) -> list[torch.Tensor]:
     return tensors
 
 
+def _stepped_once(make, params=None):
+    """(params, an optimizer from `make` that has taken one step on them)."""
+    params = _params() if params is None else params
+    optimizer = make(params)
+    _new_grads(params, 1)
+    optimizer.step()
+    return params, optimizer
+
+
+def _unchanged(before, optimizer) -> bool:
+    return all(torch.equal(a, b) for a, b in zip(before, _snapshot(optimizer)))
+
+
 def _plans(optimizer):
     return optimizer._fused_plan_caches
 
@@ -53,10 +66,7 @@ def _counts(optimizer) -> tuple[int, int]:
 
 @EACH_OPTIMIZER
 def test_steady_state_rebuilds_nothing_and_uploads_only_moved_gradient_rows(make):
-    params = _params()
-    optimizer = make(params)
-    _new_grads(params, 1)
-    optimizer.step()
+    params, optimizer = _stepped_once(make)
     builds, uploads = _counts(optimizer)
     assert builds == 1
     for _ in range(3):  # the same gradient tensors, accumulated into in place
@@ -101,16 +111,13 @@ def test_more_groups_than_the_old_global_cache_never_rebuild():
 
 @EACH_OPTIMIZER
 def test_a_transposed_gradient_at_the_planned_address_gets_the_build_error(make):
-    params = _params()
-    optimizer = make(params)
-    _new_grads(params, 1)
-    optimizer.step()
+    params, optimizer = _stepped_once(make)
     before = _snapshot(optimizer)
     square = params[0]
     square.grad = square.grad.t()  # same data_ptr, strides (1, 8)
     with pytest.raises(RuntimeError, match="laid out like its parameter") as reused:
         optimizer.step()
-    assert all(torch.equal(a, b) for a, b in zip(before, _snapshot(optimizer)))
+    assert _unchanged(before, optimizer)
     fresh = make(params)
     with pytest.raises(RuntimeError) as built:
         fresh.step()
@@ -119,10 +126,7 @@ def test_a_transposed_gradient_at_the_planned_address_gets_the_build_error(make)
 
 @pytest.mark.parametrize("make", [OPTIMIZERS["lamb"], OPTIMIZERS["adan"]], ids=["lamb", "adan"])
 def test_a_smaller_state_view_at_the_live_address_is_refused(make):
-    params = _params()
-    optimizer = make(params)
-    _new_grads(params, 1)
-    optimizer.step()
+    params, optimizer = _stepped_once(make)
     state = optimizer.state[params[1]]
     whole = state["exp_avg"]
     before = _snapshot(optimizer)
@@ -130,16 +134,13 @@ def test_a_smaller_state_view_at_the_live_address_is_refused(make):
     with pytest.raises(RuntimeError, match="laid out like its parameter"):
         optimizer.step()
     state["exp_avg"] = whole
-    assert all(torch.equal(a, b) for a, b in zip(before, _snapshot(optimizer)))
+    assert _unchanged(before, optimizer)
     optimizer.step()  # the whole tensor back: steps again
     assert float(state["step"]) == 2.0
 
 
 def test_an_in_place_layout_change_of_a_state_is_seen():
-    params = _params()
-    optimizer = OPTIMIZERS["lamb"](params)
-    _new_grads(params, 1)
-    optimizer.step()
+    params, optimizer = _stepped_once(OPTIMIZERS["lamb"])
     optimizer.state[params[0]]["exp_avg"].t_()  # same object, same address, transposed
     with pytest.raises(RuntimeError, match="laid out like its parameter"):
         optimizer.step()
@@ -165,29 +166,23 @@ def test_a_refused_step_changes_no_group_and_no_counter(make):
 
 @EACH_OPTIMIZER
 def test_a_float64_parameter_is_refused_at_step_before_anything_moves(make):
-    params = _params()
-    optimizer = make(params)
-    _new_grads(params, 1)
-    optimizer.step()
+    params, optimizer = _stepped_once(make)
     before = _snapshot(optimizer)
     params[2].data = params[2].data.double()
     params[2].grad = params[2].grad.double()
     with pytest.raises(RuntimeError, match="dtype"):
         optimizer.step()
-    assert all(torch.equal(a, b) for a, b in zip(before, _snapshot(optimizer)))
+    assert _unchanged(before, optimizer)
 
 
 @EACH_OPTIMIZER
 def test_found_inf_of_two_devices_skips_the_step_and_keeps_the_counters(make):
-    params = _params()
-    optimizer = make(params)
-    _new_grads(params, 1)
-    optimizer.step()
+    params, optimizer = _stepped_once(make)
     before = _snapshot(optimizer)
     optimizer.grad_scale = torch.tensor(1.0, device=DEVICE)
     optimizer.found_inf = torch.tensor(2.0, device=DEVICE)  # GradScaler's sum over two devices
     optimizer.step()
-    assert all(torch.equal(a, b) for a, b in zip(before, _snapshot(optimizer)))
+    assert _unchanged(before, optimizer)
     optimizer.found_inf = torch.tensor(0.0, device=DEVICE)
     optimizer.step()
     assert all(float(optimizer.state[p]["step"]) == 2.0 for p in params)
@@ -252,10 +247,7 @@ def test_meta_parameters_construct_and_step_after_to_empty(cls):
 
 
 def test_plans_survive_a_state_dict_round_trip_and_add_param_group():
-    params = _params()
-    optimizer = OPTIMIZERS["lamb"](params)
-    _new_grads(params, 1)
-    optimizer.step()
+    params, optimizer = _stepped_once(OPTIMIZERS["lamb"])
     plans = list(_plans(optimizer))
     optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))  # new state tensors, same sizes
     optimizer.step()
@@ -270,10 +262,7 @@ def test_plans_survive_a_state_dict_round_trip_and_add_param_group():
 
 
 def test_a_deep_copy_builds_its_own_plans_and_steps_identically():
-    params = _params()
-    optimizer = OPTIMIZERS["adan"](params)
-    _new_grads(params, 1)
-    optimizer.step()
+    params, optimizer = _stepped_once(OPTIMIZERS["adan"])
     twin_params = [nn.Parameter(p.detach().clone()) for p in params]
     twin = OPTIMIZERS["adan"](twin_params)
     twin.load_state_dict(copy.deepcopy(optimizer.state_dict()))
