@@ -213,6 +213,13 @@ class AGVM(Optimizer):
     Under ``GradScaler``: ``scaler.step(agvm)`` unscales the grads and calls :meth:`step`
     only when they are finite, so a skipped step neither counts nor changes the factors.
 
+    Checkpoints: every param group carries ``"agvm_module"``, ``"agvm_scale_factor"`` (its
+    module's :math:`s_i`) and ``"agvm_num_steps"``, so ``state_dict()`` is the base's own and
+    ``torch.distributed.checkpoint`` keeps AGVM's state with it; a base optimizer loaded from
+    such a checkpoint continues it when wrapped again. A step at lr 0 with all-zero gradients
+    and no base state yet, how ``torch.distributed.checkpoint`` creates a fresh optimizer's
+    state, is passed to the base but not counted.
+
     Args:
         base_optimizer: the optimizer to wrap.
         modules: optional mapping module name → parameters (see above).
@@ -653,8 +660,11 @@ class AGVM(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if len(self._group_modules) != len(self.param_groups):
-            raise RuntimeError("param_groups changed behind AGVM's back: add groups with AGVM.add_param_group")
+        if len(self._group_modules) != len(self.param_groups) or any(STEPS_KEY not in g for g in self.param_groups):
+            raise RuntimeError(
+                "param_groups changed behind AGVM's back: add groups with AGVM.add_param_group and load "
+                "checkpoints with AGVM.load_state_dict (which keep AGVM's entries in every group)"
+            )
         if self._is_state_initialisation():
             self.base_optimizer.step()  # lr 0 and zero gradients: creates the base's state, moves nothing
             return loss

@@ -549,6 +549,18 @@ def test_add_param_group_refuses_agvm_entries_of_its_own():
     assert len(agvm.param_groups) == 6
 
 
+def test_groups_changed_behind_agvms_back_are_refused_at_the_step():
+    model, agvm = make_run()
+    train(model, agvm, 1)
+    plain = torch.optim.AdamW(agvm_param_groups(TwoHeads(), weight_decay=0.01), lr=3e-2)
+    agvm.base_optimizer.load_state_dict(plain.state_dict())  # drops AGVM's entries from the groups
+    with pytest.raises(RuntimeError, match="behind AGVM's back"):
+        agvm.step()
+    agvm.base_optimizer.add_param_group({"params": [nn.Parameter(torch.zeros(1))]})
+    with pytest.raises(RuntimeError, match="behind AGVM's back"):
+        agvm.step()
+
+
 # --- torch.distributed.checkpoint's state_dict API, in one process ------------------------------
 
 
