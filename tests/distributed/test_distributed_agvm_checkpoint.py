@@ -3,32 +3,21 @@ load into a fresh model and optimizer, continue: the same parameters, factors an
 the uninterrupted run, for plain and flattened optimizer state dicts."""
 
 import os
-import socket
-import subprocess
 import sys
 
 import pytest
 import torch
 
 WORKER = os.path.join(os.path.dirname(__file__), "_agvm_checkpoint_worker.py")
+sys.path.insert(0, os.path.dirname(__file__))
+from _launch import run_worker  # noqa: E402
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("agvm_dcp") / "results.pt"
-    proc = subprocess.run(
-        [sys.executable, WORKER, str(out), str(_free_port())], capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return torch.load(out)
+    return run_worker(WORKER, tmp_path_factory.mktemp("agvm_dcp") / "results.pt")
 
 
 @pytest.mark.parametrize("flatten", [False, True])
