@@ -210,6 +210,10 @@ def test_a_lr_tensor_shared_by_groups_is_scaled_once(rule):
     assert lrs_of(optimizer) == pytest.approx(lrs_of(multiplicative), rel=REL)
     assert optimizer.param_groups[0]["lr"] is optimizer.param_groups[1]["lr"]
     assert coupled.get_last_lr() == pytest.approx([1e-3 * factor] * 2, rel=REL)
+    # The same batch size given at construction: scaled once there too.
+    at_construction = shared_lr_optimizer()
+    BatchSizeCoupledLR(at_construction, base_batch_size=256, rule=rule, batch_size=4096)
+    assert lrs_of(at_construction) == pytest.approx([1e-3 * factor] * 2, rel=REL)
 
 
 def test_adaptive_batch_size_coupling_scales_a_shared_lr_tensor_once():
