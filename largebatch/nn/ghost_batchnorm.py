@@ -50,12 +50,13 @@ __all__ = [
 ]
 
 
-def _is_channels_last(input: Tensor) -> bool:
-    """Whether ``input`` is laid out channels_last (4D) or channels_last_3d (5D), and not also
-    contiguous: then BatchNorm's output is in that format too."""
-    formats = {4: torch.channels_last, 5: torch.channels_last_3d}
-    memory_format = formats.get(input.dim())
-    return memory_format is not None and input.is_contiguous(memory_format=memory_format) and not input.is_contiguous()
+def _channels_last_format(input: Tensor) -> torch.memory_format | None:
+    """``channels_last`` (4D) or ``channels_last_3d`` (5D) if ``input`` is laid out so and not also
+    contiguous (BatchNorm's output then is in that format too), else None."""
+    memory_format = {4: torch.channels_last, 5: torch.channels_last_3d}.get(input.dim())
+    if memory_format is None or input.is_contiguous() or not input.is_contiguous(memory_format=memory_format):
+        return None
+    return memory_format
 
 
 def _check_ghost_batch_size(ghost_batch_size: object) -> int:
@@ -134,7 +135,8 @@ class _GhostBatchNorm(_BatchNorm):
         # mean and unbiased variance into the scratch buffers, exactly, for the running update.
         # The reshapes work in memory order (channels last, or right after the batch), so that
         # a channels_last input stays channels_last with the copies of a contiguous one.
-        channels_last = _is_channels_last(input)
+        memory_format = _channels_last_format(input)
+        channels_last = memory_format is not None
         layout = head.movedim(1, -1) if channels_last else head  # a view in memory order
         channel_axis = layout.dim() - 1 if channels_last else 1  # of layout; full·C goes there
         stacked = layout.reshape(full, ghost, *layout.shape[1:]).movedim(0, channel_axis)
@@ -160,6 +162,8 @@ class _GhostBatchNorm(_BatchNorm):
                 ghost_variances.append(rest_variances.view(1, channels))
         if track:
             self._update_running_stats(torch.cat(ghost_means), torch.cat(ghost_variances))
+        if channels_last:  # a no-op but where a ghost batch of one sample left its format ambiguous
+            output = output.contiguous(memory_format=memory_format)
         return output
 
     def _scratch_stats(self, size: int) -> tuple[Tensor, Tensor]:

@@ -414,3 +414,13 @@ def test_convert_a_bare_batchnorm_and_reconvert_a_ghost():
     assert type(again) is GhostBatchNorm3d and again.ghost_batch_size == 4
     sync = nn.SyncBatchNorm(2)
     assert convert_to_ghost_batchnorm(sync, ghost_batch_size=4) is sync
+
+
+@pytest.mark.parametrize(("batch", "ghost"), [(2, 1), (5, 2), (9, 4)])
+def test_channels_last_stays_with_ghost_or_tail_batches_of_one_sample(batch, ghost):
+    """A ghost batch of one sample (spatial size > 1) leaves torch free to pick either format."""
+    module = GhostBatchNorm2d(2, ghost_batch_size=ghost)
+    x = torch.randn(batch, 2, 2, 2).to(memory_format=torch.channels_last)
+    output = module(x)
+    assert output.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(output, copy.deepcopy(module)(x.contiguous()))
