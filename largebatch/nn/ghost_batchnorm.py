@@ -10,6 +10,10 @@ is normalised with its own statistics: for ghost batch :math:`k` and channel :ma
 with :math:`\mu_{k,c}, \sigma^2_{k,c}` the mean and biased variance over the ghost batch's
 samples and spatial positions. A large batch then keeps the regularising noise of a small one.
 
+A last ghost batch of a single value per channel (one sample, no spatial extent, as for an
+:math:`(N, C)` input with :math:`N \equiv 1 \pmod g`) has no variance: that sample joins the ghost
+batch before it, which then has :math:`g + 1` samples (and :math:`G = \lfloor N/g \rfloor`).
+
 The running statistics are updated as if the ghost batches had gone through BatchNorm one after
 the other, in closed form. With momentum :math:`m`, the EMA applied :math:`G` times gives
 
@@ -22,9 +26,10 @@ it gives the average over all batches, :math:`r \leftarrow (n_0 r + \sum_k s_k)/
 :math:`n_0` the batches tracked so far. ``num_batches_tracked`` grows by :math:`G`.
 
 The full ghost batches are normalised by one ``F.batch_norm`` over :math:`G \cdot C` channels (the
-batch moved into the channel dimension), and the last, smaller one, if any, by one more call.
-In eval mode, and whenever the batch fits in one ghost batch, the module is exactly the torch
-BatchNorm it subclasses.
+batch moved into the channel dimension), and the last, uneven one, if any, by one more call.
+A ``channels_last`` (``channels_last_3d``) input gives an output in the same memory format, as
+BatchNorm's does, with no more copies than a contiguous input. In eval mode, and whenever the
+batch fits in one ghost batch, the module is exactly the torch BatchNorm it subclasses.
 """
 
 from __future__ import annotations
@@ -43,6 +48,15 @@ __all__ = [
     "GhostBatchNorm3d",
     "convert_to_ghost_batchnorm",
 ]
+
+
+def _channels_last_format(input: Tensor) -> torch.memory_format | None:
+    """``channels_last`` (4D) or ``channels_last_3d`` (5D) if ``input`` is laid out so and not also
+    contiguous (BatchNorm's output then is in that format too), else None."""
+    memory_format = {4: torch.channels_last, 5: torch.channels_last_3d}.get(input.dim())
+    if memory_format is None or input.is_contiguous() or not input.is_contiguous(memory_format=memory_format):
+        return None
+    return memory_format
 
 
 def _check_ghost_batch_size(ghost_batch_size: object) -> int:
@@ -65,9 +79,23 @@ class _GhostBatchNorm(_BatchNorm):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        size = _check_ghost_batch_size(ghost_batch_size)
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
-        self.ghost_batch_size = size
+        self.ghost_batch_size = ghost_batch_size
+
+    @property
+    def ghost_batch_size(self) -> int:
+        """Samples per ghost batch, ≥ 1; assigning it checks the value."""
+        return self._ghost_batch_size
+
+    @ghost_batch_size.setter
+    def ghost_batch_size(self, ghost_batch_size: int) -> None:
+        self._ghost_batch_size = _check_ghost_batch_size(ghost_batch_size)
+
+    def __setstate__(self, state: dict) -> None:
+        # Modules pickled while ghost_batch_size was a plain attribute.
+        if "ghost_batch_size" in state:
+            state["_ghost_batch_size"] = _check_ghost_batch_size(state.pop("ghost_batch_size"))
+        super().__setstate__(state)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, ghost_batch_size={self.ghost_batch_size}"
@@ -81,32 +109,48 @@ class _GhostBatchNorm(_BatchNorm):
     def _ghost_forward(self, input: Tensor) -> Tensor:
         batch, channels, *spatial = input.shape
         ghost = self.ghost_batch_size
-        full = batch // ghost
-        rest = batch - full * ghost
-        values_per_channel = math.prod(spatial)
-        if ghost * values_per_channel == 1 or rest * values_per_channel == 1:
-            raise ValueError(
-                f"a ghost batch would hold a single value per channel (batch {batch}, ghost_batch_size "
-                f"{ghost}, spatial size {tuple(spatial)}): its variance is undefined; choose a "
-                "ghost_batch_size that divides the batch or leaves at least two samples over"
-            )
         # As in BatchNorm: the running statistics are updated only while tracked.
         track = self.track_running_stats and self.running_mean is not None
+        if channels != self.num_features and (self.weight is not None or track):
+            raise ValueError(
+                f"{type(self).__name__}({self.num_features}) got an input of {channels} channels "
+                f"(shape {tuple(input.shape)}): its channel dimension must be num_features={self.num_features}"
+            )
+        values_per_channel = math.prod(spatial)
+        if ghost * values_per_channel == 1:
+            raise ValueError(
+                f"ghost_batch_size 1 with spatial size {tuple(spatial)} leaves a single value per channel "
+                "in every ghost batch: its variance is undefined; use ghost_batch_size >= 2"
+            )
+        full, rest = divmod(batch, ghost)
+        if rest * values_per_channel == 1:  # no variance in a last ghost batch of one value
+            full, rest = full - 1, rest + ghost
+            if full == 0:  # batch = g + 1: one ghost batch, BatchNorm itself
+                return super().forward(input)
         # One split, not two slices: its backward is one concatenation, not two zero-filled copies.
         head, tail = input.split([full * ghost, rest]) if rest else (input, None)
 
         # Full ghost batches: (full·g, C, *S) → (g, full·C, *S), so that each (ghost, channel)
         # pair is one channel of a single F.batch_norm. Momentum 1 makes it write each pair's
         # mean and unbiased variance into the scratch buffers, exactly, for the running update.
-        stacked = head.reshape(full, ghost, channels, *spatial).transpose(0, 1)
-        stacked = stacked.reshape(ghost, full * channels, *spatial)
+        # The reshapes work in memory order (channels last, or right after the batch), so that
+        # a channels_last input stays channels_last with the copies of a contiguous one.
+        memory_format = _channels_last_format(input)
+        channels_last = memory_format is not None
+        layout = head.movedim(1, -1) if channels_last else head  # a view in memory order
+        channel_axis = layout.dim() - 1 if channels_last else 1  # of layout; full·C goes there
+        stacked = layout.reshape(full, ghost, *layout.shape[1:]).movedim(0, channel_axis)
+        stacked = stacked.flatten(channel_axis, channel_axis + 1)
+        stacked = stacked.movedim(-1, 1) if channels_last else stacked
         means, variances = self._scratch_stats(full * channels) if track else (None, None)
         weight = None if self.weight is None else self.weight.repeat(full)
         bias = None if self.bias is None else self.bias.repeat(full)
         normalized = F.batch_norm(stacked, means, variances, weight, bias, True, 1.0, self.eps)
 
-        output = normalized.view(ghost, full, channels, *spatial).transpose(0, 1)
-        output = output.reshape(full * ghost, channels, *spatial)
+        normalized = normalized.movedim(1, -1) if channels_last else normalized
+        output = normalized.unflatten(channel_axis, (full, channels)).movedim(channel_axis, 0)
+        output = output.reshape(full * ghost, *layout.shape[1:])
+        output = output.movedim(-1, 1) if channels_last else output
         ghost_means = [means.view(full, channels)] if track else []
         ghost_variances = [variances.view(full, channels)] if track else []
         if tail is not None:
@@ -118,6 +162,8 @@ class _GhostBatchNorm(_BatchNorm):
                 ghost_variances.append(rest_variances.view(1, channels))
         if track:
             self._update_running_stats(torch.cat(ghost_means), torch.cat(ghost_variances))
+        if channels_last:  # a no-op but where a ghost batch of one sample left its format ambiguous
+            output = output.contiguous(memory_format=memory_format)
         return output
 
     def _scratch_stats(self, size: int) -> tuple[Tensor, Tensor]:

@@ -40,12 +40,19 @@ Differences from the official code, each deliberate:
 - one process is supported, with :meth:`AGVM.backward_halves`.
 
 Before ``start_step`` the base optimizer steps with its own learning rates.
+
+AGVM's own state lives in the base optimizer's param groups, the one place besides the
+per-parameter state that every checkpoint route keeps, ``torch.distributed.checkpoint``'s
+``get_optimizer_state_dict`` / ``set_optimizer_state_dict`` (flattened or not) included: each
+group carries its module's name (``"agvm_module"``), the module's factor :math:`s_i`
+(``"agvm_scale_factor"``) and AGVM's step count (``"agvm_num_steps"``).
 """
 
 import fnmatch
 import math
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from numbers import Integral, Real
 from typing import Any
 
 import torch
@@ -65,6 +72,12 @@ __all__ = [
 
 MODULE_KEY = "agvm_module"
 """Param-group key naming the module a group belongs to (groups sharing it share one s_i)."""
+
+SCALE_KEY = "agvm_scale_factor"
+"""Param-group key holding the factor s_i of the group's module (equal in all its groups)."""
+
+STEPS_KEY = "agvm_num_steps"
+"""Param-group key holding how many steps AGVM has taken (equal in every group)."""
 
 _MEASURE_DTYPE = torch.float64
 
@@ -200,6 +213,13 @@ class AGVM(Optimizer):
     Under ``GradScaler``: ``scaler.step(agvm)`` unscales the grads and calls :meth:`step`
     only when they are finite, so a skipped step neither counts nor changes the factors.
 
+    Checkpoints: every param group carries ``"agvm_module"``, ``"agvm_scale_factor"`` (its
+    module's :math:`s_i`) and ``"agvm_num_steps"``, so ``state_dict()`` is the base's own and
+    ``torch.distributed.checkpoint`` keeps AGVM's state with it; a base optimizer loaded from
+    such a checkpoint continues it when wrapped again. A step at lr 0 with all-zero gradients
+    and no base state yet, how ``torch.distributed.checkpoint`` creates a fresh optimizer's
+    state, is passed to the base but not counted.
+
     Args:
         base_optimizer: the optimizer to wrap.
         modules: optional mapping module name → parameters (see above).
@@ -308,8 +328,15 @@ class AGVM(Optimizer):
         else:
             raise ValueError(f"reference index {reference} out of range for {len(self._module_names)} modules")
 
-        self._scale: list[float] = [1.0] * len(self._module_names)
-        self._steps_taken = 0
+        # A base loaded from an AGVM checkpoint carries AGVM's state in its groups: continue it.
+        # Checked (and written) last, so that a refused construction leaves the base untouched.
+        carried = any(SCALE_KEY in group or STEPS_KEY in group for group in self.param_groups)
+        if carried:
+            entries = self._checked_group_entries(self.param_groups, "base_optimizer.param_groups")
+        else:
+            entries = [(self._module_names[m], 1.0, 0) for m in self._group_modules]
+        for group, entry in zip(self.param_groups, entries):
+            group[MODULE_KEY], group[SCALE_KEY], group[STEPS_KEY] = entry
         self._comm = comm_state
         # param -> (g_A, g_B) of the coming measuring step; under DDP the hook fills it.
         self._halves: dict[Tensor, tuple[Tensor, Tensor]] = {} if comm_state is None else comm_state.halves
@@ -373,10 +400,54 @@ class AGVM(Optimizer):
             raise ValueError(f"modules {sorted(unused)} hold no parameter of the base optimizer")
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a group to the base optimizer; it joins the module its ``agvm_module`` names."""
+        """Add a group to the base optimizer; it joins the module its ``agvm_module`` names
+        (and takes that module's factor), or starts a new module at factor 1."""
+        for key in (SCALE_KEY, STEPS_KEY):
+            if key in param_group:
+                raise ValueError(f"param_group sets {key!r}: AGVM sets it (the module's factor, its step count)")
+        factors, num_steps = self._factors(), self.num_steps
         self.base_optimizer.add_param_group(param_group)
-        self._assign_group(self.param_groups[-1])
-        self._scale.extend([1.0] * (len(self._module_names) - len(self._scale)))
+        group = self.param_groups[-1]
+        self._assign_group(group)
+        module = self._group_modules[-1]
+        group[MODULE_KEY] = self._module_names[module]
+        group[SCALE_KEY] = factors[module] if module < len(factors) else 1.0
+        group[STEPS_KEY] = num_steps
+
+    def _factors(self) -> list[float]:
+        """:math:`s_i` per module, read from the first group of each module."""
+        first_group = {}
+        for group, module in zip(self.param_groups, self._group_modules):
+            first_group.setdefault(module, group)
+        return [float(first_group[m][SCALE_KEY]) for m in range(len(self._module_names))]
+
+    def _checked_group_entries(self, groups: Sequence[Mapping[str, Any]], where: str) -> list[tuple[str, float, int]]:
+        """(module name, factor, step count) of each group in ``groups``, checked against this
+        AGVM's modules; ValueError naming what is wrong, before anything is changed."""
+        if len(groups) != len(self._group_modules):
+            raise ValueError(f"{where} has {len(groups)} groups, this AGVM {len(self._group_modules)}")
+        entries, factors, steps = [], {}, set()
+        for i, (group, module) in enumerate(zip(groups, self._group_modules)):
+            name = self._module_names[module]
+            for key in (MODULE_KEY, SCALE_KEY, STEPS_KEY):
+                if key not in group:
+                    raise ValueError(f"{where}[{i}] has no {key!r}: not saved by AGVM")
+            if group[MODULE_KEY] != name:
+                raise ValueError(f"{where}[{i}] belongs to module {group[MODULE_KEY]!r}, in this AGVM to module {name!r}")
+            factor, num_steps = group[SCALE_KEY], group[STEPS_KEY]
+            if isinstance(factor, bool) or not isinstance(factor, Real) or not (math.isfinite(factor) and factor > 0):
+                raise ValueError(f"{where}[{i}][{SCALE_KEY!r}] must be a finite number > 0, got {factor!r}")
+            if isinstance(num_steps, bool) or not isinstance(num_steps, Integral) or num_steps < 0:
+                raise ValueError(f"{where}[{i}][{STEPS_KEY!r}] must be an int >= 0, got {num_steps!r}")
+            if factors.setdefault(module, factor) != factor:
+                raise ValueError(
+                    f"{where}[{i}][{SCALE_KEY!r}] is {factor!r}, another group of module {name!r} has {factors[module]!r}"
+                )
+            steps.add(int(num_steps))
+            entries.append((name, float(factor), int(num_steps)))
+        if len(steps) > 1:
+            raise ValueError(f"{where} disagree on {STEPS_KEY!r}: {sorted(steps)}")
+        return entries
 
     def _infer_use_adam(self) -> bool:
         with_betas = ["betas" in group for group in self.param_groups]
@@ -394,17 +465,18 @@ class AGVM(Optimizer):
     @property
     def scale_factors(self) -> Tensor:
         """The factors :math:`s_i`, one per module (float64, a copy), for logging."""
-        return torch.tensor(self._scale, dtype=torch.float64)
+        return torch.tensor(self._factors(), dtype=torch.float64)
 
     @property
     def num_steps(self) -> int:
-        """How many times :meth:`step` has run (a step skipped by GradScaler does not count)."""
-        return self._steps_taken
+        """How many times :meth:`step` has run (neither a step skipped by GradScaler nor the state
+        initialisation of ``torch.distributed.checkpoint`` counts)."""
+        return int(self.param_groups[0][STEPS_KEY])
 
     @property
     def measures_next_step(self) -> bool:
         """Whether the next :meth:`step` measures, i.e. needs two gradient halves."""
-        k = self._steps_taken
+        k = self.num_steps
         in_window = self.start_step <= k and (self.stop_step is None or k <= self.stop_step)
         return not self.static and in_window and (k - self.start_step) % self.interval == 0
 
@@ -517,7 +589,7 @@ class AGVM(Optimizer):
         """:math:`d_i` per module (float64, NaN where a module had no gradient halves)."""
         if not self._halves:
             raise RuntimeError(
-                f"step {self._steps_taken} measures but no gradient halves were recorded: use "
+                f"step {self.num_steps} measures but no gradient halves were recorded: use "
                 "AGVM.backward_halves (one process) or agvm_comm_hook (DDP) for this step's backward"
             )
         sums: list[list[Tensor]] = [[] for _ in self._module_names]
@@ -559,20 +631,23 @@ class AGVM(Optimizer):
         disagreements = self._disagreements().tolist()
         if math.isnan(disagreements[self._reference]):
             raise RuntimeError(
-                f"reference module {self._module_names[self._reference]!r} has no gradient on measuring step {self._steps_taken}"
+                f"reference module {self._module_names[self._reference]!r} has no gradient on measuring step {self.num_steps}"
             )
         targets = agvm_scale_targets(disagreements, self._reference, self.eps, self.clamp)
+        factors = self._factors()
         for i, target in enumerate(targets):
             if not math.isnan(target):  # a module without gradient this step keeps its factor
-                self._scale[i] = self.momentum * self._scale[i] + (1.0 - self.momentum) * target
+                factors[i] = self.momentum * factors[i] + (1.0 - self.momentum) * target
+        for group, module in zip(self.param_groups, self._group_modules):
+            group[SCALE_KEY] = factors[module]
 
     def _base_step_with_scaled_lr(self) -> None:
         groups = self.param_groups
         # Kept and put back as they were (not divided back): restored exactly, tensors included.
         lrs = [group["lr"] for group in groups]
         try:
-            for group, lr, module in zip(groups, lrs, self._group_modules):
-                group["lr"] = lr * self._scale[module]
+            for group, lr in zip(groups, lrs):
+                group["lr"] = lr * group[SCALE_KEY]
             self.base_optimizer.step()
         finally:
             for group, lr in zip(groups, lrs):
@@ -585,29 +660,49 @@ class AGVM(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if len(self._group_modules) != len(self.param_groups):
-            raise RuntimeError("param_groups changed behind AGVM's back: add groups with AGVM.add_param_group")
+        if len(self._group_modules) != len(self.param_groups) or any(STEPS_KEY not in g for g in self.param_groups):
+            raise RuntimeError(
+                "param_groups changed behind AGVM's back: add groups with AGVM.add_param_group and load "
+                "checkpoints with AGVM.load_state_dict (which keep AGVM's entries in every group)"
+            )
+        if self._is_state_initialisation():
+            self.base_optimizer.step()  # lr 0 and zero gradients: creates the base's state, moves nothing
+            return loss
         if self.measures_next_step:
             self._update_scale_factors()
-        if self._steps_taken >= self.start_step:
+        if self.num_steps >= self.start_step:
             self._base_step_with_scaled_lr()
         else:
             self.base_optimizer.step()
         self._halves.clear()
-        self._steps_taken += 1
+        for group in self.param_groups:
+            group[STEPS_KEY] += 1
         return loss
+
+    def _is_state_initialisation(self) -> bool:
+        """Whether this step is ``torch.distributed.checkpoint``'s state initialisation, not training.
+
+        ``get_optimizer_state_dict`` and ``set_optimizer_state_dict`` create a stateless
+        optimizer's state with one step of all-zero gradients at lr 0. Such a step moves no
+        parameter, so it is not counted and does not measure (it has no gradient halves).
+        Only a step with no base state, no halves and every lr 0 gets as far as the gradient check.
+        """
+        if self.state or self._halves or any(float(group["lr"]) != 0.0 for group in self.param_groups):
+            return False
+        grads = to_local([p.grad for group in self.param_groups for p in group["params"] if p.grad is not None])
+        if not grads:
+            return False
+        nonzero = torch.stack([grad.count_nonzero() for grad in grads]).sum().to(torch.float64)
+        if self._shard_reduction is not None:  # every rank must decide alike: count all shards
+            self._shard_reduction.sum_over_shards(nonzero)
+        return nonzero.item() == 0
 
     # --- checkpoints -----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """The base's state dict plus an ``"agvm"`` entry: module names, factors, step count."""
+        """The base's state dict; its param groups carry AGVM's module names, factors and step count."""
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)
         state_dict = self.base_optimizer.state_dict()
-        state_dict["agvm"] = {
-            "module_names": list(self._module_names),
-            "scale_factors": list(self._scale),
-            "num_steps": self._steps_taken,
-        }
         for post_hook in self._optimizer_state_dict_post_hooks.values():
             result = post_hook(self, state_dict)
             if result is not None:
@@ -615,23 +710,51 @@ class AGVM(Optimizer):
         return state_dict
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load the base optimizer's state and AGVM's factors and step count (module names must match)."""
+        """Load the base optimizer's state with AGVM's factors and step count (module names must match).
+
+        AGVM's entries are checked first (every group's module, a finite factor > 0 shared by
+        the module's groups, one step count >= 0): a ValueError leaves the optimizer unchanged.
+        A checkpoint of the earlier layout, with a top-level ``"agvm"`` entry, loads too.
+        """
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
             result = pre_hook(self, state_dict)
             if result is not None:
                 state_dict = result
-        if "agvm" not in state_dict:
-            raise ValueError("state_dict has no 'agvm' entry: it was not saved by AGVM.state_dict")
         base_state = dict(state_dict)
-        saved = base_state.pop("agvm")
-        if list(saved["module_names"]) != self._module_names:
-            raise ValueError(f"state_dict modules {saved['module_names']} differ from this AGVM's {self._module_names}")
+        groups = base_state.get("param_groups")
+        if not isinstance(groups, Sequence):
+            raise ValueError("state_dict has no 'param_groups' list")
+        if "agvm" in base_state:
+            groups = self._groups_from_top_level_entry(groups, base_state.pop("agvm"))
+        entries = self._checked_group_entries(groups, "state_dict['param_groups']")
+        base_state["param_groups"] = [
+            {**group, MODULE_KEY: name, SCALE_KEY: factor, STEPS_KEY: num_steps}
+            for group, (name, factor, num_steps) in zip(groups, entries)
+        ]
         self.base_optimizer.load_state_dict(base_state)
-        self._scale = [float(s) for s in saved["scale_factors"]]
-        self._steps_taken = int(saved["num_steps"])
         self._halves.clear()
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
+
+    def _groups_from_top_level_entry(self, groups: Sequence[Mapping[str, Any]], saved: Any) -> list[dict[str, Any]]:
+        """The param groups of an earlier checkpoint layout, whose ``"agvm"`` entry held
+        ``module_names``, ``scale_factors`` (one per module) and ``num_steps``, with those put in
+        the groups; checked by ``_checked_group_entries`` afterwards."""
+        if not isinstance(saved, Mapping) or not {"module_names", "scale_factors", "num_steps"} <= saved.keys():
+            raise ValueError(f"state_dict['agvm'] must hold module_names, scale_factors and num_steps, got {saved!r}")
+        if list(saved["module_names"]) != self._module_names:
+            raise ValueError(f"state_dict modules {saved['module_names']} differ from this AGVM's {self._module_names}")
+        factors = saved["scale_factors"]
+        if not isinstance(factors, Sequence) or len(factors) != len(self._module_names):
+            raise ValueError(
+                f"state_dict['agvm']['scale_factors'] must hold one factor per module ({len(self._module_names)}), "
+                f"got {factors!r}"
+            )
+        modules = self._group_modules[: len(groups)]
+        return [
+            {MODULE_KEY: self._module_names[m], **group, SCALE_KEY: factors[m], STEPS_KEY: saved["num_steps"]}
+            for group, m in zip(groups, modules)
+        ]
 
     def __getstate__(self) -> dict[str, Any]:
         # Optimizer's would keep only defaults/state/param_groups, which are the base's here.
@@ -642,5 +765,5 @@ class AGVM(Optimizer):
         self._patch_step_function()
 
     def __repr__(self) -> str:
-        factors = ", ".join(f"{name}={s:.4f}" for name, s in zip(self._module_names, self._scale))
+        factors = ", ".join(f"{name}={s:.4f}" for name, s in zip(self._module_names, self._factors()))
         return f"AGVM({factors}; base={self.base_optimizer!r})"

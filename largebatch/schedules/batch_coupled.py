@@ -2,6 +2,8 @@ r"""A scheduler that couples every group's learning rate to the current batch si
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
@@ -90,13 +92,32 @@ class BatchSizeCoupledLR(LRScheduler):
         """Set the batch size and rescale every group's lr now by :math:`(B_{new}/B_{old})^{k}`."""
         new = check_positive_int("batch_size", batch_size)
         ratio = (new / self._batch_size) ** self.exponent
-        self._batch_size = new
-        for group in self.optimizer.param_groups:
+        groups = self.optimizer.param_groups
+        # Every new lr is computed before any is written: groups may share one lr tensor
+        # (create_optimizer(..., lr=torch.tensor(...)) does), which must be scaled once, not per group.
+        scaled = [group["lr"] * ratio for group in groups]
+        for group, lr in zip(groups, scaled):
             if isinstance(group["lr"], Tensor):
-                group["lr"].mul_(ratio)
+                group["lr"].copy_(lr)  # in place: whoever holds the tensor sees the new lr
             else:
-                group["lr"] = group["lr"] * ratio
-        self._last_lr = [_clone_lr(group["lr"]) for group in self.optimizer.param_groups]
+                group["lr"] = lr
+        self._batch_size = new
+        self._last_lr = [_clone_lr(group["lr"]) for group in groups]
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a :meth:`state_dict`, checked first: a bad batch size or rule changes nothing."""
+        for name in ("_batch_size", "base_batch_size", "rule", "exponent"):
+            if name not in state_dict:
+                raise ValueError(f"Invalid state_dict: missing {name!r}")
+        check_positive_int("state_dict['_batch_size']", state_dict["_batch_size"])
+        check_positive_int("state_dict['base_batch_size']", state_dict["base_batch_size"])
+        exponent = scaling_exponent(state_dict["rule"])
+        if state_dict["exponent"] != exponent:
+            raise ValueError(
+                f"Invalid state_dict: exponent {state_dict['exponent']!r} is not that of rule "
+                f"{state_dict['rule']!r} ({exponent})"
+            )
+        super().load_state_dict(state_dict)
 
     def get_lr(self) -> list[float | Tensor]:
         """The next lr of each group: scaled by the rule at the start, unchanged afterwards."""

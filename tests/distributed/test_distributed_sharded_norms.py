@@ -3,8 +3,6 @@ the unsharded single-process run; without the cross-rank reduction they do not; 
 checkpoint of the optimizer state resumes the run."""
 
 import os
-import socket
-import subprocess
 import sys
 
 import pytest
@@ -14,6 +12,7 @@ from torch import nn
 WORKER = os.path.join(os.path.dirname(__file__), "_sharded_worker.py")
 sys.path.insert(0, os.path.dirname(__file__))
 import _sharded_worker as worker  # noqa: E402
+from _launch import run_worker  # noqa: E402
 
 pytestmark = pytest.mark.distributed
 # fp32: the sharded run sums squares across ranks in a different order, and FSDP averages the
@@ -21,20 +20,9 @@ pytestmark = pytest.mark.distributed
 TOL = dict(rtol=1e-5, atol=1e-6)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def sharded_results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("dist") / "results.pt"
-    proc = subprocess.run(
-        [sys.executable, WORKER, str(out), str(_free_port())], capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return torch.load(out)
+    return run_worker(WORKER, tmp_path_factory.mktemp("dist") / "results.pt")
 
 
 def _single_process(cls, kwargs, **options):

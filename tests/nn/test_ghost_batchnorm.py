@@ -14,6 +14,7 @@ from torch import nn
 from largebatch.nn import GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d, convert_to_ghost_batchnorm
 
 GHOST_CLASSES = {1: GhostBatchNorm1d, 2: GhostBatchNorm2d, 3: GhostBatchNorm3d}
+CHANNELS_LAST = {2: torch.channels_last, 3: torch.channels_last_3d}
 BATCHNORM_CLASSES = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 # float64 end to end: the oracle and the module differ only by summation order.
 TOLERANCE = {"rtol": 1e-10, "atol": 1e-12}
@@ -23,11 +24,11 @@ def ghost_oracle(x, ghost_batch_size, weight, bias, state, momentum, eps):
     """BatchNorm applied to each ghost batch in turn, as torch's BatchNorm forward would.
 
     ``state`` holds running_mean, running_var and num_batches_tracked (or None for untracked
-    statistics) and is updated in place, one ghost batch at a time.
+    statistics) and is updated in place, one ghost batch at a time. A last ghost batch of one
+    value per channel joins the one before it.
     """
     outputs = []
-    for start in range(0, x.shape[0], ghost_batch_size):
-        chunk = x[start : start + ghost_batch_size]
+    for chunk in ghost_chunks(x, ghost_batch_size):
         if state is None:
             outputs.append(F.batch_norm(chunk, None, None, weight, bias, True, 0.0, eps))
             continue
@@ -37,6 +38,16 @@ def ghost_oracle(x, ghost_batch_size, weight, bias, state, momentum, eps):
             F.batch_norm(chunk, state["running_mean"], state["running_var"], weight, bias, True, factor, eps)
         )
     return torch.cat(outputs)
+
+
+def ghost_chunks(x, ghost_batch_size):
+    """The ghost batches of ``x``, written out: slices of ``ghost_batch_size`` samples, and a last
+    slice of a single value per channel added to the one before it."""
+    bounds = list(range(0, x.shape[0], ghost_batch_size)) + [x.shape[0]]
+    values_per_sample = x[0, 0].numel()
+    if len(bounds) > 2 and (bounds[-1] - bounds[-2]) * values_per_sample == 1:
+        del bounds[-2]
+    return [x[start:stop] for start, stop in zip(bounds, bounds[1:])]
 
 
 def random_input(batch, channels, dims, spatial, generator):
@@ -70,13 +81,13 @@ def make_pair(dims, channels, ghost_batch_size, momentum, affine, track, generat
 
 @st.composite
 def ghost_cases(draw):
-    """(dims, batch, ghost, channels, spatial) with at least two values per channel in every ghost batch."""
+    """(dims, batch, ghost, channels, spatial) with more than one value per channel in a full ghost
+    batch (a last ghost batch of one value is folded into the one before)."""
     dims = draw(st.sampled_from([0, 1, 2, 3]))  # 0: BatchNorm1d on (N, C)
     spatial = 1 if dims == 0 else draw(st.integers(1, 3))
     batch = draw(st.integers(2, 24))
     ghost = draw(st.integers(1, 26))
-    values = spatial**dims
-    assume(ghost * values > 1 and (batch % ghost) * values != 1)
+    assume(ghost * spatial**dims > 1)
     return dims, batch, ghost, draw(st.integers(1, 4)), spatial
 
 
@@ -88,19 +99,28 @@ def ghost_cases(draw):
     track=st.booleans(),
     steps=st.integers(1, 3),
     seed=st.integers(0, 2**31 - 1),
+    channels_last=st.booleans(),
 )
-def test_training_matches_a_loop_of_batchnorm_over_ghost_batches(case, momentum, affine, track, steps, seed):
+def test_training_matches_a_loop_of_batchnorm_over_ghost_batches(
+    case, momentum, affine, track, steps, seed, channels_last
+):
     dims, batch, ghost, channels, spatial = case
     generator = torch.Generator().manual_seed(seed)
     module, weight, bias, state = make_pair(max(dims, 1), channels, ghost, momentum, affine, track, generator)
+    memory_format = CHANNELS_LAST.get(dims) if channels_last else None
     for _ in range(steps):
-        x = random_input(batch, channels, dims, spatial, generator).requires_grad_()
-        x_oracle = x.detach().clone().requires_grad_()
+        x = random_input(batch, channels, dims, spatial, generator)
+        x_oracle = x.clone().requires_grad_()
+        if memory_format is not None:
+            x = x.to(memory_format=memory_format)
+        x.requires_grad_()
         upstream = torch.randn(x.shape, dtype=torch.float64, generator=generator)
 
         output = module(x)
         expected = ghost_oracle(x_oracle, ghost, weight, bias, state, momentum, module.eps)
         torch.testing.assert_close(output, expected, **TOLERANCE)
+        if memory_format is not None:  # like BatchNorm: the input's memory format
+            assert output.is_contiguous(memory_format=memory_format)
 
         output.backward(upstream)
         expected.backward(upstream)
@@ -241,13 +261,27 @@ def test_gradcheck_and_double_backward():
     assert torch.autograd.gradgradcheck(module, (x,))
 
 
-def test_channels_last_input():
+@pytest.mark.parametrize("dims", [2, 3])
+@pytest.mark.parametrize("batch", [12, 14])
+def test_channels_last_input_gives_channels_last_output_like_batchnorm(dims, batch):
     torch.manual_seed(6)
-    module = GhostBatchNorm2d(3, ghost_batch_size=4)
+    module = GHOST_CLASSES[dims](3, ghost_batch_size=4)
     reference = copy.deepcopy(module)
-    x = torch.randn(12, 3, 4, 4)
-    torch.testing.assert_close(module(x.to(memory_format=torch.channels_last)), reference(x))
+    x = torch.randn((batch, 3) + (4,) * dims)
+    memory_format = CHANNELS_LAST[dims]
+    x_last = x.to(memory_format=memory_format).requires_grad_()
+    output = module(x_last)
+    assert output.is_contiguous(memory_format=memory_format)
+    assert BATCHNORM_CLASSES[dims](3)(x_last).is_contiguous(memory_format=memory_format)  # torch's own
+    x = x.requires_grad_()
+    expected = reference(x)
+    torch.testing.assert_close(output, expected)
     torch.testing.assert_close(module.running_var, reference.running_var)
+    upstream = torch.randn_like(x)
+    output.backward(upstream)
+    expected.backward(upstream)
+    torch.testing.assert_close(x_last.grad, x.grad)
+    torch.testing.assert_close(module.weight.grad, reference.weight.grad)
 
 
 @pytest.mark.parametrize("bad", [0, -3, 2.0, True, None])
@@ -258,12 +292,74 @@ def test_bad_ghost_batch_size_raises(bad):
         convert_to_ghost_batchnorm(nn.Sequential(nn.BatchNorm2d(3)), bad)
 
 
-def test_single_value_per_channel_in_a_ghost_batch_raises():
-    module = GhostBatchNorm1d(3, ghost_batch_size=4)
-    with pytest.raises(ValueError, match="single value per channel"):
-        module(torch.randn(9, 3))  # 4 + 4 + 1
+def test_ghost_batches_of_a_single_value_per_channel_raise():
     with pytest.raises(ValueError, match="single value per channel"):
         GhostBatchNorm1d(3, ghost_batch_size=1)(torch.randn(6, 3))
+    with pytest.raises(ValueError, match="single value per channel"):
+        GhostBatchNorm2d(3, ghost_batch_size=1)(torch.randn(6, 3, 1, 1))
+
+
+@pytest.mark.parametrize(("shape", "cls"), [((9, 3), GhostBatchNorm1d), ((9, 3, 1, 1), GhostBatchNorm2d)])
+def test_a_one_sample_tail_joins_the_ghost_batch_before_it(shape, cls):
+    """9 = 4 + 5 rather than 4 + 4 + 1: a last ghost batch of one value has no variance."""
+    torch.manual_seed(8)
+    module = cls(3, ghost_batch_size=4).double()
+    x = torch.randn(shape, dtype=torch.float64)
+    running_mean, running_var = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+    expected = torch.cat(
+        [F.batch_norm(x[a:b], running_mean, running_var, None, None, True, 0.1, 1e-5) for a, b in ((0, 4), (4, 9))]
+    )
+    output = module(x)
+    torch.testing.assert_close(output, expected, **TOLERANCE)
+    torch.testing.assert_close(module.running_var, running_var, **TOLERANCE)
+    assert module.num_batches_tracked.item() == 2
+    # The last five samples are one ghost batch: zero mean, unit biased variance (eps aside).
+    torch.testing.assert_close(output[4:].flatten(1).mean(0), torch.zeros(3, dtype=torch.float64), atol=1e-12, rtol=0)
+
+
+def test_a_batch_of_one_more_than_a_ghost_batch_is_batchnorm_exactly():
+    torch.manual_seed(9)
+    ghost, batchnorm = GhostBatchNorm1d(3, ghost_batch_size=4), nn.BatchNorm1d(3)
+    x = torch.randn(5, 3)
+    assert torch.equal(ghost(x), batchnorm(x))
+    for name, buffer in batchnorm.named_buffers():
+        assert torch.equal(ghost.get_buffer(name), buffer), name
+
+
+@pytest.mark.parametrize(("cls", "shape"), [(GhostBatchNorm1d, (12, 5)), (GhostBatchNorm2d, (12, 5, 2, 2))])
+@pytest.mark.parametrize("affine", [True, False])
+def test_a_wrong_channel_count_is_reported_in_channels(cls, shape, affine):
+    module = cls(4, ghost_batch_size=3, affine=affine)
+    with pytest.raises(ValueError, match=r"input of 5 channels .*num_features=4"):
+        module(torch.randn(shape))
+
+
+def test_without_weights_or_running_statistics_any_channel_count_works_like_batchnorm():
+    ghost = GhostBatchNorm1d(4, ghost_batch_size=3, affine=False, track_running_stats=False)
+    x = torch.randn(6, 5)
+    expected = torch.cat([nn.functional.batch_norm(x[i : i + 3], None, None, training=True) for i in (0, 3)])
+    torch.testing.assert_close(ghost(x), expected)
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.0, True, None])
+def test_assigning_a_bad_ghost_batch_size_raises_and_keeps_the_old_one(bad):
+    module = GhostBatchNorm2d(3, ghost_batch_size=8)
+    with pytest.raises(ValueError, match="ghost_batch_size"):
+        module.ghost_batch_size = bad
+    assert module.ghost_batch_size == 8
+    module.ghost_batch_size = 2
+    assert module.ghost_batch_size == 2 and "ghost_batch_size=2" in repr(module)
+    assert module(torch.randn(6, 3, 2, 2)).shape == (6, 3, 2, 2) and module.num_batches_tracked.item() == 3
+
+
+def test_a_module_pickled_with_the_plain_attribute_loads():
+    module = GhostBatchNorm2d(3, ghost_batch_size=8)
+    state = dict(module.__dict__)
+    state["ghost_batch_size"] = state.pop("_ghost_batch_size")  # the layout before the property
+    restored = GhostBatchNorm2d.__new__(GhostBatchNorm2d)
+    restored.__setstate__(state)
+    assert restored.ghost_batch_size == 8
+    assert copy.deepcopy(restored).ghost_batch_size == 8
 
 
 def test_wrong_input_rank_raises_like_batchnorm():
@@ -318,3 +414,13 @@ def test_convert_a_bare_batchnorm_and_reconvert_a_ghost():
     assert type(again) is GhostBatchNorm3d and again.ghost_batch_size == 4
     sync = nn.SyncBatchNorm(2)
     assert convert_to_ghost_batchnorm(sync, ghost_batch_size=4) is sync
+
+
+@pytest.mark.parametrize(("batch", "ghost"), [(2, 1), (5, 2), (9, 4)])
+def test_channels_last_stays_with_ghost_or_tail_batches_of_one_sample(batch, ghost):
+    """A ghost batch of one sample (spatial size > 1) leaves torch free to pick either format."""
+    module = GhostBatchNorm2d(2, ghost_batch_size=ghost)
+    x = torch.randn(batch, 2, 2, 2).to(memory_format=torch.channels_last)
+    output = module(x)
+    assert output.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(output, copy.deepcopy(module)(x.contiguous()))

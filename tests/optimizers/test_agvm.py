@@ -225,7 +225,8 @@ def test_identical_halves_on_the_reference_give_the_lower_clamp():
 
 def _loaded_factors(agvm, factors):
     state = agvm.state_dict()
-    state["agvm"]["scale_factors"] = list(factors)
+    for group, module in zip(state["param_groups"], agvm._group_modules):
+        group["agvm_scale_factor"] = factors[module]
     agvm.load_state_dict(state)
 
 
@@ -393,13 +394,15 @@ def test_state_dict_round_trip_mid_run_continues_identically():
     model, agvm = make_run()
     train(model, agvm, 5)
     saved_model, saved_optimizer = copy.deepcopy(model.state_dict()), copy.deepcopy(agvm.state_dict())
-    assert saved_optimizer["agvm"]["num_steps"] == 5
+    assert [g["agvm_num_steps"] for g in saved_optimizer["param_groups"]] == [5] * 6
     continued = train(model, agvm, 6, first_step=5)
 
     resumed_model, resumed = make_run(seed=123)
     resumed_model.load_state_dict(saved_model)
     resumed.load_state_dict(saved_optimizer)
-    assert resumed.scale_factors.tolist() == saved_optimizer["agvm"]["scale_factors"] != [1.0, 1.0, 1.0]
+    saved_factors = [g["agvm_scale_factor"] for g in saved_optimizer["param_groups"][::2]]  # two groups a module
+    assert resumed.scale_factors.tolist() == saved_factors != [1.0, 1.0, 1.0]
+    assert resumed.num_steps == 5
     assert train(resumed_model, resumed, 6, first_step=5) == continued
     for p, q in zip(model.parameters(), resumed_model.parameters()):
         assert torch.equal(p, q)
@@ -408,9 +411,222 @@ def test_state_dict_round_trip_mid_run_continues_identically():
 def test_load_state_dict_with_other_modules_raises():
     _, agvm = make_run()
     state = agvm.state_dict()
-    state["agvm"]["module_names"] = ["backbone", "reg", "cls"]
-    with pytest.raises(ValueError, match="modules"):
+    state["param_groups"][2]["agvm_module"] = "reg"
+    with pytest.raises(ValueError, match=r"module 'reg', in this AGVM to module 'cls'"):
         agvm.load_state_dict(state)
+
+
+def _legacy_state_dict(state):
+    """The checkpoint layout of earlier versions: AGVM's state in a top-level "agvm" entry."""
+    legacy = copy.deepcopy(state)
+    first_groups = {}
+    for group in legacy["param_groups"]:
+        first_groups.setdefault(group["agvm_module"], group)
+    legacy["agvm"] = {
+        "module_names": list(first_groups),
+        "scale_factors": [group["agvm_scale_factor"] for group in first_groups.values()],
+        "num_steps": legacy["param_groups"][0]["agvm_num_steps"],
+    }
+    for group in legacy["param_groups"]:
+        del group["agvm_scale_factor"], group["agvm_num_steps"]
+    return legacy
+
+
+def test_a_checkpoint_of_the_earlier_layout_loads_and_continues():
+    model, agvm = make_run()
+    train(model, agvm, 5)
+    saved_model, saved_optimizer = copy.deepcopy(model.state_dict()), _legacy_state_dict(agvm.state_dict())
+    continued = train(model, agvm, 4, first_step=5)
+    resumed_model, resumed = make_run(seed=7)
+    resumed_model.load_state_dict(saved_model)
+    resumed.load_state_dict(saved_optimizer)
+    assert resumed.num_steps == 5
+    assert train(resumed_model, resumed, 4, first_step=5) == continued
+
+
+def _assert_same_state(got, want):
+    assert got.keys() == want.keys()
+    assert got["param_groups"] == want["param_groups"]
+    assert got["state"].keys() == want["state"].keys()
+    for index, entries in want["state"].items():
+        assert got["state"][index].keys() == entries.keys()
+        for key, value in entries.items():
+            assert torch.equal(got["state"][index][key], value)
+
+
+def _set_group_entry(key, value, groups=None):
+    def edit(state):
+        for i, group in enumerate(state["param_groups"]):
+            if groups is None or i in groups:
+                group[key] = value
+    return edit
+
+
+def _set_legacy_entry(key, value):
+    def edit(state):
+        legacy = _legacy_state_dict(state)
+        legacy["agvm"][key] = value
+        state.clear()
+        state.update(legacy)
+    return edit
+
+
+def _drop_group(state):
+    state["param_groups"].pop()
+
+
+def _drop_key(key):
+    def edit(state):
+        del state["param_groups"][1][key]
+    return edit
+
+
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (_set_group_entry("agvm_scale_factor", math.nan), "agvm_scale_factor.*finite number > 0, got nan"),
+        (_set_group_entry("agvm_scale_factor", -2.0), "agvm_scale_factor.*> 0, got -2.0"),
+        (_set_group_entry("agvm_scale_factor", 0.0), "agvm_scale_factor.*> 0, got 0.0"),
+        (_set_group_entry("agvm_scale_factor", math.inf), "agvm_scale_factor.*finite"),
+        (_set_group_entry("agvm_scale_factor", "1.0"), "agvm_scale_factor.*got '1.0'"),
+        (_set_group_entry("agvm_scale_factor", True), "agvm_scale_factor.*got True"),
+        (_set_group_entry("agvm_scale_factor", 1.5, groups={2}), "another group of module 'cls' has"),
+        (_set_group_entry("agvm_num_steps", -3), "agvm_num_steps.*int >= 0, got -3"),
+        (_set_group_entry("agvm_num_steps", 2.5), "agvm_num_steps.*int >= 0, got 2.5"),
+        (_set_group_entry("agvm_num_steps", math.nan), "agvm_num_steps.*got nan"),
+        (_set_group_entry("agvm_num_steps", None), "agvm_num_steps.*got None"),
+        (_set_group_entry("agvm_num_steps", 9, groups={4}), "disagree on 'agvm_num_steps'"),
+        (_drop_key("agvm_scale_factor"), r"\[1\] has no 'agvm_scale_factor'"),
+        (_drop_key("agvm_module"), r"\[1\] has no 'agvm_module'"),
+        (_drop_group, "has 5 groups, this AGVM 6"),
+        # The earlier layout: the very values the issue found loaded (NaN, -2, []).
+        (_set_legacy_entry("scale_factors", [math.nan, 1.0, 1.0]), "finite number > 0, got nan"),
+        (_set_legacy_entry("scale_factors", [1.0, -2.0, 1.0]), "> 0, got -2.0"),
+        (_set_legacy_entry("scale_factors", []), r"one factor per module \(3\), got \[\]"),
+        (_set_legacy_entry("num_steps", math.nan), "agvm_num_steps.*got nan"),
+        (_set_legacy_entry("num_steps", -1), "agvm_num_steps.*got -1"),
+        (_set_legacy_entry("module_names", ["backbone", "reg", "cls"]), "modules"),
+    ],
+)
+def test_load_state_dict_refuses_bad_agvm_entries_and_changes_nothing(edit, match):
+    model, agvm = make_run()
+    train(model, agvm, 4)
+    saved = copy.deepcopy(agvm.state_dict())
+    saved["param_groups"][0]["lr"] = 123.0  # a change the refused load must not half-apply
+    edit(saved)
+    before = copy.deepcopy(agvm.state_dict())
+    with pytest.raises(ValueError, match=match):
+        agvm.load_state_dict(saved)
+    _assert_same_state(agvm.state_dict(), before)
+    assert agvm.param_groups[0]["lr"] == 3e-2
+
+
+def test_a_base_loaded_from_an_agvm_checkpoint_continues_it_and_a_bad_one_is_refused():
+    model, agvm = make_run()
+    train(model, agvm, 5)
+    saved_model, saved_optimizer = copy.deepcopy(model.state_dict()), copy.deepcopy(agvm.state_dict())
+    continued = train(model, agvm, 4, first_step=5)
+
+    torch.manual_seed(0)
+    resumed_model = TwoHeads()
+    resumed_model.load_state_dict(saved_model)
+    base = torch.optim.AdamW(agvm_param_groups(resumed_model, weight_decay=0.01), lr=3e-2)
+    base.load_state_dict(saved_optimizer)
+    bad = copy.deepcopy(base.param_groups[3])
+    base.param_groups[3]["agvm_scale_factor"] = -1.0
+    with pytest.raises(ValueError, match=r"base_optimizer.param_groups\[3\]\['agvm_scale_factor'\]"):
+        AGVM(base, interval=2, start_step=1, momentum=0.8)
+    base.param_groups[3]["agvm_scale_factor"] = bad["agvm_scale_factor"]
+    resumed = AGVM(base, interval=2, start_step=1, momentum=0.8)
+    assert resumed.num_steps == 5
+    assert train(resumed_model, resumed, 4, first_step=5) == continued
+
+
+def test_add_param_group_refuses_agvm_entries_of_its_own():
+    _, agvm = make_run()
+    with pytest.raises(ValueError, match="agvm_scale_factor"):
+        agvm.add_param_group({"params": [nn.Parameter(torch.zeros(2))], "agvm_scale_factor": 2.0})
+    assert len(agvm.param_groups) == 6
+
+
+def test_groups_changed_behind_agvms_back_are_refused_at_the_step():
+    model, agvm = make_run()
+    train(model, agvm, 1)
+    plain = torch.optim.AdamW(agvm_param_groups(TwoHeads(), weight_decay=0.01), lr=3e-2)
+    agvm.base_optimizer.load_state_dict(plain.state_dict())  # drops AGVM's entries from the groups
+    with pytest.raises(RuntimeError, match="behind AGVM's back"):
+        agvm.step()
+    agvm.base_optimizer.add_param_group({"params": [nn.Parameter(torch.zeros(1))]})
+    with pytest.raises(RuntimeError, match="behind AGVM's back"):
+        agvm.step()
+
+
+# --- torch.distributed.checkpoint's state_dict API, in one process ------------------------------
+
+
+@pytest.mark.parametrize("flatten", [False, True])
+def test_distributed_checkpoint_api_round_trip_continues_identically(flatten):
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(flatten_optimizer_state_dict=flatten)
+    model, agvm = make_run(start_step=0)
+    train(model, agvm, 5)
+    saved_model = copy.deepcopy(model.state_dict())
+    saved_optimizer = copy.deepcopy(get_optimizer_state_dict(model, agvm, options=options))
+    assert agvm.num_steps == 5
+    continued = train(model, agvm, 4, first_step=5)
+
+    resumed_model, resumed = make_run(seed=11, start_step=0)
+    resumed_model.load_state_dict(saved_model)
+    # DCP first creates the fresh optimizer's state with a zero-gradient step at lr 0: with
+    # start_step=0 that step would measure (and find no halves) if AGVM took it for training.
+    set_optimizer_state_dict(resumed_model, resumed, saved_optimizer, options=options)
+    assert resumed.num_steps == 5
+    assert resumed.scale_factors.tolist() == agvm_factors_after(saved_optimizer, flatten)
+    assert train(resumed_model, resumed, 4, first_step=5) == continued
+    for p, q in zip(model.parameters(), resumed_model.parameters()):
+        assert torch.equal(p, q)
+
+
+def agvm_factors_after(saved, flatten):
+    if flatten:
+        names = ["backbone.0.weight", "cls.weight", "reg.weight"]
+        return [saved[f"param_groups.{name}.agvm_scale_factor"] for name in names]
+    return [group["agvm_scale_factor"] for group in saved["param_groups"][::2]]
+
+
+def test_distributed_checkpoint_state_initialisation_is_not_a_step():
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    model, agvm = make_run(start_step=0)
+    saved = get_optimizer_state_dict(model, agvm)
+    assert agvm.num_steps == 0 and agvm.state  # the base's state exists, AGVM did not count it
+    assert all(group["agvm_num_steps"] == 0 for group in saved["param_groups"])
+    assert [p.grad for p in model.parameters()] == [None] * 6
+
+    # SGD without momentum keeps no state: DCP initialises it again mid-run, each time it saves.
+    model = TwoHeads()
+    sgd = AGVM(torch.optim.SGD(agvm_param_groups(model), lr=0.1), start_step=0, interval=2)
+    train(model, sgd, 3)
+    sgd.zero_grad()
+    before = [p.detach().clone() for p in model.parameters()]
+    get_optimizer_state_dict(model, sgd)
+    assert sgd.num_steps == 3
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+def test_a_real_first_step_at_lr_zero_still_counts():
+    """A warmup from lr 0 with real gradients is training: it counts (and measures)."""
+    model, agvm = make_run(start_step=0, interval=1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(agvm, lambda step: step / 10)
+    assert all(group["lr"] == 0.0 for group in agvm.param_groups)
+    train(model, agvm, 1)
+    scheduler.step()
+    assert agvm.num_steps == 1 and agvm.scale_factors.tolist() != [1.0, 1.0, 1.0]
 
 
 def test_deepcopy_steps_like_the_original():

@@ -8,9 +8,11 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch.optim.lr_scheduler import ExponentialLR, SequentialLR, StepLR
+from torch.optim.lr_scheduler import ExponentialLR, MultiplicativeLR, SequentialLR, StepLR
 
-from largebatch.schedules import BatchSizeCoupledLR, LinearWarmup
+from largebatch import create_optimizer
+from largebatch.batching import AdaptiveBatchSize, GradientStatistics
+from largebatch.schedules import BatchSizeCoupledLR, LinearWarmup, scaling_exponent
 
 REL = 1e-10
 
@@ -182,3 +184,95 @@ def test_set_batch_size_rejects_bad_sizes_and_leaves_the_lr(bad):
     with pytest.raises(ValueError, match="batch_size"):
         scheduler.set_batch_size(bad)
     assert lrs_of(optimizer) == [0.1] and scheduler.batch_size == 256
+
+
+def shared_lr_optimizer():
+    """create_optimizer hands one lr tensor to all of its groups (decay and no-decay)."""
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.LayerNorm(3))
+    optimizer = create_optimizer(model, "lamb", lr=torch.tensor(1e-3, dtype=torch.float64))
+    lrs = [group["lr"] for group in optimizer.param_groups]
+    assert len(lrs) == 2 and lrs[0] is lrs[1]
+    return optimizer
+
+
+@pytest.mark.parametrize("rule", ["sqrt", "linear"])
+def test_a_lr_tensor_shared_by_groups_is_scaled_once(rule):
+    optimizer = shared_lr_optimizer()
+    multiplicative = shared_lr_optimizer()
+    coupled = BatchSizeCoupledLR(optimizer, base_batch_size=256, rule=rule)
+    coupled.set_batch_size(4096)
+    factor = 16 ** scaling_exponent(rule)
+    assert lrs_of(optimizer) == pytest.approx([1e-3 * factor] * 2, rel=REL)
+    # torch's own multiplicative scheduler, the same factor once: the same lr.
+    torch_scheduler = MultiplicativeLR(multiplicative, lambda epoch: factor)
+    multiplicative.step()  # no gradients: moves nothing, keeps torch's call-order check quiet
+    torch_scheduler.step()
+    assert lrs_of(optimizer) == pytest.approx(lrs_of(multiplicative), rel=REL)
+    assert optimizer.param_groups[0]["lr"] is optimizer.param_groups[1]["lr"]
+    assert coupled.get_last_lr() == pytest.approx([1e-3 * factor] * 2, rel=REL)
+    # The same batch size given at construction: scaled once there too.
+    at_construction = shared_lr_optimizer()
+    BatchSizeCoupledLR(at_construction, base_batch_size=256, rule=rule, batch_size=4096)
+    assert lrs_of(at_construction) == pytest.approx([1e-3 * factor] * 2, rel=REL)
+
+
+def test_adaptive_batch_size_coupling_scales_a_shared_lr_tensor_once():
+    optimizer = shared_lr_optimizer()
+    coupled = BatchSizeCoupledLR(optimizer, base_batch_size=4, rule="sqrt")
+    controller = AdaptiveBatchSize(4, 256, eta=1.0, lr_coupling=coupled)
+    # With eta = 1 and ‖mean gradient‖ = 1 the norm test asks for b = variance trace.
+    for required in (2.0, 16.0, 9.0, 64.0):
+        controller.step(make_statistics(required))
+        assert controller.batch_size == coupled.batch_size
+        expected = 1e-3 * math.sqrt(controller.batch_size / 4)
+        assert lrs_of(optimizer) == pytest.approx([expected] * 2, rel=REL)
+    assert controller.batch_size == 64
+
+
+def make_statistics(trace: float) -> GradientStatistics:
+    f64 = lambda value: torch.tensor(value, dtype=torch.float64)  # noqa: E731
+    return GradientStatistics(
+        num_units=f64(8.0),
+        num_samples=f64(8.0),
+        mean_sq_norm=f64(1.0),
+        variance_trace=f64(trace),
+        inner_product_variance=f64(1.0),
+        orthogonal_variance=f64(1.0),
+        mean_gradient=(f64([1.0]),),
+        coordinate_variance=None,
+    )
+
+
+@pytest.mark.parametrize(
+    ("key", "bad", "match"),
+    [
+        ("_batch_size", 0, "_batch_size"),
+        ("_batch_size", -256, "_batch_size"),
+        ("_batch_size", 2.5, "_batch_size"),
+        ("_batch_size", None, "_batch_size"),
+        ("base_batch_size", 0, "base_batch_size"),
+        ("rule", "cubic", "rule"),
+        ("exponent", 3.0, "exponent"),
+    ],
+)
+def test_load_state_dict_refuses_a_bad_state_and_changes_nothing(key, bad, match):
+    optimizer = make_optimizer([0.1])
+    scheduler = BatchSizeCoupledLR(optimizer, base_batch_size=256, batch_size=512)
+    optimizer.step()
+    scheduler.step()
+    before = dict(scheduler.state_dict())
+    saved = {**scheduler.state_dict(), key: bad, "last_epoch": 17}
+    with pytest.raises(ValueError, match=match):
+        scheduler.load_state_dict(saved)
+    assert scheduler.state_dict() == before
+    scheduler.set_batch_size(1024)
+    assert lrs_of(optimizer) == pytest.approx([0.4])
+
+
+def test_load_state_dict_refuses_a_missing_batch_size():
+    scheduler = BatchSizeCoupledLR(make_optimizer([0.1]), base_batch_size=256)
+    saved = scheduler.state_dict()
+    del saved["_batch_size"]
+    with pytest.raises(ValueError, match="_batch_size"):
+        scheduler.load_state_dict(saved)
+    assert scheduler.batch_size == 256
