@@ -152,9 +152,11 @@ def fused_adan(
     if buckets is None:
         lists = [params, grads, exp_avgs, exp_avg_diffs, exp_avg_sqs, prev_grads, state_steps]
         buckets = planned_buckets("adan", lists, **ADAN_LAYOUT, plans=plans)
-    for device, dtypes, (*_, d_steps), table in buckets:
+    for device, dtypes, lists, table in buckets:
+        d_steps = lists[-1]
         device_found_inf = scalar_on(found_inf, device)
         table.count_step(d_steps, device_found_inf)
+        table.written(lists, (0, 2, 3, 4, 5))  # param and the four states
         lr_tensor, lr_float = lr_arguments(lr, device)
         launch(
             _adan_kernel,

@@ -206,9 +206,11 @@ def fused_lamb(
     """
     if buckets is None:
         buckets = planned_buckets("lamb", [params, grads, exp_avgs, exp_avg_sqs, state_steps], **LAMB_LAYOUT, plans=plans)
-    for device, dtypes, (*_, d_steps), table in buckets:
+    for device, dtypes, lists, table in buckets:
+        d_steps = lists[-1]
         device_found_inf = scalar_on(found_inf, device)
         table.count_step(d_steps, device_found_inf)
+        table.written(lists, (0, 2, 3))  # param, exp_avg, exp_avg_sq
         lr_tensor, lr_float = lr_arguments(lr, device)
         dtype_args = dtype_constexprs(("PARAM", "GRAD", "EXP_AVG", "EXP_AVG_SQ"), dtypes)
         partials = table.scratch("chunk", 2 if adapt else 0)

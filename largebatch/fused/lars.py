@@ -192,10 +192,12 @@ def fused_lars(
     if buckets is None:
         lists = [params, grads, *([momentum_buffers] if has_momentum else []), state_steps]
         buckets = planned_buckets("lars", lists, **lars_layout(has_momentum), plans=plans)
-    for device, dtypes, (*_, d_steps), table in buckets:
+    for device, dtypes, lists, table in buckets:
+        d_steps = lists[-1]
         device_found_inf = scalar_on(found_inf, device)
         device_grad_scale = scalar_on(grad_scale, device)
         table.count_step(d_steps, device_found_inf)
+        table.written(lists, (0, 2) if has_momentum else (0,))  # param (and momentum buffer)
         # The kernels take a buffer row in any case: without momentum it is None, never read, and
         # typed like the params.
         missing_buffers = () if has_momentum else (None,)

@@ -273,3 +273,15 @@ def test_a_deep_copy_builds_its_own_plans_and_steps_identically():
     optimizer.step()
     twin.step()
     assert all(torch.equal(p, q) for p, q in zip(params, twin_params))
+
+
+@EACH_OPTIMIZER
+def test_a_graph_that_saved_a_parameter_refuses_to_backward_after_the_fused_step(make):
+    """The kernels write through raw pointers; the step bumps the version counters as torch's
+    in-place ops (and its fused optimizers) do, so autograd sees the parameter changed."""
+    params, optimizer = _stepped_once(make)
+    loss = sum((p * p).sum() for p in params)
+    loss.backward(retain_graph=True)
+    optimizer.step()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
