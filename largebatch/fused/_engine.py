@@ -44,6 +44,7 @@ __all__ = [
     "chunking",
     "current_chunking",
     "launch",
+    "mark_written",
     "log_beta",
     "lr_arguments",
     "scalar_on",
@@ -237,3 +238,15 @@ def log_beta(beta: float) -> float:
     ln β = -inf, so β^t = 0 and the correction is 1, as it should be.
     """
     return math.log(beta) if beta > 0 else -math.inf
+
+
+def mark_written(params: Sequence[Tensor]) -> None:
+    """Tell autograd that a fused step's kernels wrote `params`.
+
+    The kernels write through raw pointers, which bump no version counter; torch's in-place ops
+    (its fused optimizers' included) do, so that a graph that saved a parameter refuses to
+    backward through the updated value. Parameters are what autograd graphs save, so theirs are
+    bumped; the states' are left alone (nothing differentiates through them, and their unchanged
+    versions are what a step plan's check of the optimizer's own lists reads).
+    """
+    torch.autograd.graph.increment_version(list(params))

@@ -31,9 +31,9 @@ freshly allocated by backward is one row: a few KB). How each list is checked:
   about it can have changed (torch bumps `_version` for every in-place op, resize_, set_ and
   in-place views included), so the list is not re-read; otherwise it is checked like a gradient.
   The one change that leaves `_version` alone is assigning `.data` of a state tensor, which no
-  optimizer state should see. The plan's own writes (the kernels' through `written`, the step
-  count's through `count_step`) bump the versions as torch's in-place ops do and are noted as
-  its own.
+  optimizer state should see. The kernels bump no version (`_engine.mark_written` bumps the
+  parameters' for autograd; parameters are always re-checked), and the step count's in-place add is noted
+  by `count_step` as the plan's own change.
 
 Device identity needs no per-tensor check while pointers stay put: CUDA's unified virtual
 addressing gives every allocation, host or any device, its own address, so an unchanged
@@ -242,19 +242,6 @@ class StepPlan:
         # The in-place add counts once per counter: the plan's own change, not one to re-check
         # (a sum that disagrees anyway, for other tensors than `current` saw, only re-checks them).
         self._version_sums[-1] += len(steps)
-
-    def written(self, lists: Sequence[Sequence[Tensor]], indices: Sequence[int]) -> None:
-        """Tell autograd that the kernels wrote the tensors of lists[i] for i in `indices`.
-
-        The kernels write through raw pointers, which bump no version counter; torch's in-place
-        ops (its fused optimizers' included) do, so that a graph that saved a parameter refuses
-        to backward through the updated value. This keeps that behaviour, and notes the bump as
-        the plan's own change for its owned-list check.
-        """
-        torch.autograd.graph.increment_version([t for i in indices for t in lists[i]])
-        for i in indices:
-            if i >= self.owned_from:
-                self._version_sums[i] += self.n_tensors
 
     def _untouched(self, index: int, lst: Sequence[Tensor]) -> bool:
         """Every tensor is the object last checked, with no in-place op on it since."""

@@ -23,6 +23,7 @@ from ._engine import (
     dtype_constexprs,
     gradient_multiplier,
     launch,
+    mark_written,
     locate_chunk,
     log_beta,
     lr_arguments,
@@ -156,7 +157,7 @@ def fused_adan(
         d_steps = lists[-1]
         device_found_inf = scalar_on(found_inf, device)
         table.count_step(d_steps, device_found_inf)
-        table.written(lists, (0, 2, 3, 4, 5))  # param and the four states
+        mark_written(lists[0])
         lr_tensor, lr_float = lr_arguments(lr, device)
         launch(
             _adan_kernel,

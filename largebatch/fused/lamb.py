@@ -31,6 +31,7 @@ from ._engine import (
     dtype_constexprs,
     gradient_multiplier,
     launch,
+    mark_written,
     locate_chunk,
     log_beta,
     lr_arguments,
@@ -210,7 +211,7 @@ def fused_lamb(
         d_steps = lists[-1]
         device_found_inf = scalar_on(found_inf, device)
         table.count_step(d_steps, device_found_inf)
-        table.written(lists, (0, 2, 3))  # param, exp_avg, exp_avg_sq
+        mark_written(lists[0])
         lr_tensor, lr_float = lr_arguments(lr, device)
         dtype_args = dtype_constexprs(("PARAM", "GRAD", "EXP_AVG", "EXP_AVG_SQ"), dtypes)
         partials = table.scratch("chunk", 2 if adapt else 0)

@@ -27,6 +27,7 @@ from ._engine import (
     dtype_constexprs,
     gradient_multiplier,
     launch,
+    mark_written,
     locate_chunk,
     lr_arguments,
     scalar_on,
@@ -197,7 +198,7 @@ def fused_lars(
         device_found_inf = scalar_on(found_inf, device)
         device_grad_scale = scalar_on(grad_scale, device)
         table.count_step(d_steps, device_found_inf)
-        table.written(lists, (0, 2) if has_momentum else (0,))  # param (and momentum buffer)
+        mark_written(lists[0])
         # The kernels take a buffer row in any case: without momentum it is None, never read, and
         # typed like the params.
         missing_buffers = () if has_momentum else (None,)
