@@ -18,7 +18,7 @@ Two ways to say that a group is sharded:
 
 from __future__ import annotations
 
-import functools
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -30,16 +30,12 @@ from torch import Tensor
 __all__ = ["ShardReduction", "complete_norms", "complete_squares", "locals_of", "shard_reduction", "to_local"]
 
 
-@functools.cache
 def _dtensor_types() -> tuple[type, ...]:
-    """(DTensor,), or () where torch.distributed is not built: imported once, on first use (an
-    optimizer step asks about every tensor, and an import statement per question costs more
-    than the question)."""
-    if not dist.is_available():
-        return ()
-    from torch.distributed.tensor import DTensor
-
-    return (DTensor,)
+    """(DTensor,) once torch.distributed.tensor has been imported, else (): no DTensor can exist
+    before that, so nothing is imported here (an optimizer step asks this of every list, and an
+    import statement per question would cost more than the question)."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return () if module is None else (module.DTensor,)
 
 
 def is_dtensor(tensor: Tensor) -> bool:
