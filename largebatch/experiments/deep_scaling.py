@@ -495,15 +495,15 @@ def run_experiment(config: Config, results: Results, log: Callable[[str], None] 
             plan.base_grid[m.tuned] = grid
             plan.base_lr[m.tuned] = max(grid, key=grid.get)
 
-    def rows(seeds: Sequence[int]) -> list[Run]:
-        runs = []
-        for m in METHODS:
-            if _small_batch_method(m) is m:
-                runs += [_base_run(m, plan, config, plan.base_lr[m.tuned], s) for s in seeds]
-            runs += [_base_run(m, plan, config, _rule_lr(m, plan, config), s, big) for s in seeds]
-        for m in ORACLE_METHODS:
-            runs += [_base_run(m, plan, config, plan.base_lr[m.tuned], s, big, probe=True) for s in seeds]
-        return runs
+    def large_rows(seeds: Sequence[int]) -> list[Run]:
+        runs = [_base_run(m, plan, config, _rule_lr(m, plan, config), s, big) for s in seeds for m in METHODS]
+        return runs + [
+            _base_run(m, plan, config, plan.base_lr[m.tuned], s, big, probe=True) for s in seeds for m in ORACLE_METHODS
+        ]
+
+    def small_rows(seeds: Sequence[int]) -> list[Run]:
+        own = [m for m in METHODS if _small_batch_method(m) is m]
+        return [_base_run(m, plan, config, plan.base_lr[m.tuned], s) for s in seeds for m in own]
 
     independent = [m for m in TUNED_METHODS if m.exclusion != "separate_lr"]
     dependent = [m for m in TUNED_METHODS if m.exclusion == "separate_lr"]  # needs SGD's lr
@@ -514,15 +514,15 @@ def run_experiment(config: Config, results: Results, log: Callable[[str], None] 
         log(f"seed {first}: the separate_lr tuning, rule and probe rows, the oracle sweep")
         _execute(config, tuning_runs(dependent), results, pool, log)
         settle(dependent)
-        _execute(config, rows([first]) + [r for m in ORACLE_METHODS for r in _oracle_runs(m, plan, config, first)],
+        _execute(config, large_rows([first]) + [r for m in ORACLE_METHODS for r in _oracle_runs(m, plan, config, first)],
                  results, pool, log)
         for m in ORACLE_METHODS:
             grid = {k: results.get(r)["val_accuracy"] for k, r in zip(ORACLE_EXPONENTS, _oracle_runs(m, plan, config, first))}
             plan.oracle_grid[m.tuned] = grid
             plan.oracle_exponent[m.tuned] = max(grid, key=grid.get)
-        log(f"seeds {', '.join(map(str, rest))}")
-        oracle_rows = [_base_run(m, plan, config, _oracle_lr(m, plan, config), s, big) for m in ORACLE_METHODS for s in rest]
-        _execute(config, rows(rest) + oracle_rows, results, pool, log)
+        log(f"seeds {', '.join(map(str, rest))}: the large batch first, then the base batch")
+        oracle_rows = [_base_run(m, plan, config, _oracle_lr(m, plan, config), s, big) for s in rest for m in ORACLE_METHODS]
+        _execute(config, large_rows(rest) + oracle_rows + small_rows(rest), results, pool, log)
     finally:
         if pool is not None:
             pool.close()
