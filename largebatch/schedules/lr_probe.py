@@ -67,6 +67,8 @@ class _Snapshot:
         self.optimizer = optimizer
         self.model_state = copy.deepcopy(model.state_dict())
         self.optimizer_state = copy.deepcopy(optimizer.state_dict())
+        # The lr objects themselves: a tensor lr may be shared (with other groups, a scheduler).
+        self.lr_objects = [group["lr"] for group in optimizer.param_groups]
         self.lrs = [copy.deepcopy(group["lr"]) for group in optimizer.param_groups]
         self.training = [module.training for module in model.modules()]
         self.params = list(model.parameters())
@@ -81,12 +83,12 @@ class _Snapshot:
         for p, grad in zip(self.params, self.grads):
             p.grad = grad
         self.optimizer.load_state_dict(self.optimizer_state)
-        for group, lr in zip(self.optimizer.param_groups, self.lrs):
-            # load_state_dict keeps a tensor lr's object but a float is replaced; write both back.
-            if isinstance(group["lr"], Tensor) and isinstance(lr, Tensor):
-                group["lr"].copy_(lr)
-            else:
-                group["lr"] = lr
+        for group, original, lr in zip(self.optimizer.param_groups, self.lr_objects, self.lrs):
+            # load_state_dict puts copies in the groups: put the original objects back, and a
+            # tensor lr, filled in place by the probe, gets its old value again.
+            if isinstance(original, Tensor):
+                original.copy_(lr)
+            group["lr"] = original
         torch.set_rng_state(self.cpu_rng)
         if self.cuda_rng is not None:
             torch.cuda.set_rng_state_all(self.cuda_rng)
