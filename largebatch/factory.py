@@ -190,7 +190,9 @@ def create_optimizer(
             optimizer's default.
         batch_size: the batch size trained at; give it with ``base_batch_size``.
         base_batch_size: the batch size ``lr`` was tuned at.
-        scaling_rule: ``"linear"``, ``"sqrt"`` or an exponent; None picks the optimizer's rule.
+        scaling_rule: ``"linear"``, ``"sqrt"``, an exponent, or ``"measured"`` (the optimizer's
+            exponent in :data:`~largebatch.schedules.MEASURED_EXPONENTS`); None picks the
+            optimizer's rule from its paper.
         weight_decay: the decay of the decayed parameters; None keeps the optimizer's default.
         exclude_from_decay: which parameters of a model skip decay (see ``param_groups``'s
             ``no_decay``); None is the default rule, ``()`` excludes nothing.
@@ -240,7 +242,10 @@ def create_optimizer(
     if batch_size is not None:
         if lr is None:
             raise ValueError("lr: give the learning rate tuned at base_batch_size for it to be scaled to batch_size")
-        rule = scaling_rule if scaling_rule is not None else suggest_scaling_rule(cls)
+        if scaling_rule == "measured":
+            rule = suggest_scaling_rule(cls, source="measured")
+        else:
+            rule = scaling_rule if scaling_rule is not None else suggest_scaling_rule(cls)
         scaled = scale_lr(lr, batch_size, base_batch_size, rule)
         logger.info(
             "create_optimizer(%r): lr %g at batch %d scaled to %g at batch %d by the %s rule%s",

@@ -685,7 +685,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not args.no_plot:
         try:
             import matplotlib  # noqa: F401
-        except ModuleNotFoundError:
+        except ImportError:
             sys.exit('the plot needs matplotlib: pip install "largebatch[demo]", or pass --no-plot')
     config = QUICK if args.quick else FULL
     if args.workers is not None:

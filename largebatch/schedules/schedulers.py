@@ -104,9 +104,10 @@ def _check_total_steps(total_steps: int, warmup_steps: int, steps_per_epoch: int
                 f"{steps_per_epoch}: the run must be longer than its warmup; raise total_epochs or lower "
                 "warmup_epochs (a larger batch has fewer steps per epoch)"
             )
+        example = f" (e.g. warmup_steps={total // 10}, a 10 % warmup)" if total >= 10 else ""
         raise ValueError(
             f"total_steps ({total_steps}) must exceed warmup_steps ({warmup_steps}): raise total_steps or "
-            f"lower warmup_steps (e.g. warmup_steps={max(total - 1, 0) // 10} for a 10 % warmup)"
+            f"lower warmup_steps{example}"
         )
     return total
 
