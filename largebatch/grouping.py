@@ -6,6 +6,28 @@ and of LARS (You, Gitman, Ginsburg 2017; the ResNet-50 recipes of Goyal et al. 2
 MLPerf LARS reference) take biases and normalisation weights out of both weight decay and the
 layer-wise trust ratio: these tensors are small, their norm says little about the layer's scale,
 and decaying them only hurts. :func:`param_groups` builds the groups that do so.
+
+What an excluded tensor then gets differs between the papers' code and the implementations in use:
+
+* LARS paper (You, Gitman, Ginsburg 2017): the local lr is defined for every layer; the paper
+  does not single out biases or BatchNorm parameters.
+* MLPerf reference (mlcommons/training, ResNet-50, TF2 ``LARSOptimizer``): variables whose name
+  matches the ``skip_list`` (``batch_normalization``, ``bias``) get neither the trust ratio nor
+  weight decay; they take momentum SGD at the global LARS lr.
+* timm ``Lars``: the trust ratio is applied only where the group's ``weight_decay != 0`` (or with
+  ``always_adapt``); a group without decay takes momentum SGD at the group lr. ``trust_clip`` is
+  LARC's clip (ratio / lr, at most 1), ``trust_coeff`` 0.001.
+* MAE (``util/lars.py``, from MoCo v3): tensors with ``ndim <= 1`` get neither decay nor the
+  ratio, and step at the global lr (``blr · batch/256``, blr 0.1 for linear probing); the probe's
+  head is preceded by ``BatchNorm1d(affine=False)``, so only the head's bias is excluded there.
+* apex LARC: wraps any optimizer, applies its rate to every parameter with a gradient, no
+  exclusion; clip mode with ``trust_coefficient`` 0.02 by default.
+
+With η = 0.001 the LARS global lr is sized for lr · η‖w‖/‖g‖ and so one or two orders of
+magnitude above an SGD lr: an excluded tensor that steps at it steps far too far.
+:data:`largebatch.factory.EXCLUSION_RECIPES` offers the alternatives (adapt but do not decay; an
+lr of their own, ``excluded_lr`` here; LARC's clip with an SGD-sized lr); docs/deep_scaling.md
+measures them.
 """
 
 from __future__ import annotations

@@ -166,20 +166,21 @@ def make_model(seed: int, channels: int = 12, ghost_batch_size: int | None = Non
 SGD_WEIGHT_DECAY = 5e-4  # SGD and LARS: L2 added to the gradient
 DECOUPLED_WEIGHT_DECAY = 0.01  # AdamW, LAMB, Adan
 
-#: Base-lr grids at batch 64, ×4 apart, keyed by the optimizer setting being tuned.
+#: Base-lr grids at batch 64, ×4 apart, keyed by the optimizer setting being tuned; a run cut
+#: short has whole rows for the settings first here.
 LR_GRIDS: dict[str, tuple[float, ...]] = {
     "SGD": (0.025, 0.1, 0.4),
     "LARS exclude": (2.0, 8.0, 32.0),
     "LARS adapt": (2.0, 8.0, 32.0),
     "LARS separate_lr": (2.0, 8.0, 32.0),
+    "LAMB": (2.5e-3, 1e-2, 4e-2),
     "LARC clip": (0.025, 0.1, 0.4),
     "AdamW": (1e-3, 4e-3, 1.6e-2),
-    "LAMB": (2.5e-3, 1e-2, 4e-2),
     "Adan": (1e-3, 4e-3, 1.6e-2),
     "AdaGradNorm": (0.025, 0.1, 0.4),
 }
 #: The oracle's exponents k of lr = base_lr · (B / 64)^k at the large batch.
-ORACLE_EXPONENTS: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+ORACLE_EXPONENTS: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)
 #: Steps to target count the steps until the test accuracy first reaches this.
 TARGET_ACCURACY = 0.9
 
@@ -411,21 +412,6 @@ class Results:
             self.path.write_text(json.dumps({"runs": self.runs}, indent=0))
 
 
-def _execute(config: Config, runs: Sequence[Run], results: Results, pool: Any, log: Callable[[str], None]) -> None:
-    todo = [run for run in dict.fromkeys(runs) if results.get(run) is None]
-    if not todo:
-        return
-    log(f"  {len(todo)} runs")
-    outputs = pool.imap_unordered(_run_in_worker, [(config, run) for run in todo]) if pool else map(
-        _run_in_worker, [(config, run) for run in todo]
-    )
-    for key, result in outputs:
-        results.add(key, result)
-        run = json.loads(key)
-        log(f"    {run['method']:<45} B={run['batch_size']:<5} lr={result['peak_lr']:<9.3g} seed={run['seed']} "
-            f"probe={run['probe']!s:<5} test={100 * result['test_accuracy']:.1f}% ({result['seconds']:.0f}s)")
-
-
 @dataclass
 class Plan:
     """The lrs the experiment settles on: tuned base lrs, oracle exponents."""
@@ -476,58 +462,107 @@ def _oracle_lr(method: Method, plan: Plan, config: Config) -> float:
     return plan.base_lr[method.tuned] * ratio ** plan.oracle_exponent[method.tuned]
 
 
+def _log_result(log: Callable[[str], None], key: str, result: dict[str, Any]) -> None:
+    run = json.loads(key)
+    log(f"    {run['method']:<45} B={run['batch_size']:<5} lr={result['peak_lr']:<9.3g} seed={run['seed']} "
+        f"probe={run['probe']!s:<5} test={100 * result['test_accuracy']:.1f}% ({result['seconds']:.0f}s)")
+
+
 def run_experiment(config: Config, results: Results, log: Callable[[str], None] = print) -> Plan:
-    """Tune, then run every row (rule, probe, oracle); seed 0 first, so a cut-short run has every row once."""
+    """Tune, then run every row (rule, probe, oracle), as soon as what a run needs is known.
+
+    Runs are started in order of :func:`_ready_runs`: a setting's large-batch rows (seed 0) as soon
+    as its base lr is tuned, before the tuning of later settings, then the other seeds; so a run
+    cut short holds whole rows for the settings first in :data:`LR_GRIDS`, with every cell kept
+    in the cache.
+    """
     plan = Plan()
-    big = config.large_batch_size
-    first, rest = config.seeds[0], config.seeds[1:]
     context = multiprocessing.get_context("spawn")
     pool = context.Pool(config.workers, _init_worker, (config,)) if config.workers > 1 else None
     if pool is None:
         _init_worker(config)
-
-    def tuning_runs(methods: Sequence[Method]) -> list[Run]:
-        return [_base_run(m, plan, config, lr, first) for m in methods for lr in LR_GRIDS[m.tuned]]
-
-    def settle(methods: Sequence[Method]) -> None:
-        for m in methods:
-            grid = {lr: results.get(_base_run(m, plan, config, lr, first))["val_accuracy"] for lr in LR_GRIDS[m.tuned]}
-            plan.base_grid[m.tuned] = grid
-            plan.base_lr[m.tuned] = max(grid, key=grid.get)
-
-    def large_rows(seeds: Sequence[int]) -> list[Run]:
-        runs = [_base_run(m, plan, config, _rule_lr(m, plan, config), s, big) for s in seeds for m in METHODS]
-        return runs + [
-            _base_run(m, plan, config, plan.base_lr[m.tuned], s, big, probe=True) for s in seeds for m in ORACLE_METHODS
-        ]
-
-    def small_rows(seeds: Sequence[int]) -> list[Run]:
-        own = [m for m in METHODS if _small_batch_method(m) is m]
-        return [_base_run(m, plan, config, plan.base_lr[m.tuned], s) for s in seeds for m in own]
-
-    independent = [m for m in TUNED_METHODS if m.exclusion != "separate_lr"]
-    dependent = [m for m in TUNED_METHODS if m.exclusion == "separate_lr"]  # needs SGD's lr
+    pending: dict[Run, Any] = {}
     try:
-        log(f"tuning at batch {config.base_batch_size} (seed {first})")
-        _execute(config, tuning_runs(independent), results, pool, log)
-        settle(independent)
-        log(f"seed {first}: the separate_lr tuning, rule and probe rows, the oracle sweep")
-        _execute(config, tuning_runs(dependent), results, pool, log)
-        settle(dependent)
-        _execute(config, large_rows([first]) + [r for m in ORACLE_METHODS for r in _oracle_runs(m, plan, config, first)],
-                 results, pool, log)
-        for m in ORACLE_METHODS:
-            grid = {k: results.get(r)["val_accuracy"] for k, r in zip(ORACLE_EXPONENTS, _oracle_runs(m, plan, config, first))}
-            plan.oracle_grid[m.tuned] = grid
-            plan.oracle_exponent[m.tuned] = max(grid, key=grid.get)
-        log(f"seeds {', '.join(map(str, rest))}: the large batch first, then the base batch")
-        oracle_rows = [_base_run(m, plan, config, _oracle_lr(m, plan, config), s, big) for s in rest for m in ORACLE_METHODS]
-        _execute(config, large_rows(rest) + oracle_rows + small_rows(rest), results, pool, log)
+        while True:
+            for run in _ready_runs(config, results, plan):
+                if len(pending) >= config.workers:
+                    break
+                if run in pending:
+                    continue
+                if pool is None:
+                    key, result = _run_in_worker((config, run))
+                    results.add(key, result)
+                    _log_result(log, key, result)
+                    break  # the plan may have changed: look again
+                pending[run] = pool.apply_async(_run_in_worker, ((config, run),))
+            else:
+                if not pending:
+                    break
+            if pool is None:
+                continue
+            done = [run for run, handle in pending.items() if handle.ready()]
+            if not done:
+                time.sleep(0.2)
+            for run in done:
+                key, result = pending.pop(run).get()
+                results.add(key, result)
+                _log_result(log, key, result)
     finally:
         if pool is not None:
-            pool.close()
+            if pending:  # interrupted: do not wait for the runs in flight
+                pool.terminate()
+            else:
+                pool.close()
             pool.join()
     return plan
+
+
+def _settle(config: Config, results: Results, plan: Plan) -> None:
+    """Fix every base lr and oracle exponent whose sweep is complete."""
+    first = config.seeds[0]
+    for m in TUNED_METHODS:
+        if m.tuned not in plan.base_lr and (m.exclusion != "separate_lr" or "SGD" in plan.base_lr):
+            runs = [_base_run(m, plan, config, lr, first) for lr in LR_GRIDS[m.tuned]]
+            if all(results.get(r) is not None for r in runs):
+                plan.base_grid[m.tuned] = {r.lr: results.get(r)["val_accuracy"] for r in runs}
+                plan.base_lr[m.tuned] = max(plan.base_grid[m.tuned], key=plan.base_grid[m.tuned].get)
+    for m in ORACLE_METHODS:
+        if m.tuned in plan.base_lr and m.tuned not in plan.oracle_exponent:
+            runs = _oracle_runs(m, plan, config, first)
+            if all(results.get(r) is not None for r in runs):
+                plan.oracle_grid[m.tuned] = {k: results.get(r)["val_accuracy"] for k, r in zip(ORACLE_EXPONENTS, runs)}
+                plan.oracle_exponent[m.tuned] = max(plan.oracle_grid[m.tuned], key=plan.oracle_grid[m.tuned].get)
+
+
+def _ready_runs(config: Config, results: Results, plan: Plan) -> list[Run]:
+    """The runs not yet in the cache whose lrs are known, most wanted first.
+
+    Seed 0 first: each tuned setting's rule row, probe row and oracle sweep at the large batch
+    (settings in :data:`LR_GRIDS` order), then the tuning runs still to do; after that the other
+    seeds: large batch (rule, oracle, probe), then the base batch.
+    """
+    _settle(config, results, plan)
+    first, rest, big = config.seeds[0], config.seeds[1:], config.large_batch_size
+    tuned = [m for m in TUNED_METHODS if m.tuned in plan.base_lr]
+    rows = [m for m in METHODS if m.tuned in plan.base_lr]
+    runs: list[Run] = []
+    for m in tuned:
+        runs += [_base_run(r, plan, config, _rule_lr(r, plan, config), first, big) for r in rows if r.tuned == m.tuned]
+        if m in ORACLE_METHODS:
+            runs.append(_base_run(m, plan, config, plan.base_lr[m.tuned], first, big, probe=True))
+            runs += _oracle_runs(m, plan, config, first)
+    for m in TUNED_METHODS:
+        if m.tuned not in plan.base_lr and (m.exclusion != "separate_lr" or "SGD" in plan.base_lr):
+            runs += [_base_run(m, plan, config, lr, first) for lr in LR_GRIDS[m.tuned]]
+    for s in rest:
+        runs += [_base_run(m, plan, config, _rule_lr(m, plan, config), s, big) for m in rows]
+        runs += [_base_run(m, plan, config, _oracle_lr(m, plan, config), s, big)
+                 for m in ORACLE_METHODS if m.tuned in plan.oracle_exponent]
+        runs += [_base_run(m, plan, config, plan.base_lr[m.tuned], s, big, probe=True)
+                 for m in ORACLE_METHODS if m.tuned in plan.base_lr]
+    for s in rest:
+        runs += [_base_run(m, plan, config, plan.base_lr[m.tuned], s) for m in rows if _small_batch_method(m) is m]
+    return [run for run in dict.fromkeys(runs) if results.get(run) is None]
 
 
 # ----------------------------------------------------------------------------- the report
