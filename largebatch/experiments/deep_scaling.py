@@ -609,6 +609,10 @@ def write_report(config: Config, results: Results, plan: Plan, out: Path, second
     ]
     if seconds is not None:
         lines.append(f"This run took {seconds / 60:.1f} minutes with {config.workers} worker processes.")
+    if _ready_runs(config, results, plan) or len(plan.base_lr) < len(LR_GRIDS):
+        lines += ["", f"**Incomplete run**: {len(results.runs)} runs are in the cache; settings not tuned yet: "
+                  f"{', '.join(k for k in LR_GRIDS if k not in plan.base_lr) or 'none'}; cells marked "
+                  "'not run' (and seed counts below 3) are missing."]
     lines += ["", f"## Rule rows: the base lr tuned at batch {b0}, scaled by the optimizer's rule", "",
               f"| method | rule | lr at {b0} | acc. at {b0} | steps to target | lr at {big} | acc. at {big} | "
               "steps to target |", "|---|---|---:|---:|---:|---:|---:|---:|"]
@@ -716,6 +720,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="a seconds-long smoke version")
     parser.add_argument("--no-plot", action="store_true", help="skip the plot (no matplotlib needed)")
     parser.add_argument("--workers", type=int, default=None, help="worker processes (default 2)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="write the tables and plot from the runs in --out's cache, running nothing "
+                             "(cells not run yet read 'not run')")
     args = parser.parse_args(argv)
     if not args.no_plot:
         try:
@@ -730,10 +737,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     cache = args.out / ("deep_scaling_quick_runs.json" if args.quick else "deep_scaling_runs.json")
     results = Results(cache)
-    started = time.perf_counter()
-    plan = run_experiment(config, results, lambda line: print(line, flush=True))
-    seconds = sum(r["seconds"] for r in results.runs.values()) / config.workers
-    print(write_report(config, results, plan, args.out, seconds if time.perf_counter() - started > 1 else None))
+    if args.report_only:
+        plan = Plan()
+        _settle(config, results, plan)
+        seconds = None
+    else:
+        started = time.perf_counter()
+        plan = run_experiment(config, results, lambda line: print(line, flush=True))
+        seconds = time.perf_counter() - started
+    print(write_report(config, results, plan, args.out, seconds))
     if not args.no_plot:
         write_plot(config, results, plan, args.out / "deep_scaling.png")
 
