@@ -2,7 +2,8 @@
 
 Modelled on timm's ``create_optimizer_v2``: name the optimizer, hand over the model, and get
 the groups of :func:`largebatch.grouping.param_groups` (biases and normalisation
-parameters out of weight decay and layer adaptation). Given the batch size the lr was tuned at
+parameters out of weight decay; for LAMB and LARS, what else they get is the ``exclusion``
+recipe, :data:`EXCLUSION_RECIPES`). Given the batch size the lr was tuned at
 and the one trained at, the lr is scaled by the rule suited to the optimizer
 (:func:`largebatch.schedules.suggest_scaling_rule`: linear for SGD and LARS, square root for
 the adaptive ones) and the choice is logged on the ``largebatch.factory`` logger.
@@ -177,7 +178,8 @@ def create_optimizer(
 
     Given an ``nn.Module``, its trainable parameters are grouped by
     :func:`~largebatch.grouping.param_groups`: parameters with ``ndim <= 1`` and those of
-    normalisation layers get ``weight_decay=0`` and, for LAMB and LARS, ``layer_adaptation=False``.
+    normalisation layers get ``weight_decay=0`` and, for LAMB and LARS, what ``exclusion`` says
+    (``"exclude"``: ``layer_adaptation=False``; ``"adapt"``: their own trust ratio; ...).
     For ``"agvm-<name>"`` the groups are further split by the model's top-level children, the
     modules whose learning rates AGVM modulates (the first child is its reference).
 

@@ -4,10 +4,14 @@ Run ``python -m largebatch.experiments.deep_scaling``. Nothing is downloaded: th
 generated from a fixed seed. It writes ``deep_scaling.md`` (tables), ``deep_scaling.png`` (plot)
 and ``deep_scaling_runs.json`` (every run, the cache a re-run resumes from) into ``--out``
 (default ``deep_scaling_out/``; ``--out docs`` refreshes the committed results). ``--quick`` is a
-seconds-long smoke version; ``--no-plot`` skips the plot (and matplotlib).
+seconds-long smoke version; ``--no-plot`` skips the plot (and matplotlib); ``--report-only``
+writes the tables and plot from the cache without running anything (for a run cut short: runs
+start as soon as their learning rates are known, a setting's large-batch rows before the next
+setting's tuning, so what finished is whole rows).
 
 **Data** (:func:`make_data`): a 1-D analogue of MNIST in the spirit of mnist1d (Greydanus 2020),
-generated here, vectorised. Each of 10 classes has a fixed random smooth template of 12 points;
+generated here, vectorised (the ``mnist1d`` package itself is not used: a generator of our own
+needs no dependency and has no download path at all). Each of 10 classes has a fixed random smooth template of 12 points;
 an example is its class's template stretched by a factor in [0.8, 1.2], shifted by up to ±6
 positions inside a window of 40, scaled in amplitude by [0.7, 1.3], sheared by a random linear
 ramp, plus correlated (smoothed) and white Gaussian noise. 30,720 training, 4,096 validation and
@@ -242,6 +246,7 @@ class Config:
 
     @property
     def total_samples(self) -> int:
+        """Samples in the whole budget: ``epochs · train_size`` at every batch size."""
         return self.epochs * self.train_size
 
 
@@ -713,6 +718,7 @@ def write_plot(config: Config, results: Results, plan: Plan, path: Path) -> None
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    """The command line: run (or resume) the experiment, write the tables and the plot."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("deep_scaling_out"),
                         help="folder for deep_scaling.md/.png/_runs.json (default deep_scaling_out; "
