@@ -2,7 +2,8 @@
 
 Modelled on timm's ``create_optimizer_v2``: name the optimizer, hand over the model, and get
 the groups of :func:`largebatch.grouping.param_groups` (biases and normalisation
-parameters out of weight decay and layer adaptation). Given the batch size the lr was tuned at
+parameters out of weight decay; for LAMB and LARS, what else they get is the ``exclusion``
+recipe, :data:`EXCLUSION_RECIPES`). Given the batch size the lr was tuned at
 and the one trained at, the lr is scaled by the rule suited to the optimizer
 (:func:`largebatch.schedules.suggest_scaling_rule`: linear for SGD and LARS, square root for
 the adaptive ones) and the choice is logged on the ``largebatch.factory`` logger.
@@ -25,7 +26,7 @@ from .optimizers.agvm import AGVM, MODULE_KEY
 from .grouping import ExclusionRule, param_groups
 from .schedules import scale_lr, suggest_scaling_rule
 
-__all__ = ["AGVM_PREFIX", "OPTIMIZERS", "create_optimizer"]
+__all__ = ["AGVM_PREFIX", "DEFAULT_EXCLUSION", "EXCLUSION_RECIPES", "LARC_TRUST_COEFFICIENT", "OPTIMIZERS", "create_optimizer"]
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +39,28 @@ OPTIMIZERS: Mapping[str, type[Optimizer]] = {
     "sgd": torch.optim.SGD,
     "adamw": torch.optim.AdamW,
 }
+
+#: How LAMB and LARS treat the tensors excluded from decay (biases, normalisation parameters):
+#:
+#: * ``"exclude"``: not decayed and not adapted: plain momentum SGD (LARS) or Adam (LAMB) at the
+#:   optimizer's global lr. What the LAMB paper's BERT code, the MLPerf LARS reference, timm and
+#:   MAE do. For LARS the global lr is sized for ``lr · trust ratio`` (η = 0.001), so these
+#:   tensors step at a rate one or two orders of magnitude above the rest.
+#: * ``"adapt"``: not decayed, but adapted by their own trust ratio like every other tensor
+#:   (LAMB: ``always_adapt=True``, since a group without decay is otherwise never adapted).
+#: * ``"separate_lr"``: not decayed, not adapted, at an lr of their own, ``excluded_lr``
+#:   (scaled with ``lr`` by the same batch-size rule).
+#: * ``"clip"`` (LARS only): LARC's clip mode (``trust_clip=True``: rate min(η‖w‖/‖g‖, lr)) with
+#:   an SGD-sized ``lr``, so the excluded tensors' plain SGD step is SGD-sized too; η defaults to
+#:   :data:`LARC_TRUST_COEFFICIENT`, apex LARC's.
+EXCLUSION_RECIPES: tuple[str, ...] = ("exclude", "adapt", "separate_lr", "clip")
+
+#: The recipe each layer-adaptive optimizer gets when ``exclusion`` is None, from
+#: ``python -m largebatch.experiments.deep_scaling`` (docs/deep_scaling.md).
+DEFAULT_EXCLUSION: Mapping[str, str] = {"LARS": "adapt", "LAMB": "exclude"}
+
+#: apex LARC's default trust coefficient, used by the ``"clip"`` recipe unless one is given.
+LARC_TRUST_COEFFICIENT = 0.02
 
 #: ``"agvm-<name>"`` wraps the optimizer ``<name>`` of :data:`OPTIMIZERS` in :class:`AGVM`.
 AGVM_PREFIX = "agvm-"
@@ -87,6 +110,44 @@ def _split_by_top_level_module(model: nn.Module, groups: list[dict[str, Any]]) -
     return split
 
 
+def _resolve_exclusion(
+    cls: type[Optimizer],
+    adapts: bool,
+    exclusion: str | None,
+    excluded_lr: float | None,
+    exclude_from_adaptation: ExclusionRule | None,
+    model_or_params: Any,
+) -> str | None:
+    """The exclusion recipe to apply (None for an optimizer without layer adaptation), checked."""
+    if not adapts:
+        if exclusion is not None or excluded_lr is not None:
+            argument = "exclusion" if exclusion is not None else "excluded_lr"
+            raise ValueError(f"{argument}: {cls.__name__} has no layer-wise adaptation, so nothing is excluded from it")
+        return None
+    if exclusion is not None and exclusion not in EXCLUSION_RECIPES:
+        raise ValueError(f"exclusion must be one of {', '.join(EXCLUSION_RECIPES)}, got {exclusion!r}")
+    given = exclusion is not None
+    recipe = exclusion if given else DEFAULT_EXCLUSION.get(cls.__name__, "exclude")
+    if not isinstance(model_or_params, nn.Module):
+        if given or excluded_lr is not None:
+            raise ValueError(
+                "exclusion/excluded_lr need an nn.Module (names to match); with parameters or groups, "
+                "set layer_adaptation, weight_decay and lr per group yourself"
+            )
+        return None
+    if recipe == "clip" and cls is LAMB:
+        raise ValueError("exclusion='clip' is LARC's clip mode, for LARS only; LAMB's trust_clip bounds r instead")
+    if recipe == "adapt" and given and exclude_from_adaptation is not None:
+        raise ValueError("exclude_from_adaptation is given with exclusion='adapt', which adapts every tensor")
+    if recipe == "separate_lr" and excluded_lr is None:
+        raise ValueError("excluded_lr: exclusion='separate_lr' needs the excluded tensors' own lr")
+    if recipe != "separate_lr" and excluded_lr is not None:
+        raise ValueError(f"excluded_lr is given but exclusion is {recipe!r}; it is used by 'separate_lr' only")
+    if recipe == "adapt" and exclude_from_adaptation is not None:
+        return "exclude"  # the default recipe gives way to the user's own adaptation rule
+    return recipe
+
+
 def create_optimizer(
     model_or_params: nn.Module | ParamsT,
     name: str,
@@ -98,6 +159,8 @@ def create_optimizer(
     weight_decay: float | None = None,
     exclude_from_decay: ExclusionRule | None = None,
     exclude_from_adaptation: ExclusionRule | None = None,
+    exclusion: str | None = None,
+    excluded_lr: float | None = None,
     agvm_kwargs: Mapping[str, Any] | None = None,
     **kwargs: Any,
 ) -> Optimizer:
@@ -115,7 +178,8 @@ def create_optimizer(
 
     Given an ``nn.Module``, its trainable parameters are grouped by
     :func:`~largebatch.grouping.param_groups`: parameters with ``ndim <= 1`` and those of
-    normalisation layers get ``weight_decay=0`` and, for LAMB and LARS, ``layer_adaptation=False``.
+    normalisation layers get ``weight_decay=0`` and, for LAMB and LARS, what ``exclusion`` says
+    (``"exclude"``: ``layer_adaptation=False``; ``"adapt"``: their own trust ratio; ...).
     For ``"agvm-<name>"`` the groups are further split by the model's top-level children, the
     modules whose learning rates AGVM modulates (the first child is its reference).
 
@@ -128,12 +192,21 @@ def create_optimizer(
             optimizer's default.
         batch_size: the batch size trained at; give it with ``base_batch_size``.
         base_batch_size: the batch size ``lr`` was tuned at.
-        scaling_rule: ``"linear"``, ``"sqrt"`` or an exponent; None picks the optimizer's rule.
+        scaling_rule: ``"linear"``, ``"sqrt"``, an exponent, or ``"measured"`` (the optimizer's
+            exponent in :data:`~largebatch.schedules.MEASURED_EXPONENTS`); None picks the
+            optimizer's rule from its paper.
         weight_decay: the decay of the decayed parameters; None keeps the optimizer's default.
         exclude_from_decay: which parameters of a model skip decay (see ``param_groups``'s
             ``no_decay``); None is the default rule, ``()`` excludes nothing.
         exclude_from_adaptation: which skip layer adaptation (LAMB, LARS only); None follows
-            ``exclude_from_decay``.
+            ``exclude_from_decay`` (recipes ``"exclude"``, ``"separate_lr"``, ``"clip"``) or
+            excludes nothing (``"adapt"``).
+        exclusion: LAMB and LARS only: how the tensors excluded from decay are trained, one of
+            :data:`EXCLUSION_RECIPES` (``"exclude"``, ``"adapt"``, ``"separate_lr"``,
+            ``"clip"``); None is :data:`DEFAULT_EXCLUSION` for the optimizer (LARS ``"adapt"``,
+            LAMB ``"exclude"``). Needs an ``nn.Module``.
+        excluded_lr: the excluded tensors' own lr for ``exclusion="separate_lr"`` (at
+            ``base_batch_size`` when batch sizes are given, then scaled like ``lr``).
         agvm_kwargs: keyword arguments of :class:`~largebatch.optimizers.agvm.AGVM` (``interval``,
             ``start_step``, ...) for ``"agvm-<name>"``; kept apart because AGVM and the base
             optimizer share argument names (``momentum``, ``eps``).
@@ -146,7 +219,10 @@ def create_optimizer(
         ValueError: an unknown ``name`` (the message lists the valid ones); only one of
             ``batch_size``/``base_batch_size``; batch sizes without ``lr``; ``scaling_rule``
             without batch sizes; exclusions with plain parameters, or adaptation exclusions for
-            an optimizer without layer adaptation; ``agvm_kwargs`` for a name without AGVM.
+            an optimizer without layer adaptation; ``agvm_kwargs`` for a name without AGVM; an
+            unknown ``exclusion``, one for an optimizer without layer adaptation or with plain
+            parameters, ``"clip"`` for LAMB, ``"adapt"`` with ``exclude_from_adaptation``;
+            ``excluded_lr`` missing for ``"separate_lr"`` or given for another recipe.
 
     Example:
         >>> model = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 2))
@@ -158,12 +234,20 @@ def create_optimizer(
     if agvm_kwargs is not None and not wrapped:
         raise ValueError(f"agvm_kwargs is given but name {name!r} does not start with {AGVM_PREFIX!r}")
 
+    adapts = _has_layer_adaptation(cls)
+    if exclude_from_adaptation is not None and not adapts:
+        raise ValueError(f"exclude_from_adaptation: {cls.__name__} has no layer-wise adaptation to exclude from")
+    recipe = _resolve_exclusion(cls, adapts, exclusion, excluded_lr, exclude_from_adaptation, model_or_params)
+
     if (batch_size is None) != (base_batch_size is None):
         raise ValueError("batch_size and base_batch_size must be given together (or neither)")
     if batch_size is not None:
         if lr is None:
             raise ValueError("lr: give the learning rate tuned at base_batch_size for it to be scaled to batch_size")
-        rule = scaling_rule if scaling_rule is not None else suggest_scaling_rule(cls)
+        if scaling_rule == "measured":
+            rule = suggest_scaling_rule(cls, source="measured")
+        else:
+            rule = scaling_rule if scaling_rule is not None else suggest_scaling_rule(cls)
         scaled = scale_lr(lr, batch_size, base_batch_size, rule)
         logger.info(
             "create_optimizer(%r): lr %g at batch %d scaled to %g at batch %d by the %s rule%s",
@@ -176,12 +260,18 @@ def create_optimizer(
             " (given)" if scaling_rule is not None else f" (suggested for {cls.__name__})",
         )
         lr = scaled
+        if excluded_lr is not None:
+            excluded_lr = scale_lr(excluded_lr, batch_size, base_batch_size, rule)
     elif scaling_rule is not None:
         raise ValueError("scaling_rule is given without batch_size and base_batch_size")
 
-    adapts = _has_layer_adaptation(cls)
-    if exclude_from_adaptation is not None and not adapts:
-        raise ValueError(f"exclude_from_adaptation: {cls.__name__} has no layer-wise adaptation to exclude from")
+    if recipe == "adapt":
+        exclude_from_adaptation = ()
+        if cls is LAMB:  # LAMB adapts a group without decay only with always_adapt
+            kwargs.setdefault("always_adapt", True)
+    elif recipe == "clip":
+        kwargs["trust_clip"] = True
+        kwargs.setdefault("trust_coefficient", LARC_TRUST_COEFFICIENT)
     if isinstance(model_or_params, nn.Module):
         decay = weight_decay if weight_decay is not None else _constructor_default(cls, "weight_decay")
         params: Any = param_groups(
@@ -190,6 +280,7 @@ def create_optimizer(
             no_decay=exclude_from_decay,
             no_adaptation=exclude_from_adaptation,
             layer_adaptation=adapts,
+            excluded_lr=excluded_lr,
         )
         if wrapped:
             params = _split_by_top_level_module(model_or_params, params)

@@ -6,11 +6,34 @@ and of LARS (You, Gitman, Ginsburg 2017; the ResNet-50 recipes of Goyal et al. 2
 MLPerf LARS reference) take biases and normalisation weights out of both weight decay and the
 layer-wise trust ratio: these tensors are small, their norm says little about the layer's scale,
 and decaying them only hurts. :func:`param_groups` builds the groups that do so.
+
+What an excluded tensor then gets differs between the papers' code and the implementations in use:
+
+* LARS paper (You, Gitman, Ginsburg 2017): the local lr is defined for every layer; the paper
+  does not single out biases or BatchNorm parameters.
+* MLPerf reference (mlcommons/training, ResNet-50, TF2 ``LARSOptimizer``): variables whose name
+  matches the ``skip_list`` (``batch_normalization``, ``bias``) get neither the trust ratio nor
+  weight decay; they take momentum SGD at the global LARS lr.
+* timm ``Lars``: the trust ratio is applied only where the group's ``weight_decay != 0`` (or with
+  ``always_adapt``); a group without decay takes momentum SGD at the group lr. ``trust_clip`` is
+  LARC's clip (ratio / lr, at most 1), ``trust_coeff`` 0.001.
+* MAE (``util/lars.py``, from MoCo v3): tensors with ``ndim <= 1`` get neither decay nor the
+  ratio, and step at the global lr (``blr · batch/256``, blr 0.1 for linear probing); the probe's
+  head is preceded by ``BatchNorm1d(affine=False)``, so only the head's bias is excluded there.
+* apex LARC: wraps any optimizer, applies its rate to every parameter with a gradient, no
+  exclusion; clip mode with ``trust_coefficient`` 0.02 by default.
+
+With η = 0.001 the LARS global lr is sized for lr · η‖w‖/‖g‖ and so one or two orders of
+magnitude above an SGD lr: an excluded tensor that steps at it steps far too far.
+:data:`largebatch.factory.EXCLUSION_RECIPES` offers the alternatives (adapt but do not decay; an
+lr of their own, ``excluded_lr`` here; LARC's clip with an SGD-sized lr); docs/deep_scaling.md
+measures them.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import math
 from collections.abc import Callable, Sequence
 from typing import Any, Union
 
@@ -49,6 +72,7 @@ def param_groups(
     no_decay: ExclusionRule | None = None,
     no_adaptation: ExclusionRule | None = None,
     layer_adaptation: bool = True,
+    excluded_lr: float | None = None,
 ) -> list[dict[str, Any]]:
     """Split ``model``'s trainable parameters into groups by weight decay and layer adaptation.
 
@@ -73,6 +97,10 @@ def param_groups(
             ``no_decay``.
         layer_adaptation: set False for optimizers without layer-wise adaptation (SGD, AdamW,
             Adan, AdaGradNorm): groups then carry no ``layer_adaptation`` key and split by decay only.
+        excluded_lr: an lr of their own for the groups excluded from adaptation (their ``"lr"``
+            key; the other groups take the optimizer's): excluded tensors then take plain
+            momentum SGD (LARS) or Adam (LAMB) at an SGD- or Adam-sized rate instead of the LARS
+            global rate, which is sized for ``lr · trust ratio``. None (default) sets no lr.
 
     Returns:
         Param-group dicts for any ``torch.optim.Optimizer``: ``{"params", "weight_decay"}`` and,
@@ -80,8 +108,8 @@ def param_groups(
 
     Raises:
         ValueError: ``weight_decay`` is negative, a rule is neither patterns nor a callable,
-            ``no_adaptation`` is given with ``layer_adaptation=False``, or ``model`` has no
-            trainable parameter.
+            ``no_adaptation`` or ``excluded_lr`` is given with ``layer_adaptation=False``,
+            ``excluded_lr`` is not a finite number ≥ 0, or ``model`` has no trainable parameter.
 
     Example:
         >>> model = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 2))
@@ -92,6 +120,11 @@ def param_groups(
         raise ValueError(f"weight_decay must be a number >= 0, got {weight_decay!r}")
     if not layer_adaptation and no_adaptation is not None:
         raise ValueError("no_adaptation is given but layer_adaptation=False: the groups carry no adaptation flag")
+    if excluded_lr is not None:
+        if not layer_adaptation:
+            raise ValueError("excluded_lr is given but layer_adaptation=False: no group is excluded from adaptation")
+        if isinstance(excluded_lr, bool) or not isinstance(excluded_lr, (int, float)) or not 0.0 <= excluded_lr < math.inf:
+            raise ValueError(f"excluded_lr must be a finite number >= 0, got {excluded_lr!r}")
 
     norm_params = {
         p for module in model.modules() if isinstance(module, NORM_MODULES) for p in module.parameters(recurse=False)
@@ -119,6 +152,8 @@ def param_groups(
         group: dict[str, Any] = {"params": params, "weight_decay": float(weight_decay) if decays else 0.0}
         if layer_adaptation:
             group["layer_adaptation"] = adapts
+        if excluded_lr is not None and not adapts:
+            group["lr"] = float(excluded_lr)
         groups.append(group)
     if not groups:
         raise ValueError("model has no trainable parameter (all have requires_grad=False, or there are none)")

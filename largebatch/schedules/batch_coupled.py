@@ -2,6 +2,8 @@ r"""A scheduler that couples every group's learning rate to the current batch si
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from typing import Any
 
 from torch import Tensor
@@ -39,12 +41,23 @@ class BatchSizeCoupledLR(LRScheduler):
     Only multiplicative (chainable) schedulers compose with it; a closed-form one that writes
     absolute values (``OneCycleLR``, ``CyclicLR``) overwrites its factor.
 
+    Schedules in epochs: given ``dataset_size`` and ``epoch_schedulers`` (schedules built with
+    ``warmup_epochs=``/``total_epochs=`` and ``steps_per_epoch``), every batch-size change also
+    calls their ``set_steps_per_epoch`` with :math:`\lceil N / B \rceil` (``drop_last``:
+    :math:`\lfloor N / B \rfloor`), so warmup and decay keep their lengths in epochs while the
+    number of steps per epoch changes with the batch. The schedulers are not part of this
+    scheduler's ``state_dict`` (each has its own).
+
     Args:
         optimizer: the wrapped optimizer; its lrs are those tuned at ``base_batch_size``.
         base_batch_size: :math:`B_0`.
         rule: ``"linear"``, ``"sqrt"`` or an exponent ≥ 0.
         batch_size: the initial :math:`B`; default ``base_batch_size``.
         last_epoch: as in :class:`~torch.optim.lr_scheduler.LRScheduler`.
+        dataset_size: :math:`N`, the samples in one epoch, for ``epoch_schedulers``.
+        epoch_schedulers: epoch-based schedules told the new steps per epoch at each change.
+        drop_last: whether the loader drops a last, incomplete batch (then an epoch has
+            :math:`\lfloor N / B \rfloor` steps).
 
     Example:
         .. code-block:: python
@@ -67,7 +80,12 @@ class BatchSizeCoupledLR(LRScheduler):
         rule: str | float = "linear",
         batch_size: int | None = None,
         last_epoch: int = -1,
+        *,
+        dataset_size: int | None = None,
+        epoch_schedulers: Sequence[LRScheduler] = (),
+        drop_last: bool = False,
     ) -> None:
+        self._set_epoch_followers(dataset_size, epoch_schedulers, drop_last)
         self.base_batch_size = check_positive_int("base_batch_size", base_batch_size)
         self.rule = rule
         self.exponent = scaling_exponent(rule)
@@ -96,6 +114,8 @@ class BatchSizeCoupledLR(LRScheduler):
         # Every new lr is computed before any is written: groups may share one lr tensor
         # (create_optimizer(..., lr=torch.tensor(...)) does), which must be scaled once, not per group.
         scaled = [group["lr"] * ratio for group in groups]
+        for scheduler in self._epoch_schedulers:
+            scheduler.set_steps_per_epoch(self.steps_per_epoch(new))
         for group, lr in zip(groups, scaled):
             if isinstance(group["lr"], Tensor):
                 group["lr"].copy_(lr)  # in place: whoever holds the tensor sees the new lr
@@ -130,3 +150,37 @@ class BatchSizeCoupledLR(LRScheduler):
     def _get_closed_form_lr(self) -> list[float | Tensor]:
         multiplier = self.multiplier(self._batch_size)
         return [base_lr * multiplier for base_lr in self.base_lrs]
+
+    # ------------------------------------------------------------------ schedules in epochs
+
+    def _set_epoch_followers(
+        self, dataset_size: int | None, epoch_schedulers: Sequence[LRScheduler], drop_last: bool
+    ) -> None:
+        followers = list(epoch_schedulers)
+        for index, scheduler in enumerate(followers):
+            if getattr(scheduler, "steps_per_epoch", None) is None or not hasattr(scheduler, "set_steps_per_epoch"):
+                raise ValueError(
+                    f"epoch_schedulers[{index}] ({type(scheduler).__name__}) is not an epoch-based schedule: "
+                    "build it with warmup_epochs/total_epochs and steps_per_epoch"
+                )
+        if followers and dataset_size is None:
+            raise ValueError("dataset_size: epoch_schedulers need it to count the steps in an epoch")
+        self.dataset_size = None if dataset_size is None else check_positive_int("dataset_size", dataset_size)
+        if not isinstance(drop_last, bool):
+            raise ValueError(f"drop_last must be a bool, got {drop_last!r}")
+        self.drop_last = drop_last
+        self._epoch_schedulers = followers
+
+    def steps_per_epoch(self, batch_size: int) -> int:
+        """The steps in one epoch of ``dataset_size`` samples at ``batch_size`` (at least 1)."""
+        if self.dataset_size is None:
+            raise ValueError("dataset_size was not given, so the steps per epoch are not known")
+        batch = check_positive_int("batch_size", batch_size)
+        steps = self.dataset_size // batch if self.drop_last else math.ceil(self.dataset_size / batch)
+        return max(steps, 1)
+
+    def state_dict(self) -> dict[str, Any]:
+        """As :class:`~torch.optim.lr_scheduler.LRScheduler`'s, without the epoch schedulers (objects)."""
+        state = super().state_dict()
+        state.pop("_epoch_schedulers", None)
+        return state

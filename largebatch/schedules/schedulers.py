@@ -23,6 +23,15 @@ with the start factor :math:`s` defaulting to :math:`1/W`, which gives the equal
 :math:`k\eta` after five epochs, is ``start_factor=1/k`` on top of the scaled lr. A schedule's
 next phase starts from the peak at step :math:`W`, so the peak is held for two steps and there is
 no jump between phases.
+
+Lengths in epochs. ``LinearWarmup``, ``WarmupPolynomialDecay``, ``WarmupCosineDecay`` and
+``WarmupStableDecay`` also take ``warmup_epochs``/``total_epochs``/``decay_epochs`` with
+``steps_per_epoch`` :math:`S_0` in place of the ``*_steps``: each length becomes
+:math:`\operatorname{round}(\text{epochs} \cdot S_0)` steps, so the schedule equals its step
+form. The schedule then runs on an epoch clock: when the batch size changes,
+:meth:`set_steps_per_epoch` (which :class:`~largebatch.schedules.BatchSizeCoupledLR` calls for the
+schedules handed to it) tells it the new :math:`S`, and each later step advances the schedule by
+:math:`S_0/S` of a step, so warmup and decay still end at the same epoch.
 """
 
 from __future__ import annotations
@@ -86,10 +95,20 @@ def _check_start_factor(start_factor: float | None, warmup_steps: int) -> float:
     return check_in_range("start_factor", start_factor, 0.0, 1.0, low_open=True)
 
 
-def _check_total_steps(total_steps: int, warmup_steps: int) -> int:
+def _check_total_steps(total_steps: int, warmup_steps: int, steps_per_epoch: int | None = None) -> int:
     total = check_positive_int("total_steps", total_steps)
     if total <= warmup_steps:
-        raise ValueError(f"total_steps ({total_steps}) must exceed warmup_steps ({warmup_steps})")
+        if steps_per_epoch is not None:
+            raise ValueError(
+                f"total_epochs gives {total} steps and warmup_epochs {warmup_steps} at steps_per_epoch="
+                f"{steps_per_epoch}: the run must be longer than its warmup; raise total_epochs or lower "
+                "warmup_epochs (a larger batch has fewer steps per epoch)"
+            )
+        example = f" (e.g. warmup_steps={total // 10}, a 10 % warmup)" if total >= 10 else ""
+        raise ValueError(
+            f"total_steps ({total_steps}) must exceed warmup_steps ({warmup_steps}): raise total_steps or "
+            f"lower warmup_steps{example}"
+        )
     return total
 
 
@@ -103,12 +122,41 @@ def _check_decay_steps(decay_steps: int, total_steps: int, warmup_steps: int) ->
     return decay_steps
 
 
-def _warmup_factor(step: int, warmup_steps: int, start_factor: float) -> float:
+def _warmup_factor(step: float, warmup_steps: int, start_factor: float) -> float:
     """w(t) = s + (1 − s)·t/(W − 1) for t < W; a one-step warmup is already at the peak."""
     if warmup_steps == 1:
         return 1.0
-    # Written from the peak down, so that w(W − 1) is exactly 1.
-    return 1.0 - (1.0 - start_factor) * (warmup_steps - 1 - step) / (warmup_steps - 1)
+    # Written from the peak down, so that w(W − 1) is exactly 1; an epoch clock's fractional
+    # step between W − 1 and W stays at the peak.
+    return min(1.0, 1.0 - (1.0 - start_factor) * (warmup_steps - 1 - step) / (warmup_steps - 1))
+
+
+def _length(
+    steps_name: str, steps: int | None, epochs: float | None, steps_per_epoch: int | None, *, positive: bool
+) -> int | None:
+    """A phase length in steps, from ``<phase>_steps`` or from ``<phase>_epochs · steps_per_epoch``.
+
+    Returns None when neither is given; the caller decides whether the phase is required.
+    """
+    epochs_name = steps_name.replace("_steps", "_epochs")
+    if epochs is not None:
+        if steps is not None:
+            raise ValueError(f"give {steps_name} or {epochs_name}, not both")
+        if steps_per_epoch is None:
+            raise ValueError(f"{epochs_name} needs steps_per_epoch (the optimizer steps in one epoch)")
+        value = check_finite_real(epochs_name, epochs)
+        if value < 0 or (positive and value == 0):
+            raise ValueError(f"{epochs_name} must be {'> 0' if positive else '>= 0'}, got {epochs!r}")
+        return round(value * steps_per_epoch)
+    if steps is None:
+        return None
+    return check_positive_int(steps_name, steps) if positive else check_nonnegative_int(steps_name, steps)
+
+
+def _required(name: str, value: int | None) -> int:
+    if value is None:
+        raise ValueError(f"give {name} or {name.replace('_steps', '_epochs')} (with steps_per_epoch)")
+    return value
 
 
 def is_initial_step(scheduler: LRScheduler) -> bool:
@@ -132,8 +180,61 @@ class _FactorScheduler(LRScheduler):
     """Chainable scheduler defined by a multiplicative factor f_g(t) per param group.
 
     Subclasses implement :meth:`factor` and validate their arguments before calling
-    ``super().__init__``, which takes the initial step.
+    ``super().__init__``, which takes the initial step. A subclass built from epochs calls
+    :meth:`_start_epoch_clock` first: :meth:`factor` is then evaluated at the schedule's own step
+    :math:`u(t)`, which advances by :math:`S_0/S` per optimizer step while an epoch has
+    :math:`S` steps (:math:`u(t) = t` while :math:`S = S_0`).
     """
+
+    #: S₀, the steps per epoch the lengths were converted with; None for a step-based schedule.
+    steps_per_epoch: int | None = None
+
+    def _start_epoch_clock(self, steps_per_epoch: int | None) -> None:
+        if steps_per_epoch is not None:
+            self.steps_per_epoch = check_positive_int("steps_per_epoch", steps_per_epoch)
+        # (optimizer step, schedule step, steps per epoch) from which the clock runs at that rate.
+        self._clock: list[tuple[int, float, int]] = []
+
+    def _schedule_step(self, step: int) -> float:
+        """u(t): the schedule's step at optimizer step t (t itself unless the epoch length changed)."""
+        for anchor, position, steps_per_epoch in reversed(getattr(self, "_clock", ())):
+            if step >= anchor:
+                return position + (step - anchor) * self.steps_per_epoch / steps_per_epoch
+        return step
+
+    def _set_lengths(
+        self,
+        warmup_steps: int | None,
+        total_steps: int | None,
+        warmup_epochs: float | None,
+        total_epochs: float | None,
+        steps_per_epoch: int | None,
+    ) -> None:
+        """Set ``warmup_steps`` and ``total_steps`` (checked) from steps or from epochs."""
+        self._start_epoch_clock(steps_per_epoch)
+        rate = self.steps_per_epoch
+        warmup = _length("warmup_steps", warmup_steps, warmup_epochs, rate, positive=False)
+        self.warmup_steps = _required("warmup_steps", warmup)
+        total = _required("total_steps", _length("total_steps", total_steps, total_epochs, rate, positive=True))
+        self.total_steps = _check_total_steps(total, self.warmup_steps, rate if total_epochs is not None else None)
+
+    def set_steps_per_epoch(self, steps_per_epoch: int) -> None:
+        """Tell an epoch-based schedule that an epoch now has ``steps_per_epoch`` steps.
+
+        From the current step on, each step advances the schedule by :math:`S_0/S`, so the
+        phases keep their lengths in epochs. The lr of the current step is left as it is.
+
+        Raises:
+            ValueError: the schedule was built from steps, not epochs, or ``steps_per_epoch`` is
+                not a positive integer.
+        """
+        if self.steps_per_epoch is None:
+            raise ValueError(
+                f"steps_per_epoch: {type(self).__name__} was built from steps; build it from epochs "
+                "(warmup_epochs/total_epochs and steps_per_epoch) for its clock to follow the batch size"
+            )
+        rate = check_positive_int("steps_per_epoch", steps_per_epoch)
+        self._clock.append((self.last_epoch, self._schedule_step(self.last_epoch), rate))
 
     def factor(self, step: int, group_index: int) -> float:
         """The factor f_g(t) of the group's ``initial_lr`` at step ``step`` (≥ 0)."""
@@ -141,20 +242,22 @@ class _FactorScheduler(LRScheduler):
 
     def get_lr(self) -> list[float | Tensor]:
         """The next lr of each group: ``group["lr"] · f_g(t) / f_g(t − 1)`` (``· f_g(t)`` at the start)."""
-        step = self.last_epoch
+        step = self._schedule_step(self.last_epoch)
         groups = self.optimizer.param_groups
         if is_initial_step(self):
             return [group["lr"] * self.factor(step, index) for index, group in enumerate(groups)]
+        previous_step = self._schedule_step(self.last_epoch - 1)
         lrs: list[float | Tensor] = []
         for index, group in enumerate(groups):
-            previous = self.factor(step - 1, index)
+            previous = self.factor(previous_step, index)
             # A factor reaches zero only at the end of a decay and stays there: the lr stays zero.
             ratio = 0.0 if previous == 0.0 else self.factor(step, index) / previous
             lrs.append(group["lr"] * ratio)
         return lrs
 
     def _get_closed_form_lr(self) -> list[float | Tensor]:
-        return [base_lr * self.factor(self.last_epoch, index) for index, base_lr in enumerate(self.base_lrs)]
+        step = self._schedule_step(self.last_epoch)
+        return [base_lr * self.factor(step, index) for index, base_lr in enumerate(self.base_lrs)]
 
 
 class LinearWarmup(_FactorScheduler):
@@ -172,16 +275,23 @@ class LinearWarmup(_FactorScheduler):
             :math:`W - 1`. Zero means no warmup.
         start_factor: :math:`s ∈ (0, 1]`, the factor at step 0; default :math:`1/W`.
         last_epoch: as in :class:`~torch.optim.lr_scheduler.LRScheduler`.
+        warmup_epochs: the lengths in epochs instead (reals ≥ 0), with ``steps_per_epoch``.
+        steps_per_epoch: :math:`S_0`, the optimizer steps in one epoch; see the module docstring.
     """
 
     def __init__(
         self,
         optimizer: Optimizer,
-        warmup_steps: int,
+        warmup_steps: int | None = None,
         start_factor: float | None = None,
         last_epoch: int = -1,
+        *,
+        warmup_epochs: float | None = None,
+        steps_per_epoch: int | None = None,
     ) -> None:
-        self.warmup_steps = check_nonnegative_int("warmup_steps", warmup_steps)
+        self._start_epoch_clock(steps_per_epoch)
+        warmup = _length("warmup_steps", warmup_steps, warmup_epochs, self.steps_per_epoch, positive=False)
+        self.warmup_steps = _required("warmup_steps", warmup)
         self.start_factor = _check_start_factor(start_factor, self.warmup_steps)
         super().__init__(optimizer, last_epoch)
 
@@ -214,20 +324,25 @@ class WarmupPolynomialDecay(_FactorScheduler):
         end_factor: :math:`e ∈ [0, 1]`, the final factor.
         start_factor: the warmup's first factor, in (0, 1]; default :math:`1/W`.
         last_epoch: as in :class:`~torch.optim.lr_scheduler.LRScheduler`.
+        warmup_epochs, total_epochs: the lengths in epochs instead (reals ≥ 0), with ``steps_per_epoch``.
+        steps_per_epoch: :math:`S_0`, the optimizer steps in one epoch; see the module docstring.
     """
 
     def __init__(
         self,
         optimizer: Optimizer,
-        warmup_steps: int,
-        total_steps: int,
+        warmup_steps: int | None = None,
+        total_steps: int | None = None,
         power: float = 1.0,
         end_factor: float = 0.0,
         start_factor: float | None = None,
         last_epoch: int = -1,
+        *,
+        warmup_epochs: float | None = None,
+        total_epochs: float | None = None,
+        steps_per_epoch: int | None = None,
     ) -> None:
-        self.warmup_steps = check_nonnegative_int("warmup_steps", warmup_steps)
-        self.total_steps = _check_total_steps(total_steps, self.warmup_steps)
+        self._set_lengths(warmup_steps, total_steps, warmup_epochs, total_epochs, steps_per_epoch)
         self.power = check_finite_real("power", power)
         if self.power <= 0:
             raise ValueError(f"power must be > 0, got {power!r}")
@@ -260,19 +375,24 @@ class WarmupCosineDecay(_FactorScheduler):
         end_factor: :math:`e ∈ [0, 1]`.
         start_factor: the warmup's first factor, in (0, 1]; default :math:`1/W`.
         last_epoch: as in :class:`~torch.optim.lr_scheduler.LRScheduler`.
+        warmup_epochs, total_epochs: the lengths in epochs instead (reals ≥ 0), with ``steps_per_epoch``.
+        steps_per_epoch: :math:`S_0`, the optimizer steps in one epoch; see the module docstring.
     """
 
     def __init__(
         self,
         optimizer: Optimizer,
-        warmup_steps: int,
-        total_steps: int,
+        warmup_steps: int | None = None,
+        total_steps: int | None = None,
         end_factor: float = 0.0,
         start_factor: float | None = None,
         last_epoch: int = -1,
+        *,
+        warmup_epochs: float | None = None,
+        total_epochs: float | None = None,
+        steps_per_epoch: int | None = None,
     ) -> None:
-        self.warmup_steps = check_nonnegative_int("warmup_steps", warmup_steps)
-        self.total_steps = _check_total_steps(total_steps, self.warmup_steps)
+        self._set_lengths(warmup_steps, total_steps, warmup_epochs, total_epochs, steps_per_epoch)
         self.end_factor = check_in_range("end_factor", end_factor, 0.0, 1.0)
         self.start_factor = _check_start_factor(start_factor, self.warmup_steps)
         super().__init__(optimizer, last_epoch)
@@ -310,22 +430,29 @@ class WarmupStableDecay(_FactorScheduler):
         end_factor: :math:`e ∈ [0, 1]`.
         start_factor: the warmup's first factor, in (0, 1]; default :math:`1/W`.
         last_epoch: as in :class:`~torch.optim.lr_scheduler.LRScheduler`.
+        warmup_epochs, total_epochs, decay_epochs: the lengths in epochs instead (reals ≥ 0), with ``steps_per_epoch``.
+        steps_per_epoch: :math:`S_0`, the optimizer steps in one epoch; see the module docstring.
     """
 
     def __init__(
         self,
         optimizer: Optimizer,
-        warmup_steps: int,
-        total_steps: int,
-        decay_steps: int,
+        warmup_steps: int | None = None,
+        total_steps: int | None = None,
+        decay_steps: int | None = None,
         decay_shape: str = "linear",
         end_factor: float = 0.0,
         start_factor: float | None = None,
         last_epoch: int = -1,
+        *,
+        warmup_epochs: float | None = None,
+        total_epochs: float | None = None,
+        decay_epochs: float | None = None,
+        steps_per_epoch: int | None = None,
     ) -> None:
-        self.warmup_steps = check_nonnegative_int("warmup_steps", warmup_steps)
-        self.total_steps = _check_total_steps(total_steps, self.warmup_steps)
-        self.decay_steps = _check_decay_steps(decay_steps, self.total_steps, self.warmup_steps)
+        self._set_lengths(warmup_steps, total_steps, warmup_epochs, total_epochs, steps_per_epoch)
+        decay = _length("decay_steps", decay_steps, decay_epochs, self.steps_per_epoch, positive=True)
+        self.decay_steps = _check_decay_steps(_required("decay_steps", decay), self.total_steps, self.warmup_steps)
         self.decay_shape = _check_decay_shape(decay_shape)
         self.end_factor = check_in_range("end_factor", end_factor, 0.0, 1.0)
         self.start_factor = _check_start_factor(start_factor, self.warmup_steps)

@@ -50,6 +50,8 @@ def test_each_name_builds_its_class_with_the_papers_groups(name):
     optimizer = create_optimizer(TwoPart(), name.upper())
     assert type(optimizer) is CLASSES[name]
     adaptation = (True, False) if name in WITH_ADAPTATION else (None, None)
+    if name == "lars":  # DEFAULT_EXCLUSION: LARS adapts the tensors it does not decay
+        adaptation = (True, True)
     # decayed: the two Linear weights; excluded: two biases + LayerNorm weight and bias.
     assert group_kinds(optimizer) == sorted([(2, DEFAULT_DECAY[name], adaptation[0]), (4, 0.0, adaptation[1])])
     assert optimizer.param_groups[0]["lr"] == CLASSES[name]([torch.zeros(1)]).defaults["lr"]

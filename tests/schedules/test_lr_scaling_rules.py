@@ -147,3 +147,44 @@ def test_adapt_regime_rejects_bad_input(kwargs, name):
     arguments = {"lr": 0.1, "epochs": 90, "milestones": [30, 60], "batch_size": 512, "base_batch_size": 256}
     with pytest.raises(ValueError, match=name):
         adapt_regime(**{**arguments, **kwargs})
+
+
+def test_measured_exponents_are_looked_up_by_class_and_feed_scale_lr(monkeypatch):
+    from largebatch.schedules import rules
+
+    monkeypatch.setitem(rules.MEASURED_EXPONENTS, "SGD", 0.25)
+
+    class MySGD(torch.optim.SGD):
+        pass
+
+    assert suggest_scaling_rule(torch.optim.SGD, source="measured") == 0.25
+    assert suggest_scaling_rule(MySGD, source="measured") == 0.25  # inherited through the MRO
+    assert scale_lr(0.1, 4096, 256, suggest_scaling_rule(MySGD, source="measured")) == pytest.approx(0.2)
+    assert suggest_scaling_rule(torch.optim.SGD) == "linear"  # the papers' rule stays the default
+
+
+def test_measured_rule_through_create_optimizer(monkeypatch):
+    from largebatch.factory import create_optimizer
+    from largebatch.schedules import rules
+
+    monkeypatch.setitem(rules.MEASURED_EXPONENTS, "AdamW", 0.25)
+    model = torch.nn.Linear(2, 2)
+    opt = create_optimizer(model, "adamw", 1e-3, batch_size=4096, base_batch_size=256, scaling_rule="measured")
+    assert opt.param_groups[0]["lr"] == pytest.approx(2e-3)
+
+
+def test_measured_exponents_are_valid_rules():
+    from largebatch.schedules import MEASURED_EXPONENTS
+
+    for name, exponent in MEASURED_EXPONENTS.items():
+        assert isinstance(name, str) and scaling_exponent(exponent) == exponent
+
+
+def test_unknown_source_or_unmeasured_optimizer_raise_value_errors(monkeypatch):
+    from largebatch.schedules import rules
+
+    with pytest.raises(ValueError, match="source"):
+        suggest_scaling_rule(torch.optim.SGD, source="folklore")
+    monkeypatch.delitem(rules.MEASURED_EXPONENTS, "RMSprop", raising=False)
+    with pytest.raises(ValueError, match="no exponent was measured for RMSprop"):
+        suggest_scaling_rule(torch.optim.RMSprop, source="measured")

@@ -1,0 +1,760 @@
+r"""Which large-batch recipe carries a deep BatchNorm CNN from batch 64 to batch 2048?
+
+Run ``python -m largebatch.experiments.deep_scaling``. Nothing is downloaded: the data are
+generated from a fixed seed. It writes ``deep_scaling.md`` (tables), ``deep_scaling.png`` (plot)
+and ``deep_scaling_runs.json`` (every run, the cache a re-run resumes from) into ``--out``
+(default ``deep_scaling_out/``; ``--out docs`` refreshes the committed results). ``--quick`` is a
+seconds-long smoke version; ``--no-plot`` skips the plot (and matplotlib); ``--report-only``
+writes the tables and plot from the cache without running anything (for a run cut short: runs
+start as soon as their learning rates are known, a setting's large-batch rows before the next
+setting's tuning, so what finished is whole rows).
+
+**Data** (:func:`make_data`): a 1-D analogue of MNIST in the spirit of mnist1d (Greydanus 2020),
+generated here, vectorised (the ``mnist1d`` package itself is not used: a generator of our own
+needs no dependency and has no download path at all). Each of 10 classes has a fixed random smooth template of 12 points;
+an example is its class's template stretched by a factor in [0.8, 1.2], shifted by up to ±6
+positions inside a window of 40, scaled in amplitude by [0.7, 1.3], sheared by a random linear
+ramp, plus correlated (smoothed) and white Gaussian noise. 30,720 training, 4,096 validation and
+4,096 test examples.
+
+**Model** (:func:`make_model`): 8 ``Conv1d`` layers (kernel 3, 12 channels, no bias), each
+followed by ``BatchNorm1d`` and ReLU, max-pooling by 2 after the 2nd, 4th and 6th; global
+average pooling and a linear head: about 3.4 k parameters.
+
+**Budget and schedule**: 10 epochs at every batch size, so batch 2048 gets 150 steps and batch 64
+4,800. A linear warmup over the first epoch to the peak lr, then poly-2 decay to 0
+(``WarmupPolynomialDecay``, counted in samples: the scheduler steps once per 64 samples).
+
+**Methods** (:data:`METHODS`), every optimizer built by ``create_optimizer`` (biases and
+BatchNorm parameters out of weight decay): SGD with momentum + the linear rule; LARS under each
+exclusion recipe of ``largebatch.factory.EXCLUSION_RECIPES`` (``"exclude"``: excluded tensors
+step at the LARS global lr; ``"adapt"``; ``"separate_lr"`` with SGD's tuned lr; ``"clip"``: LARC
+with an SGD-sized lr), all with the linear rule; AdamW, LAMB and Adan with the square-root rule;
+Ghost BatchNorm (ghost batches of 64) on SGD + linear; AdAdaGrad's batch growth (norm test,
+η = 0.1, from 64 up to the column's batch) on AdaGrad-Norm, whose lr is not coupled to the batch.
+
+**Tuning**: the base lr of each optimizer is the best final *validation* accuracy of a grid
+(:data:`LR_GRIDS`, ×4 apart) at batch 64, seed 0. The rows at the large batch then use
+
+* *rule*: the base lr scaled by the optimizer's rule (``suggest_scaling_rule``);
+* *probe*: the peak lr that ``probe_lr`` suggests at the large batch (40 steps from the
+  initial state, which it restores);
+* *oracle* (labelled as such: it needs a sweep at the large batch): the best validation accuracy
+  over :math:`\eta_0 (B/B_0)^k`, :math:`k \in` :data:`ORACLE_EXPONENTS`, seed 0; that :math:`k`
+  is the *measured exponent* of the rule.
+
+Every row is run with seeds 0, 1, 2 (initialisation and shuffling); tables give the mean ± std of
+the final test accuracy and the mean number of steps to reach :data:`TARGET_ACCURACY` test
+accuracy (evaluated every half epoch; "—" if not reached by every seed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from largebatch.batching import AdaptiveBatchSize, MicroBatchGradients
+from largebatch.factory import create_optimizer
+from largebatch.nn.ghost_batchnorm import convert_to_ghost_batchnorm
+from largebatch.schedules import WarmupPolynomialDecay, scale_lr, scaling_exponent
+from largebatch.schedules.lr_probe import probe_lr
+
+__all__ = [
+    "FULL",
+    "LR_GRIDS",
+    "METHODS",
+    "ORACLE_EXPONENTS",
+    "QUICK",
+    "TARGET_ACCURACY",
+    "Config",
+    "Data",
+    "Method",
+    "main",
+    "make_data",
+    "make_model",
+    "train",
+]
+
+NUM_CLASSES = 10
+LENGTH = 40  # samples per example
+TEMPLATE_POINTS = 12
+DATA_SEED = 0  # the templates and the examples; the same for every run
+
+
+@dataclass(frozen=True)
+class Data:
+    """Inputs of shape (N, 1, LENGTH) and integer labels, split three ways."""
+
+    x_train: Tensor
+    y_train: Tensor
+    x_val: Tensor
+    y_val: Tensor
+    x_test: Tensor
+    y_test: Tensor
+
+
+def _smooth(x: Tensor, width: float) -> Tensor:
+    """Gaussian smoothing along the last dimension (zero padding), vectorised over the rest."""
+    radius = int(3 * width)
+    offsets = torch.arange(-radius, radius + 1, dtype=x.dtype)
+    kernel = torch.exp(-0.5 * (offsets / width) ** 2)
+    kernel = (kernel / kernel.sum()).view(1, 1, -1)
+    return nn.functional.conv1d(x.reshape(-1, 1, x.shape[-1]), kernel, padding=radius).reshape(x.shape)
+
+
+def make_data(train_size: int, val_size: int, test_size: int, seed: int = DATA_SEED) -> Data:
+    r"""Generate the 1-D digit-like task (module docstring); every split from one seeded generator.
+
+    Raises:
+        ValueError: a split size is not positive.
+    """
+    sizes = {"train_size": train_size, "val_size": val_size, "test_size": test_size}
+    for name, size in sizes.items():
+        if not isinstance(size, int) or size <= 0:
+            raise ValueError(f"{name} must be a positive integer, got {size!r}")
+    g = torch.Generator().manual_seed(seed)
+    templates = _smooth(torch.randn(NUM_CLASSES, 1, TEMPLATE_POINTS * 4, generator=g), 3.0)[:, 0, ::4]
+    templates = templates / templates.abs().amax(dim=1, keepdim=True)
+    n = train_size + val_size + test_size
+    labels = torch.randint(0, NUM_CLASSES, (n,), generator=g)
+
+    def uniform(low: float, high: float) -> Tensor:
+        return low + (high - low) * torch.rand(n, 1, generator=g)
+
+    # Position u in the window maps to template coordinate (u - start) / stretch; outside it is 0.
+    stretch = uniform(0.8, 1.2) * (LENGTH - 16) / (TEMPLATE_POINTS - 1)
+    start = (LENGTH - stretch * (TEMPLATE_POINTS - 1)) / 2 + uniform(-6.0, 6.0)
+    coord = (torch.arange(LENGTH, dtype=torch.float32) - start) / stretch
+    inside = (coord >= 0) & (coord <= TEMPLATE_POINTS - 1)
+    left = coord.clamp(0, TEMPLATE_POINTS - 2).floor().long()
+    frac = coord.clamp(0, TEMPLATE_POINTS - 1) - left
+    rows = templates[labels]
+    signal = (rows.gather(1, left) * (1 - frac) + rows.gather(1, left + 1) * frac) * inside
+    ramp = torch.linspace(-1.0, 1.0, LENGTH)
+    x = signal * uniform(0.7, 1.3) + uniform(-0.4, 0.4) * ramp
+    x = x + 0.35 * _smooth(torch.randn(n, LENGTH, generator=g), 2.0) + 0.2 * torch.randn(n, LENGTH, generator=g)
+    x = x.unsqueeze(1)
+    a, b = train_size, train_size + val_size
+    return Data(x[:a], labels[:a], x[a:b], labels[a:b], x[b:], labels[b:])
+
+
+def make_model(seed: int, channels: int = 12, ghost_batch_size: int | None = None) -> nn.Module:
+    """The 8-layer Conv1d + BatchNorm + ReLU network of the module docstring, seeded."""
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = []
+    in_channels = 1
+    for i in range(8):
+        layers += [nn.Conv1d(in_channels, channels, 3, padding=1, bias=False), nn.BatchNorm1d(channels), nn.ReLU()]
+        if i in (1, 3, 5):
+            layers.append(nn.MaxPool1d(2))
+        in_channels = channels
+    layers += [nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(channels, NUM_CLASSES)]
+    model = nn.Sequential(*layers)
+    return model if ghost_batch_size is None else convert_to_ghost_batchnorm(model, ghost_batch_size)
+
+
+# ----------------------------------------------------------------------------- the methods
+
+SGD_WEIGHT_DECAY = 5e-4  # SGD and LARS: L2 added to the gradient
+DECOUPLED_WEIGHT_DECAY = 0.01  # AdamW, LAMB, Adan
+
+#: Base-lr grids at batch 64, ×4 apart, keyed by the optimizer setting being tuned; a run cut
+#: short has whole rows for the settings first here.
+LR_GRIDS: dict[str, tuple[float, ...]] = {
+    "SGD": (0.025, 0.1, 0.4),
+    "LARS exclude": (2.0, 8.0, 32.0),
+    "LARS adapt": (2.0, 8.0, 32.0),
+    "LARS separate_lr": (2.0, 8.0, 32.0),
+    "LAMB": (2.5e-3, 1e-2, 4e-2),
+    "LARC clip": (0.025, 0.1, 0.4),
+    "AdamW": (1e-3, 4e-3, 1.6e-2),
+    "Adan": (1e-3, 4e-3, 1.6e-2),
+    "AdaGradNorm": (0.025, 0.1, 0.4),
+}
+#: The oracle's exponents k of lr = base_lr · (B / 64)^k at the large batch.
+ORACLE_EXPONENTS: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)
+#: Steps to target count the steps until the test accuracy first reaches this.
+TARGET_ACCURACY = 0.9
+
+
+@dataclass(frozen=True)
+class Method:
+    """A row of the table: the optimizer setting it tunes (``tuned``) and how it trains."""
+
+    label: str
+    tuned: str
+    name: str
+    rule: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    exclusion: str | None = None
+    ghost_batch_size: int | None = None
+    grows_batch: bool = False
+
+
+def _sgd_like(weight_decay: float = SGD_WEIGHT_DECAY) -> dict[str, Any]:
+    return {"momentum": 0.9, "weight_decay": weight_decay}
+
+
+METHODS: tuple[Method, ...] = (
+    Method("SGD + linear", "SGD", "sgd", "linear", _sgd_like()),
+    Method("LARS, exclude (excluded at the LARS lr)", "LARS exclude", "lars", "linear", _sgd_like(), "exclude"),
+    Method("LARS, adapt (excluded adapted, not decayed)", "LARS adapt", "lars", "linear", _sgd_like(), "adapt"),
+    Method("LARS, separate_lr (excluded at SGD's lr)", "LARS separate_lr", "lars", "linear", _sgd_like(), "separate_lr"),
+    Method("LARC, clip (SGD-sized lr)", "LARC clip", "lars", "linear", _sgd_like(), "clip"),
+    Method("AdamW + sqrt", "AdamW", "adamw", "sqrt", {"weight_decay": DECOUPLED_WEIGHT_DECAY}),
+    Method("LAMB + sqrt", "LAMB", "lamb", "sqrt", {"weight_decay": DECOUPLED_WEIGHT_DECAY}),
+    Method("Adan + sqrt", "Adan", "adan", "sqrt", {"weight_decay": DECOUPLED_WEIGHT_DECAY}),
+    Method("AdaGrad-Norm (fixed batch)", "AdaGradNorm", "adagradnorm", "sqrt", {}),
+    Method("SGD + linear + Ghost BN (64)", "SGD", "sgd", "linear", _sgd_like(), ghost_batch_size=64),
+    Method("AdAdaGrad growth on AdaGrad-Norm", "AdaGradNorm", "adagradnorm", "sqrt", {}, grows_batch=True),
+)
+_BY_LABEL = {method.label: method for method in METHODS}
+#: One method per tuned setting: the one its tuning runs are run with.
+TUNED_METHODS: tuple[Method, ...] = tuple(next(m for m in METHODS if m.tuned == tuned) for tuned in LR_GRIDS)
+#: The settings that get probe and oracle rows (AdaGrad-Norm is there for the batch-growth row).
+ORACLE_METHODS: tuple[Method, ...] = tuple(m for m in TUNED_METHODS if m.tuned != "AdaGradNorm")
+
+
+@dataclass(frozen=True)
+class Config:
+    """Sizes, budget and seeds of one experiment."""
+
+    train_size: int = 30_720
+    val_size: int = 4_096
+    test_size: int = 4_096
+    epochs: int = 10
+    warmup_epochs: float = 1.0
+    base_batch_size: int = 64
+    large_batch_size: int = 2048
+    seeds: tuple[int, ...] = (0, 1, 2)
+    channels: int = 12
+    evals_per_epoch: int = 2
+    probe_steps: int = 40
+    workers: int = 2
+
+    @property
+    def total_samples(self) -> int:
+        """Samples in the whole budget: ``epochs · train_size`` at every batch size."""
+        return self.epochs * self.train_size
+
+
+FULL = Config()
+QUICK = Config(train_size=2_048, val_size=512, test_size=512, epochs=2, large_batch_size=512, seeds=(0,), channels=6,
+               probe_steps=8)
+
+
+# ----------------------------------------------------------------------------- one run
+
+
+@dataclass(frozen=True)
+class Run:
+    """One training run: a method at a batch size and peak lr, for one seed."""
+
+    method: str
+    batch_size: int
+    lr: float
+    seed: int
+    excluded_lr: float | None = None
+    probe: bool = False  # set the peak lr from probe_lr at this batch (then ``lr`` is unused)
+
+    @property
+    def key(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+
+def _accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
+    model.eval()
+    with torch.no_grad():
+        correct = sum(int((model(xb).argmax(1) == yb).sum()) for xb, yb in zip(x.split(2048), y.split(2048)))
+    model.train()
+    return correct / len(y)
+
+
+def _build_optimizer(method: Method, model: nn.Module, lr: float, excluded_lr: float | None) -> torch.optim.Optimizer:
+    extra = {} if method.exclusion is None else {"exclusion": method.exclusion}
+    if excluded_lr is not None:
+        extra["excluded_lr"] = excluded_lr
+    return create_optimizer(model, method.name, lr, **method.kwargs, **extra)
+
+
+def _loss(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
+    return nn.functional.cross_entropy(model(batch[0]), batch[1])
+
+
+def _micro_batch_step(model: nn.Module, x: Tensor, y: Tensor, parts: int = 8) -> Any:
+    """The batch's gradient as the mean of ``parts`` micro-batch gradients, and their statistics."""
+    recorder = MicroBatchGradients(model.parameters())
+    for xb, yb in zip(x.chunk(parts), y.chunk(parts)):
+        (_loss(model, (xb, yb)) / parts).backward()
+        recorder.record(len(xb), loss_scale=1.0 / parts)
+    stats = recorder.statistics()
+    recorder.write_mean_gradient(stats)
+    return stats
+
+
+def train(config: Config, data: Data, run: Run) -> dict[str, Any]:
+    """Train one run; return its curve (steps, samples, test accuracy), final accuracies and lr."""
+    method = _BY_LABEL[run.method]
+    torch.set_num_threads(1)
+    started = time.perf_counter()
+    model = make_model(run.seed, config.channels, method.ghost_batch_size)
+    optimizer = _build_optimizer(method, model, run.lr, run.excluded_lr)
+    n = config.train_size
+    order = torch.Generator().manual_seed(1000 + run.seed)
+    peak_lr = run.lr
+    probe_result = None
+    if run.probe:
+        epochs = math.ceil(config.probe_steps * run.batch_size / n)
+        probe_order = torch.cat([torch.randperm(n, generator=order) for _ in range(epochs)])
+        probe_batches = (
+            (data.x_train[idx], data.y_train[idx])
+            for idx in probe_order[: config.probe_steps * run.batch_size].split(run.batch_size)
+        )
+        probe_result = probe_lr(model, optimizer, probe_batches, _loss, min_lr=run.lr * 1e-3, max_lr=run.lr * 1e2,
+                                num_steps=config.probe_steps)
+        peak_lr = probe_result.suggested_lr
+        for group in optimizer.param_groups:
+            group["lr"] = group["lr"] * peak_lr / run.lr
+    unit = config.base_batch_size
+    scheduler = WarmupPolynomialDecay(
+        optimizer, warmup_steps=round(config.warmup_epochs * n / unit), total_steps=config.total_samples // unit, power=2.0
+    )
+    controller = AdaptiveBatchSize(
+        config.base_batch_size, run.batch_size, test="norm", eta=0.1, interval=5, multiple=config.base_batch_size
+    ) if method.grows_batch else None
+    eval_every = n // config.evals_per_epoch
+    curve: list[tuple[int, int, float]] = []
+    batch_sizes: list[int] = []
+    seen = steps = 0
+    epoch_order = torch.randperm(n, generator=order)
+    position = 0
+    last_loss = math.nan
+    while seen < config.total_samples:
+        batch_size = controller.batch_size if controller is not None else run.batch_size
+        batch_size = min(batch_size, config.total_samples - seen)
+        if position + batch_size > n:  # a new epoch: reshuffle, drop the short tail
+            epoch_order = torch.randperm(n, generator=order)
+            position = 0
+        idx = epoch_order[position : position + batch_size]
+        position += batch_size
+        x, y = data.x_train[idx], data.y_train[idx]
+        optimizer.zero_grad()
+        if controller is not None and controller.needs_statistics:
+            stats = _micro_batch_step(model, x, y)
+            optimizer.step()
+            controller.step(stats)
+        else:
+            loss = _loss(model, (x, y))
+            loss.backward()
+            last_loss = float(loss.detach())
+            optimizer.step()
+            if controller is not None:
+                controller.step()
+        for _ in range(batch_size // unit):
+            scheduler.step()
+        steps += 1
+        batch_sizes.append(batch_size)
+        before, seen = seen, seen + batch_size
+        if seen // eval_every > before // eval_every or seen >= config.total_samples:
+            curve.append((steps, seen, _accuracy(model, data.x_test, data.y_test)))
+    return {
+        "curve": curve,
+        "test_accuracy": curve[-1][2],
+        "val_accuracy": _accuracy(model, data.x_val, data.y_val),
+        "train_loss": last_loss,
+        "steps": steps,
+        "peak_lr": peak_lr,
+        "final_batch_size": batch_sizes[-1],
+        "probe_best_lr": None if probe_result is None else probe_result.best_lr,
+        "seconds": time.perf_counter() - started,
+    }
+
+
+# ----------------------------------------------------------------------------- the experiment
+
+_DATA: Data | None = None  # each worker process builds the data once (set by _init_worker)
+
+
+def _init_worker(config: Config) -> None:
+    global _DATA
+    torch.set_num_threads(1)
+    _DATA = make_data(config.train_size, config.val_size, config.test_size)
+
+
+def _run_in_worker(args: tuple[Config, Run]) -> tuple[str, dict[str, Any]]:
+    config, run = args
+    assert _DATA is not None
+    return run.key, train(config, _DATA, run)
+
+
+class Results:
+    """The runs done so far, keyed by :attr:`Run.key`, saved to a JSON cache after every run."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self.runs: dict[str, dict[str, Any]] = {}
+        if path is not None and path.exists():
+            self.runs = json.loads(path.read_text())["runs"]
+
+    def get(self, run: Run) -> dict[str, Any] | None:
+        return self.runs.get(run.key)
+
+    def add(self, key: str, result: dict[str, Any]) -> None:
+        self.runs[key] = result
+        if self.path is not None:
+            self.path.write_text(json.dumps({"runs": self.runs}, indent=0))
+
+
+@dataclass
+class Plan:
+    """The lrs the experiment settles on: tuned base lrs, oracle exponents."""
+
+    base_lr: dict[str, float] = field(default_factory=dict)
+    base_grid: dict[str, dict[float, float]] = field(default_factory=dict)
+    oracle_exponent: dict[str, float] = field(default_factory=dict)
+    oracle_grid: dict[str, dict[float, float]] = field(default_factory=dict)
+
+
+def _excluded_lr(method: Method, plan: Plan, batch_size: int, config: Config) -> float | None:
+    """The separate_lr recipe's excluded lr: SGD's tuned base lr, scaled linearly like SGD's."""
+    if method.exclusion != "separate_lr":
+        return None
+    return scale_lr(plan.base_lr["SGD"], batch_size, config.base_batch_size, "linear")
+
+
+def _base_run(method: Method, plan: Plan, config: Config, lr: float, seed: int, batch_size: int | None = None,
+              probe: bool = False) -> Run:
+    batch = config.base_batch_size if batch_size is None else batch_size
+    return Run(method.label, batch, lr, seed, _excluded_lr(method, plan, batch, config), probe)
+
+
+def _rule_lr(method: Method, plan: Plan, config: Config) -> float:
+    """The peak lr at the large batch by the rule (the base lr for batch growth, which keeps it)."""
+    base = plan.base_lr[method.tuned]
+    return base if method.grows_batch else scale_lr(base, config.large_batch_size, config.base_batch_size, method.rule)
+
+
+def _small_batch_method(method: Method) -> Method:
+    """The method whose runs stand for ``method`` at the base batch: there Ghost BN of 64 is BatchNorm
+    and batch growth has not started, so they are the runs of SGD and fixed-batch AdaGrad-Norm."""
+    if method.ghost_batch_size is not None:
+        return _BY_LABEL["SGD + linear"]
+    if method.grows_batch:
+        return _BY_LABEL["AdaGrad-Norm (fixed batch)"]
+    return method
+
+
+def _oracle_runs(method: Method, plan: Plan, config: Config, seed: int) -> list[Run]:
+    ratio = config.large_batch_size / config.base_batch_size
+    base = plan.base_lr[method.tuned]
+    return [_base_run(method, plan, config, base * ratio**k, seed, config.large_batch_size) for k in ORACLE_EXPONENTS]
+
+
+def _oracle_lr(method: Method, plan: Plan, config: Config) -> float:
+    ratio = config.large_batch_size / config.base_batch_size
+    return plan.base_lr[method.tuned] * ratio ** plan.oracle_exponent[method.tuned]
+
+
+def _log_result(log: Callable[[str], None], key: str, result: dict[str, Any]) -> None:
+    run = json.loads(key)
+    log(f"    {run['method']:<45} B={run['batch_size']:<5} lr={result['peak_lr']:<9.3g} seed={run['seed']} "
+        f"probe={run['probe']!s:<5} test={100 * result['test_accuracy']:.1f}% ({result['seconds']:.0f}s)")
+
+
+def run_experiment(config: Config, results: Results, log: Callable[[str], None] = print) -> Plan:
+    """Tune, then run every row (rule, probe, oracle), as soon as what a run needs is known.
+
+    Runs are started in order of :func:`_ready_runs`: a setting's large-batch rows (seed 0) as soon
+    as its base lr is tuned, before the tuning of later settings, then the other seeds; so a run
+    cut short holds whole rows for the settings first in :data:`LR_GRIDS`, with every cell kept
+    in the cache.
+    """
+    plan = Plan()
+    context = multiprocessing.get_context("spawn")
+    pool = context.Pool(config.workers, _init_worker, (config,)) if config.workers > 1 else None
+    if pool is None:
+        _init_worker(config)
+    pending: dict[Run, Any] = {}
+    try:
+        while True:
+            for run in _ready_runs(config, results, plan):
+                if len(pending) >= config.workers:
+                    break
+                if run in pending:
+                    continue
+                if pool is None:
+                    key, result = _run_in_worker((config, run))
+                    results.add(key, result)
+                    _log_result(log, key, result)
+                    break  # the plan may have changed: look again
+                pending[run] = pool.apply_async(_run_in_worker, ((config, run),))
+            else:
+                if not pending:
+                    break
+            if pool is None:
+                continue
+            done = [run for run, handle in pending.items() if handle.ready()]
+            if not done:
+                time.sleep(0.2)
+            for run in done:
+                key, result = pending.pop(run).get()
+                results.add(key, result)
+                _log_result(log, key, result)
+    finally:
+        if pool is not None:
+            if pending:  # interrupted: do not wait for the runs in flight
+                pool.terminate()
+            else:
+                pool.close()
+            pool.join()
+    return plan
+
+
+def _settle(config: Config, results: Results, plan: Plan) -> None:
+    """Fix every base lr and oracle exponent whose sweep is complete."""
+    first = config.seeds[0]
+    for m in TUNED_METHODS:
+        if m.tuned not in plan.base_lr and (m.exclusion != "separate_lr" or "SGD" in plan.base_lr):
+            runs = [_base_run(m, plan, config, lr, first) for lr in LR_GRIDS[m.tuned]]
+            if all(results.get(r) is not None for r in runs):
+                plan.base_grid[m.tuned] = {r.lr: results.get(r)["val_accuracy"] for r in runs}
+                plan.base_lr[m.tuned] = max(plan.base_grid[m.tuned], key=plan.base_grid[m.tuned].get)
+    for m in ORACLE_METHODS:
+        if m.tuned in plan.base_lr and m.tuned not in plan.oracle_exponent:
+            runs = _oracle_runs(m, plan, config, first)
+            if all(results.get(r) is not None for r in runs):
+                plan.oracle_grid[m.tuned] = {k: results.get(r)["val_accuracy"] for k, r in zip(ORACLE_EXPONENTS, runs)}
+                plan.oracle_exponent[m.tuned] = max(plan.oracle_grid[m.tuned], key=plan.oracle_grid[m.tuned].get)
+
+
+def _ready_runs(config: Config, results: Results, plan: Plan) -> list[Run]:
+    """The runs not yet in the cache whose lrs are known, most wanted first.
+
+    Seed 0 first: each tuned setting's rule row, probe row and oracle sweep at the large batch
+    (settings in :data:`LR_GRIDS` order), then the tuning runs still to do; after that the other
+    seeds: large batch (rule, oracle, probe), then the base batch.
+    """
+    _settle(config, results, plan)
+    first, rest, big = config.seeds[0], config.seeds[1:], config.large_batch_size
+    tuned = [m for m in TUNED_METHODS if m.tuned in plan.base_lr]
+    rows = [m for m in METHODS if m.tuned in plan.base_lr]
+    runs: list[Run] = []
+    for m in tuned:
+        runs += [_base_run(r, plan, config, _rule_lr(r, plan, config), first, big) for r in rows if r.tuned == m.tuned]
+        if m in ORACLE_METHODS:
+            runs.append(_base_run(m, plan, config, plan.base_lr[m.tuned], first, big, probe=True))
+            runs += _oracle_runs(m, plan, config, first)
+    for m in TUNED_METHODS:
+        if m.tuned not in plan.base_lr and (m.exclusion != "separate_lr" or "SGD" in plan.base_lr):
+            runs += [_base_run(m, plan, config, lr, first) for lr in LR_GRIDS[m.tuned]]
+    for s in rest:
+        runs += [_base_run(m, plan, config, _rule_lr(m, plan, config), s, big) for m in rows]
+        runs += [_base_run(m, plan, config, _oracle_lr(m, plan, config), s, big)
+                 for m in ORACLE_METHODS if m.tuned in plan.oracle_exponent]
+        runs += [_base_run(m, plan, config, plan.base_lr[m.tuned], s, big, probe=True)
+                 for m in ORACLE_METHODS if m.tuned in plan.base_lr]
+    for s in rest:
+        runs += [_base_run(m, plan, config, plan.base_lr[m.tuned], s) for m in rows if _small_batch_method(m) is m]
+    return [run for run in dict.fromkeys(runs) if results.get(run) is None]
+
+
+# ----------------------------------------------------------------------------- the report
+
+
+def _cells(results: Results, runs: Sequence[Run]) -> list[dict[str, Any]]:
+    return [r for r in (results.get(run) for run in runs) if r is not None]
+
+
+def _steps_to_target(result: dict[str, Any]) -> int | None:
+    return next((steps for steps, _, accuracy in result["curve"] if accuracy >= TARGET_ACCURACY), None)
+
+
+def _summary(cells: list[dict[str, Any]], seeds: int) -> tuple[str, str]:
+    """'mean ± std' of the final test accuracy (%), and the mean steps to target ('—' if any seed misses)."""
+    if not cells:
+        return "not run", "not run"
+    accuracies = [100 * c["test_accuracy"] for c in cells]
+    spread = f" ± {statistics.stdev(accuracies):.1f}" if len(accuracies) > 1 else ""
+    partial = f" ({len(cells)} of {seeds} seeds)" if len(cells) < seeds else ""
+    accuracy = f"{statistics.fmean(accuracies):.1f}{spread}{partial}"
+    reached = [_steps_to_target(c) for c in cells]
+    steps = "—" if None in reached else f"{statistics.fmean(reached):.0f}"
+    return accuracy, steps
+
+
+def _lr(value: float) -> str:
+    return f"{value:.3g}"
+
+
+def write_report(config: Config, results: Results, plan: Plan, out: Path, seconds: float | None) -> str:
+    """The markdown tables of the experiment; written to ``out/deep_scaling.md`` and returned."""
+    b0, big = config.base_batch_size, config.large_batch_size
+    ratio = big / b0
+    n_seeds = len(config.seeds)
+    lines = [
+        "# Deep 1-D CNN with BatchNorm: batch 64 → 2048 at a fixed epoch budget",
+        "",
+        "Written by `python -m largebatch.experiments.deep_scaling` (the module docstring has the setting).",
+        f"{config.epochs} epochs of {config.train_size} examples: {config.total_samples // b0} steps at batch {b0}, "
+        f"{config.total_samples // big} at batch {big}. Test accuracy (%) after the budget, mean ± std over seeds "
+        f"{', '.join(map(str, config.seeds))}; steps to {100 * TARGET_ACCURACY:.0f} % test accuracy (mean; — if a seed "
+        "never got there).",
+    ]
+    if seconds is not None:
+        lines.append(f"This run took {seconds / 60:.1f} minutes with {config.workers} worker processes.")
+    if _ready_runs(config, results, plan) or len(plan.base_lr) < len(LR_GRIDS):
+        lines += ["", f"**Incomplete run**: {len(results.runs)} runs are in the cache; settings not tuned yet: "
+                  f"{', '.join(k for k in LR_GRIDS if k not in plan.base_lr) or 'none'}; cells marked "
+                  "'not run' (and seed counts below 3) are missing."]
+    lines += ["", f"## Rule rows: the base lr tuned at batch {b0}, scaled by the optimizer's rule", "",
+              f"| method | rule | lr at {b0} | acc. at {b0} | steps to target | lr at {big} | acc. at {big} | "
+              "steps to target |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for m in METHODS:
+        base = plan.base_lr.get(m.tuned)
+        if base is None:
+            continue
+        stand_in = _small_batch_method(m)
+        small = _summary(_cells(results, [_base_run(stand_in, plan, config, base, s) for s in config.seeds]), n_seeds)
+        rule_lr = _rule_lr(m, plan, config)
+        large_cells = _cells(results, [_base_run(m, plan, config, rule_lr, s, big) for s in config.seeds])
+        large = _summary(large_cells, n_seeds)
+        rule = "none (grows 64 → " + str(big) + ")" if m.grows_batch else m.rule
+        if m.grows_batch and large_cells:
+            rule += f", {statistics.fmean(c['steps'] for c in large_cells):.0f} steps"
+        lines.append(f"| {m.label} | {rule} | {_lr(base)} | {small[0]} | {small[1]} | {_lr(rule_lr)} | {large[0]} | "
+                     f"{large[1]} |")
+
+    lines += ["", f"## At batch {big}: rule vs probe vs oracle", "",
+              "The probe row's lr is `probe_lr`'s suggestion (40 steps at the large batch from the initial state, "
+              "restored afterwards; the lr of the lowest smoothed loss / 10), one probe per seed. "
+              f"**Oracle** rows re-tune the lr at batch {big} (seed 0, validation split, lr = base · "
+              f"{int(ratio)}^k for k in {', '.join(map(str, ORACLE_EXPONENTS))}): a sweep at the large batch that "
+              "a rule is meant to save; k is the measured exponent.", "",
+              "| method | rule lr | rule acc. | probe lr (mean) | probe acc. | measured k | **oracle** lr | "
+              "**oracle** acc. | oracle steps to target |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for m in ORACLE_METHODS:
+        base = plan.base_lr.get(m.tuned)
+        if base is None:
+            continue
+        rule_lr = _rule_lr(m, plan, config)
+        rule = _summary(_cells(results, [_base_run(m, plan, config, rule_lr, s, big) for s in config.seeds]), n_seeds)
+        probe_cells = _cells(results, [_base_run(m, plan, config, base, s, big, probe=True) for s in config.seeds])
+        probe = _summary(probe_cells, n_seeds)
+        probe_lr_mean = _lr(statistics.fmean(c["peak_lr"] for c in probe_cells)) if probe_cells else "not run"
+        k = plan.oracle_exponent.get(m.tuned)
+        if k is None:
+            oracle, oracle_lr, k_text = ("not run", "not run"), "not run", "not run"
+        else:
+            oracle_lr = _oracle_lr(m, plan, config)
+            oracle = _summary(_cells(results, [_base_run(m, plan, config, oracle_lr, s, big) for s in config.seeds]),
+                              n_seeds)
+            oracle_lr, k_text = _lr(oracle_lr), f"{k:g}"
+        lines.append(f"| {m.label} | {_lr(rule_lr)} | {rule[0]} | {probe_lr_mean} | {probe[0]} | {k_text} | "
+                     f"{oracle_lr} | {oracle[0]} | {oracle[1]} |")
+
+    lines += ["", "## The sweeps (validation accuracy %, seed 0)", "",
+              f"Base lr at batch {b0} (the chosen one in bold):", ""]
+    for tuned, grid in plan.base_grid.items():
+        cells = ", ".join(("**" if lr == plan.base_lr[tuned] else "") + f"{_lr(lr)} → {100 * acc:.1f}"
+                          + ("**" if lr == plan.base_lr[tuned] else "") for lr, acc in grid.items())
+        lines.append(f"* {tuned}: {cells}")
+    if plan.oracle_grid:
+        lines += ["", f"Exponent k at batch {big} (lr = base · {int(ratio)}^k):", ""]
+        for tuned, grid in plan.oracle_grid.items():
+            cells = ", ".join(f"k={k:g} → {100 * acc:.1f}" for k, acc in grid.items())
+            lines.append(f"* {tuned}: {cells}")
+    text = "\n".join(lines) + "\n"
+    (out / "deep_scaling.md").write_text(text)
+    return text
+
+
+def write_plot(config: Config, results: Results, plan: Plan, path: Path) -> None:
+    """Test accuracy against epochs at the large batch (rule rows), with SGD at the base batch for reference."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    b0, big = config.base_batch_size, config.large_batch_size
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
+    for ax, oracle in zip(axes, (False, True)):
+        sgd = _BY_LABEL["SGD + linear"]
+        reference = _cells(results, [_base_run(sgd, plan, config, plan.base_lr.get("SGD", 0.0), s) for s in config.seeds])
+        for c in reference[:1]:
+            ax.plot([s / config.train_size for _, s, _ in c["curve"]], [100 * a for *_, a in c["curve"]], "k--",
+                    label=f"SGD at batch {b0} (seed {config.seeds[0]})")
+        for m in METHODS if not oracle else ORACLE_METHODS:
+            if m.tuned not in plan.base_lr or (oracle and m.tuned not in plan.oracle_exponent):
+                continue
+            lr = _oracle_lr(m, plan, config) if oracle else _rule_lr(m, plan, config)
+            cells = _cells(results, [_base_run(m, plan, config, lr, s, big) for s in config.seeds])
+            if not cells:
+                continue
+            epochs = [s / config.train_size for _, s, _ in cells[0]["curve"]]
+            mean = [100 * statistics.fmean(c["curve"][i][2] for c in cells) for i in range(len(epochs))]
+            ax.plot(epochs, mean, label=m.label, color=f"C{METHODS.index(m)}")  # one colour per method
+        ax.axhline(100 * TARGET_ACCURACY, color="grey", linestyle=":", label=f"target {100 * TARGET_ACCURACY:.0f} %")
+        ax.set_xlabel("epoch")
+        ax.set_title(f"batch {big}: " + ("ORACLE lr (re-tuned at this batch)" if oracle else "lr from the rule"))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+    axes[0].set_ylabel("test accuracy (%), mean over seeds")
+    axes[0].set_ylim(0, 100)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """The command line: run (or resume) the experiment, write the tables and the plot."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("deep_scaling_out"),
+                        help="folder for deep_scaling.md/.png/_runs.json (default deep_scaling_out; "
+                             "--out docs refreshes the committed results)")
+    parser.add_argument("--quick", action="store_true", help="a seconds-long smoke version")
+    parser.add_argument("--no-plot", action="store_true", help="skip the plot (no matplotlib needed)")
+    parser.add_argument("--workers", type=int, default=None, help="worker processes (default 2)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="write the tables and plot from the runs in --out's cache, running nothing "
+                             "(cells not run yet read 'not run')")
+    args = parser.parse_args(argv)
+    if not args.no_plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            sys.exit('the plot needs matplotlib: pip install "largebatch[demo]", or pass --no-plot')
+    config = QUICK if args.quick else FULL
+    if args.workers is not None:
+        if args.workers < 1:
+            parser.error(f"--workers must be >= 1, got {args.workers}")
+        config = replace(config, workers=args.workers)
+    args.out.mkdir(parents=True, exist_ok=True)
+    cache = args.out / ("deep_scaling_quick_runs.json" if args.quick else "deep_scaling_runs.json")
+    results = Results(cache)
+    if args.report_only:
+        plan = Plan()
+        _settle(config, results, plan)
+        seconds = None
+    else:
+        started = time.perf_counter()
+        plan = run_experiment(config, results, lambda line: print(line, flush=True))
+        seconds = time.perf_counter() - started
+    print(write_report(config, results, plan, args.out, seconds))
+    if not args.no_plot:
+        write_plot(config, results, plan, args.out / "deep_scaling.png")
+
+
+if __name__ == "__main__":
+    main()

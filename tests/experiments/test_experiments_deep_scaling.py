@@ -1,0 +1,78 @@
+"""The deep-scaling experiment: its data, a tiny end-to-end run (tables, plot, cache) and its CLI."""
+
+import dataclasses
+import json
+import sys
+
+import pytest
+import torch
+
+from largebatch.experiments import deep_scaling as ds
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+TINY = dataclasses.replace(
+    ds.QUICK, train_size=256, val_size=64, test_size=64, epochs=2, warmup_epochs=0.5, large_batch_size=128, channels=3,
+    probe_steps=3, workers=1,
+)
+
+
+def test_data_are_generated_reproducibly_with_every_class():
+    data = ds.make_data(600, 100, 100)
+    again = ds.make_data(600, 100, 100)
+    assert torch.equal(data.x_train, again.x_train) and torch.equal(data.y_test, again.y_test)
+    assert data.x_train.shape == (600, 1, ds.LENGTH) and data.x_val.shape == (100, 1, ds.LENGTH)
+    assert torch.bincount(data.y_train, minlength=ds.NUM_CLASSES).min() > 20
+    assert torch.isfinite(data.x_train).all()
+    # The splits are different examples, not copies.
+    assert not torch.equal(data.x_val[:10], data.x_test[:10])
+    with pytest.raises(ValueError, match="val_size"):
+        ds.make_data(10, 0, 10)
+
+
+def test_the_model_is_deep_and_normalised():
+    model = ds.make_model(0)
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv1d)]
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm1d)]
+    assert len(convs) >= 8 and len(norms) == len(convs)
+    assert model(torch.randn(4, 1, ds.LENGTH)).shape == (4, ds.NUM_CLASSES)
+    ghost = ds.make_model(0, ghost_batch_size=16)
+    assert all(type(m).__name__ == "GhostBatchNorm1d" for m in ghost.modules() if isinstance(m, torch.nn.BatchNorm1d))
+
+
+def test_the_full_setting_meets_the_budget_it_claims():
+    full = ds.FULL
+    assert full.total_samples // full.large_batch_size >= 150
+    assert (full.base_batch_size, full.large_batch_size, len(full.seeds)) == (64, 2048, 3)
+    assert set(ds.LR_GRIDS) == {m.tuned for m in ds.METHODS}
+
+
+@pytest.mark.slow
+def test_a_tiny_run_fills_every_table_and_resumes_from_its_cache(tmp_path):
+    results = ds.Results(tmp_path / "runs.json")
+    plan = ds.run_experiment(TINY, results, log=lambda line: None)
+    assert set(plan.base_lr) == set(ds.LR_GRIDS)
+    assert all(plan.base_lr[k] in ds.LR_GRIDS[k] for k in plan.base_lr)
+    assert set(plan.oracle_exponent) == {m.tuned for m in ds.ORACLE_METHODS}
+    report = ds.write_report(TINY, results, plan, tmp_path, seconds=None)
+    for method in ds.METHODS:
+        assert method.label in report
+    assert "not run" not in report and "**oracle**" in report
+    ds.write_plot(TINY, results, plan, tmp_path / "plot.png")
+    assert (tmp_path / "plot.png").read_bytes()[:8] == PNG_MAGIC
+    # Every run is in the cache; a second pass runs nothing and settles on the same plan.
+    cached = json.loads((tmp_path / "runs.json").read_text())["runs"]
+    assert len(cached) == len(results.runs)
+    ran = []
+    again = ds.run_experiment(TINY, ds.Results(tmp_path / "runs.json"), log=ran.append)
+    assert again == plan and ran == []
+    # The probe row's lr came from probe_lr, the rule row's from the rule.
+    sgd = next(m for m in ds.METHODS if m.tuned == "SGD")
+    probe = results.get(ds._base_run(sgd, plan, TINY, plan.base_lr["SGD"], 0, TINY.large_batch_size, probe=True))
+    assert probe["probe_best_lr"] is not None and probe["peak_lr"] == pytest.approx(probe["probe_best_lr"] / 10)
+
+
+def test_a_missing_matplotlib_stops_before_training(monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(SystemExit, match=r"largebatch\[demo\].*--no-plot"):
+        ds.main(["--out", str(tmp_path)])
+    assert not (tmp_path / "deep_scaling_runs.json").exists()
