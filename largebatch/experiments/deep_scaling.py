@@ -68,7 +68,7 @@ from torch import Tensor, nn
 from largebatch.batching import AdaptiveBatchSize, MicroBatchGradients
 from largebatch.factory import create_optimizer
 from largebatch.nn.ghost_batchnorm import convert_to_ghost_batchnorm
-from largebatch.schedules import WarmupPolynomialDecay, scale_lr, scaling_exponent
+from largebatch.schedules import WarmupPolynomialDecay, scale_lr
 from largebatch.schedules.lr_probe import probe_lr
 
 __all__ = [
