@@ -53,6 +53,13 @@ def pairwise_rows(names: tuple[str, ...]) -> list[dict[str, bool]]:
     return [row for i, row in enumerate(rows) if row not in rows[:i]]  # with few options, rows repeat
 
 
+def pairwise_settings(*names: str) -> pytest.MarkDecorator:
+    """`pytest.mark.parametrize` of a `flags` dict over `pairwise_rows(names)`, ids naming the True ones."""
+    return pytest.mark.parametrize(
+        "flags", pairwise_rows(names), ids=lambda row: "-".join(name for name in names if row[name]) or "none"
+    )
+
+
 def _shapes() -> st.SearchStrategy[tuple[int, ...]]:
     numel = st.integers(1, MAX_NUMEL)
     return st.one_of(

@@ -23,7 +23,7 @@ from _fused_cases import (
     STEPS,
     TensorSpec,
     assert_matches,
-    pairwise_rows,
+    pairwise_settings,
     random_tensors,
     requires_kernels,
     step_counters,
@@ -68,12 +68,6 @@ def _grads_for_step(specs, generator, grad_scale, zero_grads=()):
     return grads, [g.clone() for g in grads]
 
 
-def _settings(*names):
-    return pytest.mark.parametrize(
-        "flags", pairwise_rows(names), ids=lambda row: "-".join(name for name in names if row[name]) or "none"
-    )
-
-
 LAMB_CORNER = dict(
     seed=0, lr=0.01, beta1=0.9, beta2=0.999, weight_decay=0.01, trust_clip=None, clip=None, grad_scale=None,
     zero_grads=[],
@@ -81,7 +75,7 @@ LAMB_CORNER = dict(
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered in divide:RuntimeWarning")  # eps = 0, masked lanes
-@_settings("adapt", "bias_correction", "grad_averaging", "maximize", "lr_as_tensor")
+@pairwise_settings("adapt", "bias_correction", "grad_averaging", "maximize", "lr_as_tensor")
 @settings(max_examples=EXAMPLES, deadline=None)
 @given(
     specs=tensor_specs(),
@@ -128,7 +122,7 @@ LARS_CORNER = dict(
 )  # fmt: skip
 
 
-@_settings("adapt", "nesterov", "trust_clip", "lr_in_momentum", "maximize", "lr_as_tensor")
+@pairwise_settings("adapt", "nesterov", "trust_clip", "lr_in_momentum", "maximize", "lr_as_tensor")
 @settings(max_examples=EXAMPLES, deadline=None)
 @given(
     specs=tensor_specs(),
@@ -168,7 +162,7 @@ def test_lars(flags, specs, seed, lr, grad_scale, zero_params, zero_grads, **hyp
     assert [int(s) for s in steps] == o_steps
 
 
-@_settings("no_prox", "maximize", "lr_as_tensor")
+@pairwise_settings("no_prox", "maximize", "lr_as_tensor")
 @settings(max_examples=EXAMPLES, deadline=None)
 @given(
     specs=tensor_specs(),
