@@ -68,8 +68,10 @@ def test_capturable_matches_numpy_oracle(case, path, data):
     want = case.oracle([p.cpu().double().numpy() for p in params], grad_steps, **hyper)
     # Capturable bias corrections 1 − β^t come from the float32 counter in float32: near β = 1 and
     # small t, 1 − β^t cancels, and its relative error is up to eps32 / (1 − β^t) ≈ 6e-5 (torch's
-    # capturable Adam computes it the same way). Every mutant of the formula is far outside this.
-    tolerance = dict(rtol=2e-4, atol=1e-5 if path == "fused" else 1e-7)
+    # capturable Adam computes it the same way). That error is relative to each step's size, so it
+    # adds up over the steps on parameters of order 1: atol 1e-4. Every mutant of the formula is
+    # far outside this.
+    tolerance = dict(rtol=2e-4, atol=1e-4)
     for g, w in zip(got, want):
         np.testing.assert_allclose(g.cpu().double().numpy(), w, **tolerance)
 
