@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from largebatch import LAMB, LARS, AdaGradNorm, Adan
-from largebatch.schedules import LinearWarmup
 from largebatch.optimizers import functional
+from largebatch.schedules import LinearWarmup
 
 ALL = [LAMB, LARS, Adan, AdaGradNorm]
 BY_NAME = pytest.mark.parametrize("cls", ALL, ids=lambda c: c.__name__)
@@ -146,7 +146,7 @@ def _momentum(group):
 
 
 def _schedule(model, opt, scheduler, steps):
-    """(lr, momentum) of the first group at each of `steps` training steps, then the final lr."""
+    """(lr, momentum) of the first group at each of `steps` training steps, each then stepping `scheduler`."""
     history = []
     for _ in range(steps):
         history.append((float(opt.param_groups[0]["lr"]), _momentum(opt.param_groups[0])))
@@ -180,11 +180,10 @@ def test_chained_and_onecycle_schedulers_run(cls):
     expected = _schedule(peer, peer_opt, onecycle(peer_opt), steps=8)
     lrs = [lr for lr, _ in history]
     assert lrs == pytest.approx([lr for lr, _ in expected], rel=1e-12)
+    assert lrs.index(max(lrs)) not in (0, 7) and lrs[-1] < lrs[0]  # up, then down below the start
     if cycles_momentum:
         assert [m for _, m in history] == pytest.approx([m for _, m in expected], rel=1e-12)
-    assert lrs.index(max(lrs)) not in (0, 7) and lrs[0] < max(lrs) and lrs[-1] < lrs[0]  # up, then down
-    if cycles_momentum:
-        assert {m for _, m in history} != {history[0][1]}  # the momentum moved
+        assert len({m for _, m in history}) > 1  # the momentum moved
     if cls is Adan:
         assert len(opt.param_groups[0]["betas"]) == 3  # beta2, beta3 kept
     assert all(torch.isfinite(p).all() and not torch.equal(p, b) for p, b in zip(model.parameters(), before))
