@@ -178,6 +178,10 @@ def test_lars(flags, specs, seed, lr, grad_scale, zero_params, zero_grads, **hyp
     zero_params=zeroed,
     zero_grads=zeroed,
 )
+@example(  # lr·λ = 0.05: the proximal step x/(1 + lr·λ) and the decoupled x·(1 − lr·λ) differ by (lr·λ)²
+    specs=CORNER_SPECS, seed=0, lr=0.1, beta1=0.9, beta2=0.9, beta3=0.99, eps=1e-8, weight_decay=0.5, clip=None,
+    grad_scale=None, zero_params=[], zero_grads=[],
+)  # fmt: skip
 def test_adan(flags, specs, seed, lr, clip, grad_scale, zero_params, zero_grads, **hyper):
     hyper = {**hyper, **flags}
     lr_as_tensor = hyper.pop("lr_as_tensor")
