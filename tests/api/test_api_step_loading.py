@@ -5,7 +5,8 @@ except `step`, which it moves to the parameter's device as float32 only for capt
 groups (`_process_value_according_to_param_policy`); largebatch's `__setstate__` turns a
 plain-number step (older checkpoints, hand-made states) into a tensor. These tests check that
 together this is enough: for every form a step may arrive in, the loaded optimizer continues
-on the trajectory of one that was never saved.
+on the trajectory of one that was never saved. (That capturable steps compute the oracle's
+numbers on every path is tested in tests/optimizers/test_against_oracle.py.)
 """
 
 from __future__ import annotations

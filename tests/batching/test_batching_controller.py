@@ -53,20 +53,29 @@ def linear_regression_statistics(seed=0, batch=16, noise=1.0):
     inner=st.floats(0.0, 1e3),
     orthogonal=st.floats(0.0, 1e3),
     mean=st.lists(st.floats(0.1, 10.0), min_size=1, max_size=4),
-    tolerance=st.floats(0.01, 2.0),
+    eta=st.floats(0.01, 2.0),
+    theta=st.floats(0.01, 2.0),
+    nu=st.floats(0.01, 2.0),
 )
-def test_required_batch_sizes_follow_their_formulas(trace, inner, orthogonal, mean, tolerance):
+def test_required_batch_sizes_follow_their_formulas(trace, inner, orthogonal, mean, eta, theta, nu):
     coordinates = [trace / len(mean)] * len(mean)
     stats = make_statistics(trace, inner, orthogonal, mean, coordinates)
     s = sum(m * m for m in mean)
-    assert float(norm_test(stats, tolerance)) == pytest.approx(trace / (tolerance**2 * s), rel=1e-12)
-    assert float(inner_product_test(stats, tolerance)) == pytest.approx(inner / (tolerance**2 * s * s), rel=1e-12)
-    assert float(orthogonality_test(stats, tolerance)) == pytest.approx(orthogonal / (tolerance**2 * s), rel=1e-12)
-    expected_augmented = max(inner / (tolerance**2 * s * s), orthogonal / (tolerance**2 * s))
-    augmented = float(augmented_inner_product_test(stats, tolerance, tolerance))
+    assert float(norm_test(stats, eta)) == pytest.approx(trace / (eta**2 * s), rel=1e-12)
+    assert float(inner_product_test(stats, theta)) == pytest.approx(inner / (theta**2 * s * s), rel=1e-12)
+    assert float(orthogonality_test(stats, nu)) == pytest.approx(orthogonal / (nu**2 * s), rel=1e-12)
+    expected_augmented = max(inner / (theta**2 * s * s), orthogonal / (nu**2 * s))
+    augmented = float(augmented_inner_product_test(stats, theta, nu))
     assert augmented == pytest.approx(expected_augmented, rel=1e-12)
-    expected_coordinate = max(v / (tolerance**2 * m * m) for v, m in zip(coordinates, mean))
-    assert float(coordinate_test(stats, tolerance)) == pytest.approx(expected_coordinate, rel=1e-12)
+    expected_coordinate = max(v / (eta**2 * m * m) for v, m in zip(coordinates, mean))
+    assert float(coordinate_test(stats, eta)) == pytest.approx(expected_coordinate, rel=1e-12)
+
+
+def test_augmented_test_pairs_each_tolerance_with_its_own_test():
+    """θ goes with the inner-product variance, ν with the orthogonal one: swapped, the answer changes."""
+    stats = make_statistics(inner=20.0, orthogonal=30.0)  # ‖ḡ‖ = 1
+    assert float(augmented_inner_product_test(stats, theta=0.5, nu=0.25)) == pytest.approx(480.0)  # max(80, 480)
+    assert float(augmented_inner_product_test(stats, theta=0.25, nu=0.5)) == pytest.approx(320.0)  # max(320, 120)
 
 
 def test_tests_return_tensors_without_host_sync():
@@ -135,11 +144,30 @@ def test_tiny_eta_jumps_to_max_and_huge_eta_stays_fixed():
         assert huge.step(stats) == 4
 
 
-@pytest.mark.parametrize("test", ["norm", "inner_product", "orthogonality", "augmented_inner_product", "coordinate"])
-def test_every_named_test_grows_a_noisy_batch(test):
-    controller = AdaptiveBatchSize(2, 10_000, test=test)
+# ‖ḡ‖ = 1 and the tolerances η = 1, θ = 1/2, ν = 1/4: tr Σ = 10, Var_ip = 20, Var_orth = 30 and the
+# coordinate variance 40 ask for 10, 20/θ² = 80, 30/ν² = 480, max(80, 480) and 40. Each test, and
+# each tolerance, gives its own answer: a test that read another's tolerance would be off.
+NAMED_TEST_ANSWERS = {
+    "norm": 10,
+    "inner_product": 80,
+    "orthogonality": 480,
+    "augmented_inner_product": 480,
+    "coordinate": 40,
+}
+
+
+@pytest.mark.parametrize(("test", "expected"), NAMED_TEST_ANSWERS.items())
+def test_every_named_test_grows_a_noisy_batch(test, expected):
+    stats = make_statistics(trace=10.0, inner=20.0, orthogonal=30.0, coordinates=[40.0])
+    controller = AdaptiveBatchSize(2, 10_000, test=test, eta=1.0, theta=0.5, nu=0.25)
     assert controller.coordinatewise == (test == "coordinate")
-    assert controller.step(linear_regression_statistics(noise=3.0)) > 2
+    assert controller.step(stats) == expected
+    # θ and ν exchanged: 20/ν² = 320 and 30/θ² = 120 where they are used, the rest unchanged
+    swapped = AdaptiveBatchSize(2, 10_000, test=test, eta=1.0, theta=0.25, nu=0.5)
+    swapped_answers = {"inner_product": 320, "orthogonality": 120, "augmented_inner_product": 320}
+    assert swapped.step(stats) == swapped_answers.get(test, expected)
+    # and on real gradient statistics of a noisy regression, with the default tolerances
+    assert AdaptiveBatchSize(2, 10_000, test=test).step(linear_regression_statistics(noise=3.0)) > 2
 
 
 def test_interval_tests_only_every_interval_steps():

@@ -11,12 +11,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from _fused_cases import DEVICE, STEPS, requires_kernels, step_counters
+from _fused_cases import DEVICE, STEPS, pairwise_settings, requires_kernels, step_counters
 from largebatch.optimizers.functional import adan, lamb, lars
 
 pytestmark = requires_kernels
 
-EXAMPLES = 4
+EXAMPLES = 1  # random draws per setting of the boolean options (parametrised pairwise, up to six)
 SIZES = [(), (0,), (3,), (16,), (37,), (5, 7)]
 
 
@@ -51,6 +51,7 @@ def _run_both(seed, step, n_states):
     assert [float(s) for s in fused_steps] == [float(s) for s in ref_steps] == [STEPS] * len(SIZES)
 
 
+@pairwise_settings("bias_correction", "grad_averaging", "adapt", "maximize")
 @settings(max_examples=EXAMPLES, deadline=None)
 @given(
     seed=st.integers(0, 2**31 - 1),
@@ -58,14 +59,12 @@ def _run_both(seed, step, n_states):
     beta1=st.floats(0.0, 0.99),
     beta2=st.floats(0.5, 0.9999),
     weight_decay=st.sampled_from([0.0, 0.01]),
-    bias_correction=st.booleans(),
-    grad_averaging=st.booleans(),
     trust_clip=st.sampled_from([None, 0.5]),
-    adapt=st.booleans(),
-    maximize=st.booleans(),
     clip=st.one_of(st.none(), st.floats(0.1, 1.0)),
 )
-def test_lamb(seed, clip, **hyper):
+def test_lamb(flags, seed, clip, **hyper):
+    hyper = {**hyper, **flags}
+
     def step(params, grads, states, steps, fused):
         coef = None if clip is None else torch.tensor(clip, device=DEVICE)
         lamb(params, grads, *states, steps, fused=fused, foreach=False, grad_clip_coef=coef, eps=1e-6, **hyper)
@@ -73,20 +72,17 @@ def test_lamb(seed, clip, **hyper):
     _run_both(seed, step, n_states=2)
 
 
+@pairwise_settings("nesterov", "trust_clip", "adapt", "lr_in_momentum", "maximize")
 @settings(max_examples=EXAMPLES, deadline=None)
 @given(
     seed=st.integers(0, 2**31 - 1),
     lr=st.floats(0.01, 2.0),
     momentum=st.sampled_from([0.0, 0.9]),
-    nesterov=st.booleans(),
     weight_decay=st.sampled_from([0.0, 1e-4]),
     trust_coefficient=st.floats(1e-3, 0.1),
-    trust_clip=st.booleans(),
-    adapt=st.booleans(),
-    lr_in_momentum=st.booleans(),
-    maximize=st.booleans(),
 )
-def test_lars(seed, **hyper):
+def test_lars(flags, seed, **hyper):
+    hyper = {**hyper, **flags}
     hyper["nesterov"] = hyper["nesterov"] and hyper["momentum"] > 0
 
     def step(params, grads, states, steps, fused):
@@ -96,6 +92,7 @@ def test_lars(seed, **hyper):
     _run_both(seed, step, n_states=1)
 
 
+@pairwise_settings("no_prox", "maximize")
 @settings(max_examples=EXAMPLES, deadline=None)
 @given(
     seed=st.integers(0, 2**31 - 1),
@@ -104,11 +101,11 @@ def test_lars(seed, **hyper):
     beta2=st.floats(0.0, 0.99),
     beta3=st.floats(0.5, 0.999),
     weight_decay=st.sampled_from([0.0, 0.02]),
-    no_prox=st.booleans(),
-    maximize=st.booleans(),
     clip=st.one_of(st.none(), st.floats(0.1, 1.0)),
 )
-def test_adan(seed, clip, **hyper):
+def test_adan(flags, seed, clip, **hyper):
+    hyper = {**hyper, **flags}
+
     def step(params, grads, states, steps, fused):
         coef = None if clip is None else torch.tensor(clip, device=DEVICE)
         adan(params, grads, *states, steps, fused=fused, foreach=False, grad_clip_coef=coef, eps=1e-8, **hyper)

@@ -185,6 +185,6 @@ def run_torch(
     opt = case.cls(work, **case.to_kwargs(hyper), **options)
     for grads in grad_steps:
         for p, g in zip(work, grads):
-            p.grad = torch.from_numpy(np.ascontiguousarray(g)).to(p.dtype).reshape(p.shape)
+            p.grad = torch.from_numpy(np.ascontiguousarray(g)).to(device=p.device, dtype=p.dtype).reshape(p.shape)
         opt.step()
     return [p.detach() for p in work]

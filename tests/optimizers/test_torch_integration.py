@@ -1,11 +1,14 @@
 """The optimizers behave like torch.optim ones: params forms, closures, schedulers, GradScaler, compile."""
 
+import math
+
 import pytest
 import torch
 from torch import nn
 
 from largebatch import LAMB, LARS, AdaGradNorm, Adan
 from largebatch.optimizers import functional
+from largebatch.schedules import LinearWarmup
 
 ALL = [LAMB, LARS, Adan, AdaGradNorm]
 BY_NAME = pytest.mark.parametrize("cls", ALL, ids=lambda c: c.__name__)
@@ -137,19 +140,61 @@ def test_works_with_lr_schedulers(cls, tensor_lr):
         assert torch.equal(a, b)
 
 
-@BY_NAME
-def test_chained_and_onecycle_schedulers_run(cls):
-    model = _model()
-    opt = cls(model.parameters(), lr=0.1)
-    warmup = torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.1, total_iters=3)
-    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=5)
-    scheduler = torch.optim.lr_scheduler.SequentialLR(opt, [warmup, cosine], milestones=[3])
-    lrs = []
-    for _ in range(6):
+def _momentum(group):
+    """What OneCycleLR cycles: SGD-style momentum, or beta1 of the betas."""
+    return group["momentum"] if "momentum" in group else group["betas"][0] if "betas" in group else None
+
+
+def _schedule(model, opt, scheduler, steps):
+    """(lr, momentum) of the first group at each of `steps` training steps, each then stepping `scheduler`."""
+    history = []
+    for _ in range(steps):
+        history.append((float(opt.param_groups[0]["lr"]), _momentum(opt.param_groups[0])))
         _train(model, opt, steps=1)
         scheduler.step()
-        lrs.append(opt.param_groups[0]["lr"])
-    assert lrs[0] < lrs[1] < lrs[2] and lrs[3] > lrs[4] > lrs[5]
+    return history
+
+
+@BY_NAME
+def test_chained_and_onecycle_schedulers_run(cls):
+    """OneCycleLR cycles lr and momentum (LARS) or beta1 (LAMB, Adan; AdaGrad-Norm has neither)
+    exactly as on torch.optim, and our LinearWarmup chains with torch's cosine by multiplication."""
+    cycles_momentum = cls is not AdaGradNorm
+
+    def onecycle(opt):
+        return torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=0.1, total_steps=8, cycle_momentum=cycles_momentum, base_momentum=0.8, max_momentum=0.9
+        )
+
+    model = _model()
+    opt = cls(model.parameters(), lr=0.1)
+    before = [p.detach().clone() for p in model.parameters()]
+    history = _schedule(model, opt, onecycle(opt), steps=8)
+    peer = _model()
+    if cls is LARS:
+        peer_opt = torch.optim.SGD(peer.parameters(), lr=0.1, momentum=0.9)
+    elif cycles_momentum:
+        peer_opt = torch.optim.Adam(peer.parameters(), lr=0.1)
+    else:
+        peer_opt = torch.optim.SGD(peer.parameters(), lr=0.1)
+    expected = _schedule(peer, peer_opt, onecycle(peer_opt), steps=8)
+    lrs = [lr for lr, _ in history]
+    assert lrs == pytest.approx([lr for lr, _ in expected], rel=1e-12)
+    assert lrs.index(max(lrs)) not in (0, 7) and lrs[-1] < lrs[0]  # up, then down below the start
+    if cycles_momentum:
+        assert [m for _, m in history] == pytest.approx([m for _, m in expected], rel=1e-12)
+        assert len({m for _, m in history}) > 1  # the momentum moved
+    if cls is Adan:
+        assert len(opt.param_groups[0]["betas"]) == 3  # beta2, beta3 kept
+    assert all(torch.isfinite(p).all() and not torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+    model = _model()
+    opt = cls(model.parameters(), lr=0.1)
+    warmup = LinearWarmup(opt, warmup_steps=3)  # factors 1/3, 2/3, 1, then 1
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=6)
+    chained = _schedule(model, opt, torch.optim.lr_scheduler.ChainedScheduler([warmup, cosine], optimizer=opt), 7)
+    expected = [0.1 * min(t + 1, 3) / 3 * (1 + math.cos(math.pi * t / 6)) / 2 for t in range(7)]
+    assert [lr for lr, _ in chained] == pytest.approx(expected, rel=1e-9, abs=1e-15)
 
 
 @BY_NAME

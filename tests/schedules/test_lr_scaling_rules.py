@@ -46,6 +46,13 @@ def test_named_rules_are_their_exponents():
     assert scale_lr(0.1, 8192, 256) == pytest.approx(3.2)  # Goyal et al.: 0.1 per 256 samples
 
 
+@pytest.mark.parametrize("rule", ["linear", "sqrt", 0.0, 1.5])
+def test_a_zero_base_lr_stays_zero(rule):
+    """base_lr ≥ 0, as documented: 0 (a frozen group, an lr set later by a scheduler) is allowed."""
+    assert scale_lr(0.0, 4096, 256, rule) == 0.0
+    assert scale_lr(0, 256, 256, rule) == 0.0
+
+
 @pytest.mark.parametrize(
     ("kwargs", "name"),
     [
