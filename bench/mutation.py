@@ -46,6 +46,7 @@ FUSED_TESTS = (
     "tests/fused/test_fused_against_oracle.py",
     "tests/fused/test_fused_amp.py",
 )
+PLAN_TESTS = ("tests/fused/test_fused_plans.py",)
 SCHEDULE_TESTS = (
     "tests/schedules/test_lr_scaling_rules.py",
     "tests/schedules/test_lr_schedulers.py",
@@ -143,6 +144,15 @@ MUTANTS: tuple[Mutant, ...] = (
        "multiplier = multiplier * tl.load(grad_scale)", FUSED_TESTS),
     Mutant("fused/_engine.py", "multiplier = -1.0 if MAXIMIZE else 1.0", "multiplier = 1.0", FUSED_TESTS),
     Mutant("fused/_norms.py", "in_segment = (rows < end)[:, None]", "in_segment = (rows <= end)[:, None]", FUSED_TESTS),
+    # the step plans' checks, reused plan or new (a wrong one steps moved or mislaid tensors)
+    Mutant("fused/_plan.py", "or list(map(Tensor.stride, lists[i])) != self.strides[i]:", ":", PLAN_TESTS),
+    Mutant("fused/_plan.py", "return all(map(is_, lst, self._owned[index])) and sum(map(_version, lst))",
+       "return all(map(is_, lst, self._owned[index])) or sum(map(_version, lst))", PLAN_TESTS),
+    Mutant("fused/_plan.py", "moved = [i for i in checked if rows[i] != self.pointer_rows[i]]", "moved = []", PLAN_TESTS),
+    Mutant("fused/_plan.py", "torch.eq(found_inf, 0, out=self._increment)", "torch.ne(found_inf, 1, out=self._increment)",
+       PLAN_TESTS),
+    Mutant("optimizers/_base.py", "prepared = self._prepare_groups()",
+       "prepared = [self._prepare_group(i) for i in range(len(self.param_groups))]", PLAN_TESTS),
     # ------------------------------------------------------------------ schedules
     Mutant("schedules/rules.py", "if lr < 0:", "if lr <= 0:", SCHEDULE_TESTS),
     Mutant("schedules/rules.py", "return lr * (batch / base_batch) ** scaling_exponent(rule)",
