@@ -116,8 +116,8 @@ MUTANTS: tuple[Mutant, ...] = (
        OPTIMIZER_TESTS),
     Mutant("optimizers/_base.py", "return torch.clamp(max_norm / (total_norm + CLIP_NORM_EPS), max=1.0)",
        "return max_norm / (total_norm + CLIP_NORM_EPS)", OPTIMIZER_TESTS),
-    Mutant("optimizers/_base.py", "or isinstance(value, bool) or not value >= 0.0",
-       "or not value >= 0.0", VALIDATION_TESTS),
+    Mutant("optimizers/_base.py", "if isinstance(value, bool) or not isinstance(value, numbers.Real):",
+       "if not isinstance(value, numbers.Real):", VALIDATION_TESTS),  # bools admitted: eps=True taken as 1.0
     Mutant("optimizers/_base.py", "if value is None and allow_none:", "if value is None:", VALIDATION_TESTS, nth=1),
     # ------------------------------------------------------------------ fused kernels
     Mutant("fused/lamb.py", "adaptable = (param_norm > 0) & (update_norm > 0)", "adaptable = update_norm > 0",
