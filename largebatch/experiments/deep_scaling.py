@@ -704,7 +704,8 @@ def write_plot(config: Config, results: Results, plan: Plan, path: Path) -> None
                 continue
             epochs = [s / config.train_size for _, s, _ in cells[0]["curve"]]
             mean = [100 * statistics.fmean(c["curve"][i][2] for c in cells) for i in range(len(epochs))]
-            ax.plot(epochs, mean, label=m.label, color=f"C{METHODS.index(m)}")  # one colour per method
+            # One colour per method: tab20 has enough for every method (the default cycle has 10).
+            ax.plot(epochs, mean, label=m.label, color=plt.get_cmap("tab20")(METHODS.index(m) % 20))
         ax.axhline(100 * TARGET_ACCURACY, color="grey", linestyle=":", label=f"target {100 * TARGET_ACCURACY:.0f} %")
         ax.set_xlabel("epoch")
         ax.set_title(f"batch {big}: " + ("ORACLE lr (re-tuned at this batch)" if oracle else "lr from the rule"))
