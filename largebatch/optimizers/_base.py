@@ -54,6 +54,7 @@ CLIP_NORM_EPS = 1e-6
 STEP_DTYPE = torch.float32
 _GRAD = attrgetter("grad")
 _IS_SPARSE = attrgetter("is_sparse")
+_DTYPE = attrgetter("dtype")
 
 
 # --------------------------------------------------------------------------- validation
@@ -577,16 +578,18 @@ class LargeBatchOptimizer(Optimizer):
         on_device = group["capturable"] or group["fused"]
         return torch.zeros((), dtype=STEP_DTYPE, device=param.device if on_device else "cpu")
 
-    def _params_with_grad(self, group: dict[str, Any]) -> list[Tensor]:
-        """The group's parameters that have a gradient, in order; RuntimeError for a sparse
-        gradient or a complex parameter. C-level passes over the group: a step runs this for
-        every group."""
-        params = [p for p in group["params"] if p.grad is not None]
-        if any(map(_IS_SPARSE, map(_GRAD, params))):
+    def _params_with_grad(self, group: dict[str, Any]) -> tuple[list[Tensor], list[Tensor]]:
+        """The group's parameters that have a gradient, in order, and those gradients;
+        RuntimeError for a sparse gradient or a complex parameter. C-level passes over the group
+        (a step runs this for every group; `.grad` of a Parameter is read once)."""
+        all_grads = list(map(_GRAD, group["params"]))
+        params = [p for p, g in zip(group["params"], all_grads) if g is not None]
+        grads = [g for g in all_grads if g is not None]
+        if any(map(_IS_SPARSE, grads)):
             raise RuntimeError(f"{self._name} does not support sparse gradients")
-        if any(map(torch.is_complex, params)):
+        if any(dtype.is_complex for dtype in set(map(_DTYPE, params))):
             raise RuntimeError(f"{self._name} does not support complex parameters")
-        return params
+        return params, grads
 
     def _state_lists(self, params: Sequence[Tensor], group: dict[str, Any], keys: Sequence[str]) -> list[list[Tensor]]:
         """Per key, the state tensors of `params` in order, each parameter's missing entries
@@ -676,10 +679,10 @@ class LargeBatchOptimizer(Optimizer):
         """Group `index`'s lists and shard reduction and, fused, its buckets with their step plans
         made current (every tensor checked). None when no parameter of the group has a gradient."""
         group = self.param_groups[index]
-        params = self._params_with_grad(group)
+        params, grads = self._params_with_grad(group)
         if not params:
             return None
-        lists = self._group_lists(group, params)
+        lists = self._group_lists(group, params, grads)
         buckets = None
         if group["fused"]:
             from largebatch.fused._plan import planned_buckets
@@ -687,11 +690,11 @@ class LargeBatchOptimizer(Optimizer):
             buckets = planned_buckets(self._name, lists, **self._fused_layout(group), plans=self._fused_plans(index))
         return PreparedGroup(params, lists, shard_reduction(params, group["shard_group"]), buckets)
 
-    def _group_lists(self, group: dict[str, Any], params: list[Tensor]) -> list[list[Tensor]]:
+    def _group_lists(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> list[list[Tensor]]:
         """[params, grads, *states, steps] of a group's parameters with gradients, as local shards
         (what the functional form takes); missing states are created. Here [params, grads]: what
         the clipping norm needs, for optimizers that collect their states in `_step_group`."""
-        return locals_of(params, [p.grad for p in params])
+        return locals_of(params, grads)
 
     def _fused_layout(self, group: dict[str, Any]) -> dict[str, int]:
         """How the fused kernels walk `_group_lists` (see largebatch.fused._plan.planned_buckets)."""

@@ -111,9 +111,9 @@ class Adan(LargeBatchOptimizer):
     def _setstate_defaults(self) -> dict[str, Any]:
         return {**super()._setstate_defaults(), "no_prox": False, "max_grad_norm": None}
 
-    def _group_lists(self, group: dict[str, Any], params: list[Tensor]) -> list[list[Tensor]]:
+    def _group_lists(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> list[list[Tensor]]:
         *buffers, steps = self._state_lists(params, group, (*self._STATE_KEYS[1:], "step"))
-        return [*locals_of(params, [p.grad for p in params], *buffers), steps]
+        return [*locals_of(params, grads, *buffers), steps]
 
     def _fused_layout(self, group: dict[str, Any]) -> dict[str, int]:
         from largebatch.fused.adan import ADAN_LAYOUT

@@ -157,9 +157,9 @@ class LAMB(LargeBatchOptimizer):
     def _group_adapts(self, group: dict[str, Any]) -> bool:
         return lamb_adapts(group)
 
-    def _group_lists(self, group: dict[str, Any], params: list[Tensor]) -> list[list[Tensor]]:
+    def _group_lists(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> list[list[Tensor]]:
         exp_avgs, exp_avg_sqs, steps = self._state_lists(params, group, ("exp_avg", "exp_avg_sq", "step"))
-        return [*locals_of(params, [p.grad for p in params], exp_avgs, exp_avg_sqs), steps]
+        return [*locals_of(params, grads, exp_avgs, exp_avg_sqs), steps]
 
     def _fused_layout(self, group: dict[str, Any]) -> dict[str, int]:
         from largebatch.fused.lamb import LAMB_LAYOUT

@@ -150,10 +150,10 @@ class LARS(LargeBatchOptimizer):
         if group["momentum"] != 0 and "momentum_buffer" not in state:
             state["momentum_buffer"] = torch.zeros_like(param, memory_format=torch.preserve_format)
 
-    def _group_lists(self, group: dict[str, Any], params: list[Tensor]) -> list[list[Tensor]]:
+    def _group_lists(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> list[list[Tensor]]:
         has_momentum = group["momentum"] != 0
         *buffers, steps = self._state_lists(params, group, ("momentum_buffer", "step") if has_momentum else ("step",))
-        return [*locals_of(params, [p.grad for p in params], *buffers), steps]
+        return [*locals_of(params, grads, *buffers), steps]
 
     def _fused_layout(self, group: dict[str, Any]) -> dict[str, int]:
         from largebatch.fused.lars import lars_layout
