@@ -47,9 +47,5 @@ def numel(shape: Shape) -> int:
     return total
 
 
-# name -> shapes. The GPU report runs FULL_SIZE; the CPU fallback runs SMALL.
+# name -> shapes, as the GPU report runs them.
 FULL_SIZE: dict[str, list[Shape]] = {"bert-large": bert_shapes(), "resnet-50": resnet50_shapes()}
-SMALL: dict[str, list[Shape]] = {
-    "bert (4 layers, hidden 256)": bert_shapes(layers=4, hidden=256, vocab=8192),
-    "resnet-50 (width 16)": resnet50_shapes(width=16, classes=100),
-}

@@ -19,7 +19,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._engine import TRITON_DTYPES, launch, locate_chunk, scalar_on, tensor_pointer
-from ._plan import PlanCache, StepPlan, planned_buckets
+from ._plan import StepPlan, planned_buckets
 
 __all__ = ["fused_grad_norm", "grad_squares", "segment_sums"]
 
@@ -102,16 +102,16 @@ def grad_squares(table: StepPlan, grad_pointers: Tensor, grad_dtype: torch.dtype
 
 
 def fused_grad_norm(
-    grads: Sequence[Tensor], grad_scale: Tensor | None = None, plans: PlanCache | None = None
+    grads: Sequence[Tensor], grad_scale: Tensor | None = None
 ) -> Tensor:
     """fp32 L2 norm of all `grads` together (of grads / grad_scale when given), 0-dim on
     grads[0].device. Deterministic: per-chunk partials, per-tensor sums, then fixed-order sums.
-    `plans` keeps the step plans between calls (see `fused_lamb`)."""
+    An optimizer's clipping norm goes through its step plans instead (`grad_squares`)."""
     if not grads:
         raise ValueError("fused_grad_norm needs at least one gradient")
     out_device = grads[0].device
     squares = [
         grad_squares(table, table.pointers[0], dtype, grad_scale).to(out_device)
-        for _, (dtype,), _, table in planned_buckets("grad_norm", [grads], n_elementwise=1, n_table=1, plans=plans)
+        for _, (dtype,), _, table in planned_buckets("grad_norm", [grads], n_elementwise=1, n_table=1, plans=None)
     ]
     return torch.stack(squares).sum().sqrt()

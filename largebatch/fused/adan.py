@@ -30,7 +30,7 @@ from ._engine import (
     scalar_on,
     tensor_pointer,
 )
-from ._plan import Bucket, PlanCache, planned_buckets
+from ._plan import Bucket, planned_buckets
 
 __all__ = ["ADAN_LAYOUT", "fused_adan"]
 
@@ -141,18 +141,17 @@ def fused_adan(
     grad_clip_coef: Tensor | None,
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
-    plans: PlanCache | None = None,
     buckets: list[Bucket] | None = None,
 ) -> None:
     """One Adan step over the given tensors, in place (see the module docstring).
 
     The caller's gradients are read, never written. With `found_inf` nonzero nothing changes,
-    step counters included; nothing here synchronises with the host. `plans`, `buckets`: see
+    step counters included; nothing here synchronises with the host. `buckets`: see
     `fused_lamb`.
     """
     if buckets is None:
         lists = [params, grads, exp_avgs, exp_avg_diffs, exp_avg_sqs, prev_grads, state_steps]
-        buckets = planned_buckets("adan", lists, **ADAN_LAYOUT, plans=plans)
+        buckets = planned_buckets("adan", lists, **ADAN_LAYOUT, plans=None)
     for device, dtypes, lists, table in buckets:
         d_steps = lists[-1]
         device_found_inf = scalar_on(found_inf, device)

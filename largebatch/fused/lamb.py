@@ -39,7 +39,7 @@ from ._engine import (
     tensor_pointer,
 )
 from ._norms import segment_sums
-from ._plan import Bucket, PlanCache, planned_buckets
+from ._plan import Bucket, planned_buckets
 
 __all__ = ["LAMB_LAYOUT", "fused_lamb"]
 
@@ -191,7 +191,6 @@ def fused_lamb(
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
     shard_reduction: ShardReduction | None = None,
-    plans: PlanCache | None = None,
     buckets: list[Bucket] | None = None,
 ) -> None:
     """One LAMB step over the given tensors, in place (see the module docstring).
@@ -199,14 +198,14 @@ def fused_lamb(
     The caller's gradients are read, never written. `shard_reduction` sums the per-tensor squares
     over the shard ranks (one all-reduce per (device, dtype) group) when the tensors are local
     shards. With `found_inf` nonzero nothing changes, step counters included; nothing here
-    synchronises with the host. `plans` (an optimizer's, per param group) keeps the step plans
-    between calls; without it they are built for this call; `buckets` are the lists' buckets with
-    their plans already made current (an optimizer prepares every group before stepping any).
+    synchronises with the host. `buckets` are the lists' buckets with their step plans already
+    made current (an optimizer prepares every group, with the plans it keeps, before stepping
+    any); without them the plans are built for this call.
     Every tensor is checked before anything changes: a refused step raises and leaves tensors and
     counters as they were.
     """
     if buckets is None:
-        buckets = planned_buckets("lamb", [params, grads, exp_avgs, exp_avg_sqs, state_steps], **LAMB_LAYOUT, plans=plans)
+        buckets = planned_buckets("lamb", [params, grads, exp_avgs, exp_avg_sqs, state_steps], **LAMB_LAYOUT, plans=None)
     for device, dtypes, lists, table in buckets:
         d_steps = lists[-1]
         device_found_inf = scalar_on(found_inf, device)

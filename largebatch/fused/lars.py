@@ -34,7 +34,7 @@ from ._engine import (
     tensor_pointer,
 )
 from ._norms import segment_sums
-from ._plan import Bucket, PlanCache, planned_buckets
+from ._plan import Bucket, planned_buckets
 
 __all__ = ["fused_lars", "lars_layout"]
 
@@ -175,7 +175,6 @@ def fused_lars(
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
     shard_reduction: ShardReduction | None = None,
-    plans: PlanCache | None = None,
     buckets: list[Bucket] | None = None,
 ) -> None:
     """One LARS step over the given tensors, in place (see the module docstring).
@@ -183,7 +182,7 @@ def fused_lars(
     `momentum_buffers` is None exactly when momentum is 0. The caller's gradients are read,
     never written. `shard_reduction` sums the per-tensor squares over the shard ranks (one
     all-reduce per (device, dtype) group) when the tensors are local shards. With `found_inf`
-    nonzero nothing changes, step counters included. `plans`, `buckets`: see `fused_lamb`. The kernels
+    nonzero nothing changes, step counters included. `buckets`: see `fused_lamb`. The kernels
     never read the step counters; they are still counted, so that the state matches the
     reference implementation's.
     """
@@ -192,7 +191,7 @@ def fused_lars(
         raise ValueError("momentum_buffers must be given exactly when momentum != 0")
     if buckets is None:
         lists = [params, grads, *([momentum_buffers] if has_momentum else []), state_steps]
-        buckets = planned_buckets("lars", lists, **lars_layout(has_momentum), plans=plans)
+        buckets = planned_buckets("lars", lists, **lars_layout(has_momentum), plans=None)
     for device, dtypes, lists, table in buckets:
         d_steps = lists[-1]
         device_found_inf = scalar_on(found_inf, device)
