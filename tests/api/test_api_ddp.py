@@ -4,7 +4,6 @@ with the whole batch, for every largebatch optimizer."""
 from __future__ import annotations
 
 import os
-import socket
 import time
 from datetime import timedelta
 
@@ -44,10 +43,10 @@ def train(model, optimizer, xs, ys):
         optimizer.step()
 
 
-def worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+def worker(rank: int, out_dir: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE, timeout=timedelta(seconds=60))
+    store = f"file://{os.path.join(out_dir, 'store')}"  # a FileStore: no port that another test can take first
+    dist.init_process_group("gloo", init_method=store, rank=rank, world_size=WORLD_SIZE, timeout=timedelta(seconds=60))
     try:
         results = {}
         half = slice(rank * BATCH // 2, (rank + 1) * BATCH // 2)
@@ -57,14 +56,9 @@ def worker(rank: int, port: int, out_dir: str) -> None:
             train(ddp, make_optimizer(ddp.parameters()), x[:, half], y[:, half])
             results[name] = [p.detach() for p in model.parameters()]
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # no rank tears its gloo pairs down while the other still uses them
     finally:
         dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.distributed
@@ -72,7 +66,7 @@ def test_ddp_training_equals_single_process_training(tmp_path):
     if not dist.is_available():
         pytest.skip("torch.distributed is not available in this build")
     context = mp.start_processes(
-        worker, args=(free_port(), str(tmp_path)), nprocs=WORLD_SIZE, join=False, start_method="spawn"
+        worker, args=(str(tmp_path),), nprocs=WORLD_SIZE, join=False, start_method="spawn"
     )
     deadline = time.monotonic() + TIMEOUT_S
     while not context.join(timeout=1.0):  # raises with the child's traceback if a worker fails

@@ -1,7 +1,11 @@
-"""The gloo harness of the batching tests: spawn `worker(rank, port)` on N local processes."""
+"""The gloo harness of the batching tests: spawn `worker(rank, store)` on N local processes.
 
-import os
-import socket
+The ranks meet through a FileStore (`store` is its path), not a TCP port: a port picked by binding
+port 0 and releasing it can be taken by another test before the workers bind it.
+"""
+
+import shutil
+import tempfile
 import time
 from datetime import timedelta
 
@@ -22,26 +26,26 @@ class CountingAllReduce:
         return self._all_reduce(*args, **kwargs)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def init_process_group(rank: int, world_size: int, port: int, timeout_s: int = 120) -> None:
+def init_process_group(rank: int, world_size: int, store: str, timeout_s: int = 120) -> None:
     """In a worker: join the gloo group of `spawn`."""
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s))
+    dist.init_process_group(
+        "gloo", init_method=f"file://{store}", rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s)
+    )
 
 
 def spawn(worker, world_size: int, timeout_s: float) -> None:
-    """Run `worker(rank, port)` on `world_size` processes; a worker's exception fails the test."""
+    """Run `worker(rank, store)` on `world_size` processes; a worker's exception fails the test."""
     if not dist.is_available():
         pytest.skip("torch.distributed is not available in this build")
-    context = mp.start_processes(worker, args=(free_port(),), nprocs=world_size, join=False, start_method="spawn")
-    deadline = time.monotonic() + timeout_s
-    while not context.join(timeout=1.0):  # raises with the child's traceback if a worker fails
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"the {world_size} gloo workers did not finish within {timeout_s} s")
+    directory = tempfile.mkdtemp(prefix="largebatch-gloo-")
+    try:
+        store = f"{directory}/store"
+        context = mp.start_processes(worker, args=(store,), nprocs=world_size, join=False, start_method="spawn")
+        deadline = time.monotonic() + timeout_s
+        while not context.join(timeout=1.0):  # raises with the child's traceback if a worker fails
+            if time.monotonic() > deadline:
+                for process in context.processes:
+                    process.kill()
+                pytest.fail(f"the {world_size} gloo workers did not finish within {timeout_s} s")
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)

@@ -227,14 +227,15 @@ def check_sampler(rank):
     assert interrupted.log + resumed.log == reference.log
 
 
-def worker(rank: int, port: int) -> None:
-    init_process_group(rank, WORLD_SIZE, port, timeout_s=120)
+def worker(rank: int, store: str) -> None:
+    init_process_group(rank, WORLD_SIZE, store, timeout_s=120)
     try:
         counter = CountingAllReduce()
         dist.all_reduce = counter
         check_against_one_process(rank, counter)
         check_closed_form(rank)
         check_sampler(rank)
+        dist.barrier()  # no rank tears its gloo pairs down while the other still uses them
     finally:
         dist.destroy_process_group()
 

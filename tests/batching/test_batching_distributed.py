@@ -36,8 +36,8 @@ def assert_same_statistics(got, expected):
         torch.testing.assert_close(got.coordinate_variance, expected.coordinate_variance, rtol=1e-10, atol=1e-12)
 
 
-def worker(rank: int, port: int) -> None:
-    init_process_group(rank, WORLD_SIZE, port, timeout_s=60)
+def worker(rank: int, store: str) -> None:
+    init_process_group(rank, WORLD_SIZE, store, timeout_s=60)
     try:
         torch.manual_seed(0)  # the same data and model on both ranks; each takes its shard
         x, y = torch.randn(12, 3, dtype=torch.float64), torch.randn(12, 1, dtype=torch.float64)
@@ -79,6 +79,7 @@ def worker(rank: int, port: int) -> None:
         assert_same_statistics(reduced, gradient_statistics(micro_units, [3, 3, 3, 3]))
         recorder.write_mean_gradient(reduced)
         torch.testing.assert_close(model.weight.grad, whole.mean_gradient[0], rtol=1e-10, atol=1e-12)
+        dist.barrier()  # no rank tears its gloo pairs down while the other still uses them
     finally:
         dist.destroy_process_group()
 

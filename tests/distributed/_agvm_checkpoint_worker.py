@@ -3,7 +3,7 @@ model trains uninterrupted, and again with a torch.distributed.checkpoint save a
 load into a fresh model and optimizer (plain and flattened optimizer state dicts); rank 0 saves the
 full parameters, factors and step counts of every run.
 
-Usage: python _agvm_checkpoint_worker.py OUT_FILE PORT
+Usage: python _agvm_checkpoint_worker.py OUT_FILE STORE_FILE
 """
 
 import os
@@ -67,9 +67,8 @@ def resumed_run(rank: int, steps: int, checkpoint: str, options: StateDictOption
     return summary(model, agvm) | {"num_steps_initialised": initialised, "num_steps_loaded": loaded}
 
 
-def run(rank: int, out: str, port: int) -> None:
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+def run(rank: int, out: str, store: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
     steps = sum(1 for _ in agvm_halves(rank))
     model = fsdp_model()
     agvm = make_agvm(model)
@@ -81,8 +80,9 @@ def run(rank: int, out: str, port: int) -> None:
         results[f"resumed/flatten={flatten}"] = resumed_run(rank, steps, checkpoint, options)
     if rank == 0:
         torch.save(results, out)
+    dist.barrier()  # no rank tears its gloo pairs down while the other still uses them
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    mp.spawn(run, args=(sys.argv[1], int(sys.argv[2])), nprocs=WORLD)
+    mp.spawn(run, args=(sys.argv[1], sys.argv[2]), nprocs=WORLD)

@@ -87,9 +87,8 @@ def fsdp_model():
     return model
 
 
-def run(rank: int, out: str, port: int) -> None:
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+def run(rank: int, out: str, store: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
     results = {}
     for name, (cls, kwargs) in SETUPS.items():
         for impl, options in IMPLEMENTATIONS.items():
@@ -162,8 +161,9 @@ def run(rank: int, out: str, port: int) -> None:
 
     if rank == 0:
         torch.save(results, out)
+    dist.barrier()  # no rank tears its gloo pairs down while the other still uses them
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    mp.spawn(run, args=(sys.argv[1], int(sys.argv[2])), nprocs=WORLD)
+    mp.spawn(run, args=(sys.argv[1], sys.argv[2]), nprocs=WORLD)
