@@ -260,3 +260,25 @@ def test_non_reentrant_checkpointing_is_exact():
         return list(model.parameters())
 
     assert all(torch.equal(p, q) for p, q in zip(run(False), run(True)))
+
+
+def test_readme_example_runs_and_equals_accumulation_then_step():
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme[readme.index("## Memory: gradient release\n") :]
+    (example,) = re.findall(r"```python\n(.*?)```", section[: section.index("\n## ", 10)], re.S)
+    torch.manual_seed(0)
+    loader = [(torch.randn(16, 4), torch.randn(16, 1)) for _ in range(3)]
+    reference, model = _mlp(), _mlp()
+    optimizer = LAMB(reference.parameters(), lr=1e-3, weight_decay=0.01)
+    for x, y in loader:
+        for xs, ys in zip(x.chunk(4), y.chunk(4)):
+            nn.functional.mse_loss(reference(xs), ys).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    namespace = {"model": model, "loader": loader, "loss_fn": nn.functional.mse_loss}
+    exec(compile(example, "README.md", "exec"), namespace)
+    assert namespace["opt"].state[model[0].weight]["step"].item() == len(loader)
+    assert all(torch.equal(p, q) for p, q in zip(reference.parameters(), model.parameters()))
