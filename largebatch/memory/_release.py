@@ -89,7 +89,12 @@ class GradientRelease:
 
     def __init__(self, model: nn.Module, optimizer: Optimizer) -> None:
         _check_model(model)
-        _check_optimizer(optimizer, own_hooks=0)
+        _check_optimizer(optimizer)
+        if _refuse_step in optimizer._optimizer_step_pre_hooks.values():
+            raise ValueError(
+                "Invalid optimizer: it is already prepared for gradient release (every parameter would step twice); "
+                "remove() the first handle"
+            )
         self.optimizer: LargeBatchOptimizer = optimizer  # type: ignore[assignment]
         self._params = _optimizer_params(optimizer)
         self._group_of = {param: index for index, param in self._params}
@@ -140,7 +145,7 @@ class GradientRelease:
         """At the first hook of a stepping backward, before anything steps: check the optimizer
         again (groups may have changed since `prepare`), then step the parameters that hold a
         gradient this backward will not reach (accumulated earlier: `step()` would step them)."""
-        _check_optimizer(self.optimizer, own_hooks=1)
+        _check_optimizer(self.optimizer)
         if _layout(self._params) != _layout(_optimizer_params(self.optimizer)) or any(
             p.requires_grad and p not in self._accumulators for _, p in self._params
         ):
@@ -208,9 +213,8 @@ def _check_model(model: nn.Module) -> None:
             )
 
 
-def _check_optimizer(optimizer: Optimizer, own_hooks: int) -> None:
-    """ValueError naming the first option that gradient release cannot honour exactly.
-    `own_hooks`: the step pre-hooks this module has registered (its guard against step())."""
+def _check_optimizer(optimizer: Optimizer) -> None:
+    """ValueError naming the first option that gradient release cannot honour exactly."""
     if isinstance(optimizer, AGVM):
         raise ValueError(
             "Invalid optimizer: AGVM sets each module's learning rate from the whole step's gradients "
@@ -219,7 +223,8 @@ def _check_optimizer(optimizer: Optimizer, own_hooks: int) -> None:
     if not isinstance(optimizer, RELEASABLE):
         names = ", ".join(cls.__name__ for cls in RELEASABLE)
         raise ValueError(f"Invalid optimizer: gradient release steps {names}, got {type(optimizer).__name__}")
-    pre, post = len(optimizer._optimizer_step_pre_hooks) - own_hooks, len(optimizer._optimizer_step_post_hooks)
+    pre = sum(hook is not _refuse_step for hook in optimizer._optimizer_step_pre_hooks.values())
+    post = len(optimizer._optimizer_step_post_hooks)
     pre += len(torch_optimizer._global_optimizer_pre_hooks)
     post += len(torch_optimizer._global_optimizer_post_hooks)
     if pre or post:

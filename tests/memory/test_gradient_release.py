@@ -214,6 +214,16 @@ def test_refuses_step_hooks_it_would_never_run():
         prepare_for_gradient_release(model, optimizer)
 
 
+def test_refuses_a_second_release_of_one_optimizer():
+    model = _mlp()
+    optimizer = LARS(model.parameters(), lr=0.1)
+    first = prepare_for_gradient_release(model, optimizer)
+    with pytest.raises(ValueError, match="already prepared for gradient release"):
+        prepare_for_gradient_release(model, optimizer)
+    first.remove()
+    prepare_for_gradient_release(model, optimizer).remove()
+
+
 def _unchanged_after(model: nn.Module, optimizer, error: type[Exception], match: str) -> None:
     """backward raises at its first hook, before any parameter or state changes."""
     params, state = copy.deepcopy((list(model.parameters()), optimizer.state_dict()))
