@@ -111,6 +111,8 @@ class GradientRelease:
     def accumulating(self, enabled: bool = True) -> Iterator[None]:
         """Within it (when `enabled`), backward passes accumulate gradients in ``.grad`` and step
         nothing: the micro-batches before the last of a gradient-accumulation step."""
+        if not isinstance(enabled, bool):
+            raise ValueError(f"Invalid enabled: {enabled!r} (must be a bool)")
         previous, self._accumulating = self._accumulating, enabled
         try:
             yield
@@ -156,7 +158,9 @@ class GradientRelease:
         unreached = [
             p
             for _, p in self._params
-            if p is not first and p.grad is not None and not torch._C._will_engine_execute_node(self._accumulators[p])
+            if p is not first
+            and p.grad is not None
+            and (p not in self._accumulators or not torch._C._will_engine_execute_node(self._accumulators[p]))
         ]
         for param in unreached:
             self._step(param)

@@ -172,6 +172,25 @@ def test_accumulating_keeps_gradients_and_steps_nothing():
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
     assert all(p.grad is not None for p in model.parameters())
     assert not optimizer.state
+    with pytest.raises(ValueError, match="Invalid enabled"):
+        with release.accumulating(torch.tensor(True)):
+            pass
+
+
+def test_a_frozen_parameter_given_a_gradient_by_hand_is_stepped_as_step_would():
+    def run(release: bool) -> list[torch.Tensor]:
+        model = _mlp()
+        model[2].bias.requires_grad_(False)
+        optimizer = LAMB(model.parameters(), lr=0.1)
+        if release:
+            prepare_for_gradient_release(model, optimizer)
+        model[2].bias.grad = torch.ones(1)
+        _loss(model).backward()
+        if not release:
+            optimizer.step()
+        return list(model.parameters())
+
+    assert all(torch.equal(p, q) for p, q in zip(run(False), run(True)))
 
 
 def test_frozen_parameters_are_left_alone():
