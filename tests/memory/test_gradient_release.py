@@ -115,7 +115,7 @@ def test_release_is_bit_identical_to_backward_then_step(case, foreach, data):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", PER_TENSOR_CASES, ids=lambda c: c.name)
-@settings(max_examples=3)
+@settings(max_examples=6)
 @given(data=st.data())
 def test_fused_release_is_bit_identical(case, data):
     from largebatch.fused import Chunking, chunking
