@@ -730,3 +730,29 @@ class LargeBatchOptimizer(Optimizer):
     def _amp_args(self) -> dict[str, Tensor | None]:
         """grad_scale / found_inf that GradScaler sets on a fused optimizer before calling step()."""
         return {"grad_scale": getattr(self, "grad_scale", None), "found_inf": getattr(self, "found_inf", None)}
+
+    # ----------------------------------------------------------------------- one parameter alone
+
+    def _step_param_alone(self, index: int, param: Tensor, plans: Any = None) -> bool:
+        """Step `param` of param group `index` by itself, as `step()` steps it; False (and nothing
+        changed) when it has no gradient. For largebatch.memory's gradient release.
+
+        The group's own `_step_group` runs on a copy of the group whose params are `[param]`:
+        the group's hyper-parameters as they are now (so LR schedulers' edits are seen) and its
+        per-tensor, foreach or fused body (`plans`: this parameter's fused PlanCache, None to
+        plan for this call only). The same update as a whole step only for optimizers whose
+        update of one tensor needs nothing from the others, and without global clipping: the
+        caller refuses the rest (no clipping coefficient is passed).
+        """
+        alone = {**self.param_groups[index], "params": [param]}
+        params, grads = self._params_with_grad(alone)
+        if not params:
+            return False
+        lists = self._group_lists(alone, params, grads)
+        buckets = None
+        if alone["fused"]:
+            from largebatch.fused._plan import planned_buckets
+
+            buckets = planned_buckets(self._name, lists, **self._fused_layout(alone), plans=plans)
+        self._step_group(alone, PreparedGroup(params, lists, shard_reduction(params, alone["shard_group"]), buckets), None)
+        return True

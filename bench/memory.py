@@ -1,0 +1,218 @@
+"""Memory per parameter of each precision configuration, and the peak of a training step with and
+without gradient release.
+
+    python -m bench.memory [--width 1024] [--depth 6] [--batch 64] [--markdown]
+
+Bytes per parameter. "measured" rows are read from real optimizers after one step: the bytes of
+every state tensor (step counters included) over the number of parameters, plus the parameters'
+own bytes and their gradients'. "definition" rows are configurations planned by issue 17 (Kahan
+compensation, bf16 and 8-bit states) that do not exist yet: their bytes are computed from what
+they are defined to hold, with the number of full-size state tensors taken from the real fp32
+optimizer (LAMB 2, LARS 1 with momentum, Adan 4, AdaGrad-Norm 0).
+
+Peak memory of one training step (forward, backward, step, zero_grad), fp32, on a multilayer
+perceptron, after one warm-up step (so the optimizer states exist before the measured one):
+`peak_allocated_bytes` runs the step under torch's profiler with ``profile_memory=True``, which
+makes c10's CPU allocator report every allocation and free together with its running total of
+bytes allocated since profiling started; the peak is the largest running total. It counts every
+tensor storage allocated in the step (activations, gradients, the optimizer's temporaries, the
+autograd engine's buffers), not the allocator's or Python's own overhead; what lived before the
+step (parameters, states) is added from the tensors themselves. A deterministic accounting, not
+a timing: the same step gives the same bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch._C._profiler import _EventType
+from torch.profiler import ProfilerActivity, profile
+
+from largebatch import LAMB, LARS, AdaGradNorm, Adan
+from largebatch.memory import prepare_for_gradient_release
+
+MiB = 2**20
+OPTIMIZERS: dict[str, Callable[[list[dict]], torch.optim.Optimizer]] = {
+    "LAMB": lambda groups: LAMB(groups, lr=1e-3, weight_decay=0.01),
+    "LARS": lambda groups: LARS(groups, lr=0.1, momentum=0.9, weight_decay=1e-4),
+    "Adan": lambda groups: Adan(groups, lr=1e-3, weight_decay=0.02),
+    # one accumulator per tensor: the AdaGrad-Norm that gradient release takes (see largebatch.memory)
+    "AdaGrad-Norm (per tensor)": lambda groups: AdaGradNorm([{"params": [p]} for g in groups for p in g["params"]]),
+}
+
+
+def peak_allocated_bytes(step: Callable[[], object]) -> int:
+    """The most bytes of CPU tensor storage live at once while `step()` runs, counting only
+    what it allocates (see the module docstring)."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    peak, pending = 0, list(prof.profiler.kineto_results.experimental_event_tree())
+    while pending:
+        node = pending.pop()
+        pending.extend(node.children)
+        if node.tag == _EventType.Allocation and node.extra_fields.device.type == "cpu":
+            peak = max(peak, node.extra_fields.total_allocated)
+    return peak
+
+
+def mlp(width: int, depth: int) -> nn.Module:
+    torch.manual_seed(0)
+    layers: list[nn.Module] = []
+    for _ in range(depth):
+        layers += [nn.Linear(width, width), nn.GELU()]
+    return nn.Sequential(*layers, nn.Linear(width, 1))
+
+
+def storage_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    return storage_bytes(v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v))
+
+
+# --------------------------------------------------------------------------- bytes per parameter
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str
+    source: str  # "measured" or "definition"
+    weights: float  # bytes per parameter: the model's parameter, a master copy, a compensation buffer
+    grad: float
+    #: measured rows: the dtype of the parameters the real optimizer's states are read from;
+    #: definition rows: the bytes of each element of a full-size state tensor
+    states: torch.dtype | float
+
+
+# 8-bit states as issue 17 defines them: one byte per element and one fp32 scale per block; the
+# block size is not fixed yet, 256 is bitsandbytes' and FlashOptim's choice.
+BLOCK = 256
+CONFIGS = [
+    Config("fp32", "measured", 4, 4, torch.float32),
+    Config("bf16 params, states in bf16 (today's default for bf16 parameters)", "measured", 2, 2, torch.bfloat16),
+    Config("bf16 params + fp32 master (optimizer over fp32 copies)", "measured", 2 + 4, 2 + 4, torch.float32),
+    Config("bf16 + Kahan (bf16 compensation), fp32 states", "definition", 2 + 2, 2, 4),
+    Config("bf16 + Kahan, bf16 states", "definition", 2 + 2, 2, 2),
+    Config(f"bf16 + Kahan, 8-bit states (fp32 scale per {BLOCK})", "definition", 2 + 2, 2, 1 + 4 / BLOCK),
+]
+
+
+def measured_state_bytes(name: str, dtype: torch.dtype, width: int, depth: int) -> tuple[float, int]:
+    """State bytes per parameter of optimizer `name` after one step on the MLP in `dtype`, and
+    how many state tensors of the parameter's size each parameter has."""
+    model = mlp(width, depth).to(dtype)
+    optimizer = OPTIMIZERS[name]([{"params": list(model.parameters())}])
+    model(torch.ones(2, width, dtype=dtype)).sum().backward()
+    optimizer.step()
+    numel = sum(p.numel() for p in model.parameters())
+    first = next(iter(model.parameters()))
+    full = sum(1 for v in optimizer.state[first].values() if torch.is_tensor(v) and v.shape == first.shape)
+    return state_bytes(optimizer) / numel, full
+
+
+def bytes_per_parameter(width: int, depth: int) -> list[dict]:
+    """Per configuration and optimizer: weights + states (persistent) and the gradient's bytes."""
+    measured = {
+        (name, dtype): measured_state_bytes(name, dtype, width, depth)
+        for name in OPTIMIZERS
+        for dtype in (torch.float32, torch.bfloat16)
+    }
+    rows = []
+    for config in CONFIGS:
+        row = {"config": config.name, "source": config.source, "weights": config.weights, "grad": config.grad}
+        for name in OPTIMIZERS:
+            if isinstance(config.states, torch.dtype):
+                states = measured[name, config.states][0]
+            else:  # the fp32 optimizer's full-size state tensors, at the defined bytes per element
+                states = measured[name, torch.float32][1] * config.states
+            row[name] = config.weights + states
+        rows.append(row)
+    return rows
+
+
+# --------------------------------------------------------------------------- peak of a step
+
+
+def peak_of_step(name: str, foreach: bool, release: bool, width: int, depth: int, batch: int) -> dict:
+    """One fp32 training step's peak, after a warm-up step; and the final parameters."""
+    model = mlp(width, depth)
+    optimizer = OPTIMIZERS[name]([{"params": list(model.parameters()), "foreach": foreach}])
+    handle = prepare_for_gradient_release(model, optimizer) if release else None
+    x, y = torch.randn(batch, width, generator=torch.Generator().manual_seed(1)), torch.zeros(batch, 1)
+
+    def train_step() -> None:
+        nn.functional.mse_loss(model(x), y).backward()
+        if handle is None:
+            optimizer.step()
+            optimizer.zero_grad()
+
+    train_step()
+    before = storage_bytes(model.parameters()) + state_bytes(optimizer)
+    peak = peak_allocated_bytes(train_step)
+    if handle is not None:
+        handle.remove()
+    return {
+        "optimizer": name,
+        "path": "foreach" if foreach else "per-tensor",
+        "release": release,
+        "params_and_states": before,
+        "gradients": storage_bytes(model.parameters()),  # what backward allocates for them
+        "peak_above": peak,
+        "peak": before + peak,
+        "params": [p.detach().clone() for p in model.parameters()],
+    }
+
+
+def peak_rows(width: int, depth: int, batch: int) -> list[dict]:
+    rows = []
+    for name in OPTIMIZERS:
+        for foreach in (False, True):
+            plain, released = (peak_of_step(name, foreach, release, width, depth, batch) for release in (False, True))
+            released["identical"] = all(map(torch.equal, plain["params"], released["params"]))
+            rows += [plain, released]
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--width", type=int, default=1024)
+    parser.add_argument("--depth", type=int, default=6)
+    parser.add_argument("--batch", type=int, default=64)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    numel = sum(p.numel() for p in mlp(args.width, args.depth).parameters())
+    print(
+        f"Machine: {platform.machine()}, torch {torch.__version__}, {datetime.date.today()}; MLP of {args.depth} "
+        f"Linear({args.width}, {args.width}) + GELU and a Linear({args.width}, 1): {numel / 1e6:.2f} M parameters, "
+        f"batch {args.batch}\n"
+    )
+    names = list(OPTIMIZERS)
+    print("| configuration | source | weights B | grad B | " + " | ".join(f"{n} B" for n in names) + " |")
+    print("|---|---|---:|---:|" + "---:|" * len(names))
+    for row in bytes_per_parameter(args.width, args.depth):
+        cells = " | ".join(f"{row[n]:.2f}" for n in names)
+        print(f"| {row['config']} | {row['source']} | {row['weights']:g} | {row['grad']:g} | {cells} |")
+    print("\n(optimizer columns: weights + optimizer states per parameter; add the grad column unless released)\n")
+    print("| optimizer | path | release | params + states MiB | gradients MiB | peak above MiB | peak MiB | release / plain | bit-identical |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---|")
+    rows = peak_rows(args.width, args.depth, args.batch)
+    for plain, released in zip(rows[::2], rows[1::2]):
+        for row in (plain, released):
+            ratio = f"{row['peak'] / plain['peak']:.2f}" if row["release"] else ""
+            same = ("yes" if row["identical"] else "NO") if row["release"] else ""
+            print(
+                f"| {row['optimizer']} | {row['path']} | {'yes' if row['release'] else 'no'} | "
+                f"{row['params_and_states'] / MiB:.1f} | {row['gradients'] / MiB:.1f} | {row['peak_above'] / MiB:.1f} | "
+                f"{row['peak'] / MiB:.1f} | {ratio} | {same} |"
+            )
+
+
+if __name__ == "__main__":
+    main()
