@@ -28,7 +28,8 @@ gradient and the replicas would drift apart. GradScaler cannot be used either: i
 skips a step only after every gradient is known (use bf16 autocast, which needs no loss
 scaling); ``optimizer.step()``, which ``scaler.step`` calls, raises while release is active.
 Optimizer step hooks (``register_step_pre_hook``/``post_hook``) would never run, so an
-optimizer that has any is refused, and so is ``differentiable=True``.
+optimizer that has any is refused, and so are ``differentiable=True`` and ``sparse=True`` embeddings
+(the optimizers refuse sparse gradients, which inside a hook would leave a half-applied step).
 
 Gradient accumulation: backward passes inside ``with release.accumulating():`` only accumulate;
 the first backward outside it steps. A parameter that received a gradient while accumulating
@@ -208,6 +209,12 @@ def _check_model(model: nn.Module) -> None:
 
         wrappers += (FullyShardedDataParallel,)
     for name, module in model.named_modules():
+        if getattr(module, "sparse", False) is True:  # nn.Embedding / nn.EmbeddingBag(sparse=True)
+            raise ValueError(
+                f"Invalid model: {name or 'the model'} ({type(module).__name__}) has sparse=True. Its sparse "
+                "gradient would be refused by the optimizer inside its hook, after other parameters had already "
+                "stepped (a half-applied step); use sparse=False"
+            )
         if isinstance(module, wrappers):
             raise ValueError(
                 f"Invalid model: {name or 'the model'} is a {type(module).__name__}. Its reducer averages the "

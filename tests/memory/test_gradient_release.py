@@ -225,6 +225,14 @@ def test_refused_optimizers(build, match):
         prepare_for_gradient_release(model, build(list(model.parameters())))
 
 
+@pytest.mark.parametrize("module", [nn.Embedding(5, 3, sparse=True), nn.EmbeddingBag(5, 3, sparse=True)])
+def test_refuses_a_sparse_embedding_before_registering_anything(module):
+    model = nn.Sequential(module, nn.Linear(3, 1))
+    with pytest.raises(ValueError, match=r"Invalid model: 0 \(Embedding(Bag)?\) has sparse=True"):
+        prepare_for_gradient_release(model, LAMB(model.parameters()))
+    assert not any(p._post_accumulate_grad_hooks for p in model.parameters())
+
+
 def test_refuses_step_hooks_it_would_never_run():
     model = _mlp()
     optimizer = LAMB(model.parameters())

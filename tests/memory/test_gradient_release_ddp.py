@@ -16,8 +16,8 @@ WORLD_SIZE = 2
 TIMEOUT_S = 120  # starting two interpreters that import torch dominates
 
 
-def worker(rank: int, port: int) -> None:
-    init_process_group(rank, WORLD_SIZE, port)
+def worker(rank: int, store: str) -> None:
+    init_process_group(rank, WORLD_SIZE, store)
     try:
         model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 1))
         for wrapped in (DistributedDataParallel(model), nn.Sequential(DistributedDataParallel(model))):
@@ -25,6 +25,7 @@ def worker(rank: int, port: int) -> None:
             with pytest.raises(ValueError, match="is a DistributedDataParallel. Its reducer averages the gradients"):
                 prepare_for_gradient_release(wrapped, optimizer)
             assert not any(p._post_accumulate_grad_hooks for p in model.parameters())  # nothing registered
+        dist.barrier()  # no rank tears its gloo pairs down while the other still uses them
     finally:
         dist.destroy_process_group()
 
