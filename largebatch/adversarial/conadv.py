@@ -241,7 +241,10 @@ class ConAdv:
             nonfinite |= ~finite
             grad = torch.where(finite.view(-1, *([1] * (grad.dim() - 1))), grad, torch.zeros_like(grad))
             delta = self._project(delta + self.step_size * self._direction(grad), x)
-        return (x + delta).detach(), nonfinite.sum()
+        x_adv = x + delta
+        if self.input_range is not None:  # exactly inside the range (x + ((x + δ).clamp() - x) may round out)
+            x_adv = x_adv.clamp(*self.input_range)
+        return x_adv.detach(), nonfinite.sum()
 
     def perturb(self, x: Tensor, y: Tensor, scaler: torch.amp.GradScaler | None = None) -> Tensor:
         r"""The adversarial examples :math:`\hat x_t` of this step's batch, without taking the step."""
