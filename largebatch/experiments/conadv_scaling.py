@@ -75,6 +75,7 @@ class Run:
 
     @property
     def key(self) -> str:
+        """The run's identity in the JSON cache."""
         return json.dumps(asdict(self), sort_keys=True)
 
 
