@@ -27,6 +27,7 @@ could overlap with the previous step), median of :data:`TIMING_REPEATS`, in one 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import multiprocessing
@@ -144,19 +145,15 @@ def train(config: Config, data: Data, run: Run) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------- runs, in workers
 
-_DATA: Data | None = None
-
-
-def _init_worker(config: Config) -> None:
-    global _DATA
-    torch.set_num_threads(1)
-    _DATA = make_data(config.train_size, config.val_size, config.test_size)
+@functools.cache
+def _data(config: Config) -> Data:
+    """The data of ``config``, built once per process (each worker builds its own)."""
+    return make_data(config.train_size, config.val_size, config.test_size)
 
 
 def _run_in_worker(args: tuple[Config, Run]) -> tuple[str, dict[str, Any]]:
     config, run = args
-    assert _DATA is not None
-    return run.key, train(config, _DATA, run)
+    return run.key, train(config, _data(config), run)
 
 
 class Results:
@@ -197,14 +194,13 @@ def _run_all(config: Config, results: Results, runs: list[Run], log: Callable[[s
         return
     if config.workers > 1:
         context = multiprocessing.get_context("spawn")
-        with context.Pool(min(config.workers, len(todo)), _init_worker, (config,)) as pool:
+        with context.Pool(min(config.workers, len(todo))) as pool:
             for key, result in pool.imap_unordered(_run_in_worker, [(config, run) for run in todo]):
                 results.add(key, result)
                 _log(log, key, result)
     else:
-        data = make_data(config.train_size, config.val_size, config.test_size)
         for run in todo:
-            result = train(config, data, run)
+            result = train(config, _data(config), run)
             results.add(run.key, result)
             _log(log, run.key, result)
 
