@@ -174,8 +174,12 @@ class ConAdv:
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight <= 1:
             raise ValueError(f"adversarial_weight must be in (0, 1], got {adversarial_weight!r}")
         if input_range is not None:
-            lo, hi = input_range
-            if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+            try:
+                lo, hi = (float(bound) for bound in input_range)
+                valid = math.isfinite(lo) and math.isfinite(hi) and lo < hi
+            except (TypeError, ValueError):
+                valid = False
+            if not valid:
                 raise ValueError(f"input_range must be (lo, hi) with finite lo < hi, got {input_range!r}")
         self.model = model
         # The perturbation runs on the wrapped module: no DDP hooks, no all-reduce of weight gradients.
@@ -267,7 +271,9 @@ class ConAdv:
         r"""Perturb the batch, backpropagate :math:`L_t` (scaled by ``scaler`` if given), advance the state.
 
         The gradients accumulate into ``.grad`` like ``loss.backward()``; the caller zeroes them and
-        steps the optimizer (``scaler.step(optimizer)`` with a scaler).
+        steps the optimizer (``scaler.step(optimizer)`` with a scaler). Staleness counts calls of
+        this method: call it once per optimizer step (with gradient accumulation over micro-batches,
+        τ counts micro-batches).
 
         Raises:
             ValueError: the model is in eval mode, or ``x`` has no batch dimension.

@@ -315,6 +315,8 @@ def test_runs_under_bfloat16_autocast():
         ({"adversarial_weight": 0.0}, "adversarial_weight"),
         ({"adversarial_weight": 1.5}, "adversarial_weight"),
         ({"input_range": (1.0, 0.0)}, "input_range"),
+        ({"input_range": (0.0, 1.0, 2.0)}, "input_range"),
+        ({"input_range": ("a", 1.0)}, "input_range"),
     ],
 )
 def test_bad_arguments_raise_naming_them(kwargs, match):
