@@ -40,7 +40,8 @@ def test_quick_run_writes_the_table_and_resumes_from_its_cache(tmp_path, monkeyp
     saved = json.loads((tmp_path / "conadv_scaling_quick_runs.json").read_text())
     # The sweep, 2 plain rows and 2 ConAdv rows (the sweep's chosen LAMB run is reused), one seed.
     assert len(saved["runs"]) == len(cs.EPSILONS) + 2 + 1
-    assert set(saved["timing"]) == {"plain", "conadv", "perturbation"}
+    assert set(saved["timing"]) == set(cs.LABELS)
+    assert all(set(t) == {"plain", "conadv", "perturbation"} for t in saved["timing"].values())
     for label in cs.LABELS:
         assert sum(line.startswith(f"| {label} |") for line in text.splitlines()) == 2
     assert "not run" not in text and "ε sweep" in text
