@@ -280,14 +280,18 @@ def write_report(config: Config, results: Results, out: Path, seconds: float | N
         "and large-batch lrs; ConAdv with staleness 1, one L∞ sign step, clean/adversarial ½/½, BatchNorm running "
         f"statistics from clean batches. Test accuracy (%) after the budget, mean ± std over seeds "
         f"{', '.join(map(str, config.seeds))}."
-        + ("" if seconds is None else f" This run took {seconds / 60:.1f} minutes with {config.workers} worker processes."),
+        + f" The {len(results.runs)} runs in the cache trained for {sum(r['train_seconds'] for r in results.runs.values()) / 60:.1f} "
+        "minutes in all (evaluations not counted; a shared 2-core machine)"
+        + ("." if seconds is None else f"; this invocation took {seconds / 60:.1f} minutes with {config.workers} worker processes."),
         "",
-        "| method | peak lr | ConAdv ε | test acc. | val. acc. | training s / run (shared machine) "
+        "| method | peak lr | ConAdv ε (chosen in bold) | test acc. | val. acc. | training s / run (shared machine) "
         "| step time × plain (interleaved) |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for label in LABELS:
-        for eps in [None] + ([] if epsilon is None else [epsilon]):
+        # The chosen ε, and any other ε whose every seed is in the cache (from an earlier grid, say).
+        extra = [e for e in EPSILONS if e != epsilon and all(Run(label, e, s).key in results.runs for s in config.seeds)]
+        for eps in [None] + ([] if epsilon is None else [epsilon]) + extra:
             cells = [results.runs.get(Run(label, eps, seed).key) for seed in config.seeds]
             done = [cell for cell in cells if cell is not None]
             if len(done) < len(cells):
@@ -297,7 +301,7 @@ def write_report(config: Config, results: Results, out: Path, seconds: float | N
             timing = results.timing.get(label)
             ratio = "1" if eps is None else "" if timing is None else f"{timing['conadv'] / timing['plain']:.2f}"
             lines.append(
-                f"| {label} | {done[0]['lr']:.3g} | {eps if eps is not None else '—'} "
+                f"| {label} | {done[0]['lr']:.3g} | {'—' if eps is None else f'**{eps}**' if eps == epsilon else eps} "
                 f"| {_mean_std([c['test_accuracy'] for c in done])} | {_mean_std([c['val_accuracy'] for c in done])} "
                 f"| {train_s:.0f} | {ratio} |"
             )
