@@ -352,9 +352,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         config = replace(config, workers=args.workers)
     args.out.mkdir(parents=True, exist_ok=True)
     results = Results(args.out / ("conadv_scaling_quick_runs.json" if args.quick else "conadv_scaling_runs.json"))
-    started = time.perf_counter()
+    started, cached = time.perf_counter(), len(results.runs)
     run_experiment(config, results, lambda line: print(line, flush=True))
-    print(write_report(config, results, args.out, time.perf_counter() - started))
+    seconds = time.perf_counter() - started if len(results.runs) > cached else None  # None: all from the cache
+    print(write_report(config, results, args.out, seconds))
 
 
 if __name__ == "__main__":
