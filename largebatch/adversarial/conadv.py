@@ -211,14 +211,14 @@ class ConAdv:
     def _direction(self, grad: Tensor) -> Tensor:
         if self.norm == "linf":
             return grad.sign()
-        norms = grad.flatten(1).norm(dim=1).view(-1, *([1] * (grad.dim() - 1)))
+        norms = grad.reshape(len(grad), -1).norm(dim=1).view(-1, *([1] * (grad.dim() - 1)))
         return torch.where(norms > 0, grad / norms, torch.zeros_like(grad))
 
     def _project(self, delta: Tensor, x: Tensor) -> Tensor:
         if self.norm == "linf":
             delta = delta.clamp(-self.epsilon, self.epsilon)
         else:
-            norms = delta.flatten(1).norm(dim=1).view(-1, *([1] * (delta.dim() - 1)))
+            norms = delta.reshape(len(delta), -1).norm(dim=1).view(-1, *([1] * (delta.dim() - 1)))
             delta = delta * (self.epsilon / norms).clamp(max=1.0)  # norm 0: ε/0 = inf → factor 1
         if self.input_range is not None:
             delta = (x + delta).clamp(*self.input_range) - x
@@ -241,7 +241,7 @@ class ConAdv:
             if scale is not None:
                 loss = loss * scale  # directions are scale-invariant: no unscaling needed
             (grad,) = torch.autograd.grad(loss, x_k)
-            finite = torch.isfinite(grad).flatten(1).all(dim=1)
+            finite = torch.isfinite(grad).reshape(len(grad), -1).all(dim=1)
             nonfinite |= ~finite
             grad = torch.where(finite.view(-1, *([1] * (grad.dim() - 1))), grad, torch.zeros_like(grad))
             delta = self._project(delta + self.step_size * self._direction(grad), x)

@@ -79,6 +79,21 @@ def test_pgd_steps_match_the_oracle_and_stay_in_the_ball(steps, norm, ratio, see
     assert (size <= epsilon * (1 + 1e-6)).all()
 
 
+class Column(nn.Module):
+    def forward(self, x):
+        return x.unsqueeze(1)
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_a_batch_of_scalars_is_perturbed_per_example(norm):
+    torch.manual_seed(0)
+    model = nn.Sequential(Column(), nn.Linear(1, 3))
+    x, y = torch.randn(6), torch.randint(0, 3, (6,))
+    got = ConAdv(model, loss_fn, epsilon=0.1, norm=norm, staleness=0).perturb(x, y)
+    g = input_gradient(model, x, y)
+    torch.testing.assert_close(got, x + 0.1 * g.sign(), rtol=0, atol=1e-7)  # one entry: L2 step = sign step
+
+
 def test_input_range_clamps_the_perturbed_inputs():
     model, (x, y) = make_model(), batches(1)[0]
     got = ConAdv(model, loss_fn, epsilon=0.5, staleness=0, input_range=(-0.2, 0.3)).perturb(x.clamp(-0.2, 0.3), y)
