@@ -1,5 +1,6 @@
 """largebatch: train with very large batches in PyTorch."""
 
+from .adversarial import ConAdv
 from .batching import AdaptiveBatchSize, GrowingBatchSampler
 from .factory import create_optimizer
 from .interop import load_apex_lamb_state, load_official_adan_state, load_timm_adan_state, load_timm_lamb_state
@@ -53,5 +54,7 @@ __all__ = [
     "GhostBatchNorm2d",
     "GhostBatchNorm3d",
     "convert_to_ghost_batchnorm",
+    # adversarial training for large batches
+    "ConAdv",
 ]
 __version__ = "0.1.0"
