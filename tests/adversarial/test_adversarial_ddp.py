@@ -42,8 +42,8 @@ def train(model: nn.Module, conadv_model: nn.Module, batches) -> None:
         optimizer.step()
 
 
-def worker(rank: int, port: int) -> None:
-    init_process_group(rank, WORLD_SIZE, port, timeout_s=60)
+def worker(rank: int, store: str) -> None:
+    init_process_group(rank, WORLD_SIZE, store, timeout_s=60)
     try:
         model = make_model()
         ddp = DistributedDataParallel(model)
@@ -62,6 +62,7 @@ def worker(rank: int, port: int) -> None:
         train(reference, reference, data())
         for p, q in zip(model.parameters(), reference.parameters()):
             torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12)
+        dist.barrier()  # no rank tears its gloo pairs down while the other still uses them
     finally:
         dist.destroy_process_group()
 
