@@ -239,7 +239,7 @@ def launch(
     `args`; CHUNK_SIZE and CHUNKS_PER_PROGRAM are passed for it.
     """
     config = current_chunking()
-    kernel[(triton.cdiv(table.n_chunks, config.chunks_per_program),)](
+    kernel[(-(-table.n_chunks // config.chunks_per_program),)](
         table.n_chunks,
         table.chunk_tensors,
         table.numels,
@@ -263,7 +263,7 @@ TENSOR_BLOCK_WARPS = 4
 def launch_per_tensor(kernel: triton.JITFunction, table: StepPlan, *args: object, **constexprs: object) -> None:
     """One launch of a per-tensor pass over the plan's tensors: TENSOR_BLOCK tensors per program.
     The kernel's parameters start with (n_tensors, *args); BLOCK is passed for it."""
-    kernel[(triton.cdiv(table.n_tensors, TENSOR_BLOCK),)](
+    kernel[(-(-table.n_tensors // TENSOR_BLOCK),)](
         table.n_tensors, *args, BLOCK=TENSOR_BLOCK, num_warps=TENSOR_BLOCK_WARPS, **constexprs
     )
 
@@ -312,4 +312,4 @@ def mark_written(params: Sequence[Tensor]) -> None:
     bumped; the states' are left alone (nothing differentiates through them, and their unchanged
     versions are what a step plan's check of the optimizer's own lists reads).
     """
-    torch.autograd.graph.increment_version(list(params))
+    torch.autograd.graph.increment_version(params)

@@ -45,6 +45,7 @@ data_ptr() is an unchanged device.
 
 from __future__ import annotations
 
+import array
 import functools
 import operator
 from collections.abc import Sequence
@@ -188,6 +189,7 @@ class StepPlan:
         self.chunk_tensors, self.numels, self.first_chunks, self.aligned = views[:4]
         self.pointers = tuple(views[4:])
 
+        self._device_index = params[0].get_device()
         self._scratch: dict[tuple[str, str, int], Tensor] = {}
         self.uploads = 0
 
@@ -200,13 +202,14 @@ class StepPlan:
             return False
         if list(map(_shape, lists[0])) != self.shapes:
             return False
-        checked = [i for i in range(self.n_lists) if i < self.owned_from or not self._untouched(i, lists[i])]
+        checked = [*range(self.owned_from), *(i for i in range(self.owned_from, self.n_lists) if not self._untouched(i, lists[i]))]
         rows = {i: list(map(Tensor.data_ptr, lists[i])) for i in checked}
         moved = [i for i in checked if rows[i] != self.pointer_rows[i]]
         for i in checked:
             if set(map(_dtype, lists[i])) != {self.dtypes[i]}:
                 return False
-        if any(set(map(_device, lists[i])) != {self.device} for i in moved):
+        # Device indices (-1 for the CPU): ints, cheaper to read than torch.device objects.
+        if any(set(map(Tensor.get_device, lists[i])) != {self._device_index} for i in moved):
             return False
         if not self._layouts_hold(lists, checked):
             validate_lists(lists[: self.n_elementwise], lists[self.n_elementwise :])  # raises where the kernels cannot go
@@ -251,18 +254,30 @@ class StepPlan:
 
     def _layouts_hold(self, lists: Sequence[Sequence[Tensor]], checked: Sequence[int]) -> bool:
         """The fast layout check of the lists that need one: shapes (the parameters' were compared
-        already) and strides as the plan has them; counters of one element."""
+        already) and layouts, counters of one element. When the parameters are all contiguous, a
+        list that is all contiguous too is laid out like them (contiguous strides follow from
+        the shape, but for dimensions of size 1, which no layout check counts): one flag per
+        tensor. Otherwise the strides must be those the plan last accepted. True only for lists
+        `validate_lists` accepts; anything else goes to it, for its error."""
+        params_contiguous = all(map(Tensor.is_contiguous, lists[0]))
         for i in checked:
             if i < self.n_elementwise:
-                if (i and list(map(_shape, lists[i])) != self.shapes) or list(map(Tensor.stride, lists[i])) != self.strides[i]:
+                if i and list(map(_shape, lists[i])) != self.shapes:
                     return False
-            elif any(n != 1 for n in map(Tensor.numel, lists[i])):
+                if not (params_contiguous and all(map(Tensor.is_contiguous, lists[i]))):
+                    if list(map(Tensor.stride, lists[i])) != self.strides[i]:
+                        return False
+            elif set(map(Tensor.numel, lists[i])) != {1}:
                 return False
         return True
 
     def _upload_row(self, row: Tensor, values: list[int]) -> None:
-        """Overwrite one row of the table with `values` (counted in `uploads`)."""
-        row.copy_(self._upload(torch.tensor(values, dtype=torch.int64)), non_blocking=True)
+        """Overwrite one row of the table with `values` (counted in `uploads`), without blocking
+        the host: through an int64 array (half the cost of torch.tensor(list) for a few hundred
+        pointers) and, on CUDA, pinned memory (whose caching allocator keeps the block until the
+        copy has read it)."""
+        host = torch.frombuffer(array.array("q", values), dtype=torch.int64)
+        row.copy_(host.pin_memory() if self.device.type == "cuda" else host, non_blocking=True)
         self.uploads += 1
 
     def _upload(self, host: Tensor) -> Tensor:

@@ -18,7 +18,8 @@ import numbers
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
-from operator import attrgetter, itemgetter
+from itertools import repeat
+from operator import attrgetter, is_, itemgetter
 from typing import Any, NamedTuple
 
 import torch
@@ -582,9 +583,13 @@ class LargeBatchOptimizer(Optimizer):
         """The group's parameters that have a gradient, in order, and those gradients;
         RuntimeError for a sparse gradient or a complex parameter. C-level passes over the group
         (a step runs this for every group; `.grad` of a Parameter is read once)."""
-        all_grads = list(map(_GRAD, group["params"]))
-        params = [p for p, g in zip(group["params"], all_grads) if g is not None]
-        grads = [g for g in all_grads if g is not None]
+        all_params = group["params"]
+        all_grads = list(map(_GRAD, all_params))
+        if any(map(is_, all_grads, repeat(None))):
+            params = [p for p, g in zip(all_params, all_grads) if g is not None]
+            grads = [g for g in all_grads if g is not None]
+        else:  # the usual case: every parameter has a gradient
+            params, grads = list(all_params), all_grads
         if any(map(_IS_SPARSE, grads)):
             raise RuntimeError(f"{self._name} does not support sparse gradients")
         if any(dtype.is_complex for dtype in set(map(_DTYPE, params))):
@@ -595,7 +600,7 @@ class LargeBatchOptimizer(Optimizer):
         """Per key, the state tensors of `params` in order, each parameter's missing entries
         created first by `_init_state`. C-level passes over the group (a step runs this for every
         group), and the per-parameter loop only where a state is missing something."""
-        states = [self.state[p] for p in params]
+        states = list(map(self.state.__getitem__, params))
         try:
             return [list(map(itemgetter(key), states)) for key in keys]
         except KeyError:
