@@ -27,8 +27,10 @@ before anything is launched or mutated; a mismatch raises the same RuntimeError 
 the plan would (`validate_lists`). Only pointer rows that moved are uploaded (a gradient list
 freshly allocated by backward is one row: a few KB). How each list is checked:
 
-* parameters and gradients, every step: data_ptr(), shape, strides and dtype of every tensor
-  (C-level maps over the list; the full validation only when something differs);
+* parameters and gradients, every step: data_ptr(), shape, layout (one is_contiguous() flag
+  per tensor when all are contiguous, else the strides) and dtype of every tensor, the device
+  of those that moved (C-level maps over the list; the full validation only when something
+  differs);
 * the optimizer's own states and step counters (lists from `owned_from` on): when each tensor is
   the very object the plan last checked and its version counter has not moved since, nothing
   about it can have changed (torch bumps `_version` for every in-place op, resize_, set_ and
@@ -202,7 +204,8 @@ class StepPlan:
             return False
         if list(map(_shape, lists[0])) != self.shapes:
             return False
-        checked = [*range(self.owned_from), *(i for i in range(self.owned_from, self.n_lists) if not self._untouched(i, lists[i]))]
+        owned = range(self.owned_from, self.n_lists)
+        checked = [*range(self.owned_from), *(i for i in owned if not self._untouched(i, lists[i]))]
         rows = {i: list(map(Tensor.data_ptr, lists[i])) for i in checked}
         moved = [i for i in checked if rows[i] != self.pointer_rows[i]]
         for i in checked:
@@ -264,7 +267,7 @@ class StepPlan:
             if i < self.n_elementwise:
                 if i and list(map(_shape, lists[i])) != self.shapes:
                     return False
-                if not (params_contiguous and all(map(Tensor.is_contiguous, lists[i]))):
+                if not (params_contiguous and (i == 0 or all(map(Tensor.is_contiguous, lists[i])))):
                     if list(map(Tensor.stride, lists[i])) != self.strides[i]:
                         return False
             elif set(map(Tensor.numel, lists[i])) != {1}:
