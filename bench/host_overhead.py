@@ -4,9 +4,10 @@
 
 What a fused step costs the CPU around its kernel launches (grouping, checks, tables, state
 loops) decides whether it can keep a GPU busy. This measures exactly that on the CPU: the Triton
-launches of largebatch's fused LAMB, LARS and Adan, torch's `torch._fused_adamw_` and the
-step-counter increments (`torch._foreach_add_`) are replaced by no-ops that count their calls, so
-what remains is the Python and C++ host work of `step()`.
+launches of largebatch's fused LAMB, LARS and Adan (their step counts included: a per-tensor
+pass, or LARS's update pass), torch's `torch._fused_adamw_` and its step-counter increment
+(`torch._foreach_add_`) are replaced by no-ops that count their calls, so what remains is the
+Python and C++ host work of `step()`.
 
 Layouts: BERT-large (391 tensors) and ResNet-50 (161 tensors), with small sizes (the host work
 depends on the number of tensors, not their sizes). Two cases:
@@ -52,9 +53,9 @@ LAYOUTS: dict[str, list[Shape]] = {
     "ResNet-50 layout (161 tensors)": resnet50_shapes(width=4, classes=10),
 }
 CASES = ("same", "fresh")
-# torch's fused AdamW kernel, and the step-counter increment every fused step launches before its
-# kernels (torch's and ours): one multi-tensor launch on a GPU, but on the CPU a loop that adds to
-# each 0-dim counter, ~1 ms for 391 counters, which is device work there, not host work.
+# torch's fused AdamW kernel, and the step-counter increment its fused step launches before the
+# kernel: one multi-tensor launch on a GPU, but on the CPU a loop that adds to each 0-dim
+# counter, ~1 ms for 391 counters, which is device work there, not host work.
 STUBBED_TORCH_OPS = ("_fused_adamw_", "_foreach_add_")
 
 

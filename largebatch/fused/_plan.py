@@ -7,12 +7,15 @@ the tensors' sizes:
 
     chunk_tensors[c]   which tensor chunk c belongs to
     numels[i]          the number of elements of tensor i
-    first_chunks[i]    the first chunk of tensor i (n_chunks at index n_tensors)
+    first_chunks[i]    the first chunk of tensor i (n_chunks at index n_tensors); every tensor
+                       has one, an empty tensor one chunk of no elements
+    aligned[i]         1 when every pointer of tensor i is 16-byte aligned (its full chunks use
+                       vector loads), else 0
     pointers[l][i]     data_ptr() of tensor i of list l (param, grad, each state, the step)
 
-plus the per-chunk partial sums, per-tensor sums and found_inf increment, allocated at the first
-step and reused, so that a later step whose tensors have not moved allocates nothing and uploads
-nothing.
+plus the per-chunk partial sums and per-tensor tables (sums, bias corrections), allocated at
+the first step and reused, so that a later step whose tensors have not moved allocates nothing
+and uploads nothing.
 
 Plans belong to their owner: an optimizer keeps one `PlanCache` per param group (dropped on
 `load_state_dict`); a functional call without a cache builds a throw-away plan. Nothing is global,
@@ -24,16 +27,18 @@ before anything is launched or mutated; a mismatch raises the same RuntimeError 
 the plan would (`validate_lists`). Only pointer rows that moved are uploaded (a gradient list
 freshly allocated by backward is one row: a few KB). How each list is checked:
 
-* parameters and gradients, every step: data_ptr(), shape, strides and dtype of every tensor
-  (C-level maps over the list; the full validation only when something differs);
+* parameters and gradients, every step: data_ptr(), shape, layout (one is_contiguous() flag
+  per tensor when all are contiguous, else the strides) and dtype of every tensor, the device
+  of those that moved (C-level maps over the list; the full validation only when something
+  differs);
 * the optimizer's own states and step counters (lists from `owned_from` on): when each tensor is
   the very object the plan last checked and its version counter has not moved since, nothing
   about it can have changed (torch bumps `_version` for every in-place op, resize_, set_ and
   in-place views included), so the list is not re-read; otherwise it is checked like a gradient.
   The one change that leaves `_version` alone is assigning `.data` of a state tensor, which no
   optimizer state should see. The kernels bump no version (`_engine.mark_written` bumps the
-  parameters' for autograd; parameters are always re-checked), and the step count's in-place add is noted
-  by `count_step` as the plan's own change.
+  parameters' for autograd; parameters are always re-checked; the step counters are counted
+  in-kernel).
 
 Device identity needs no per-tensor check while pointers stay put: CUDA's unified virtual
 addressing gives every allocation, host or any device, its own address, so an unchanged
@@ -42,6 +47,7 @@ data_ptr() is an unchanged device.
 
 from __future__ import annotations
 
+import array
 import functools
 import operator
 from collections.abc import Sequence
@@ -61,9 +67,17 @@ _dtype = attrgetter("dtype")
 _version = attrgetter("_version")
 
 
-def _aligned(pointers: list[int]) -> bool:
+def _aligned(pointers: Sequence[int]) -> bool:
     """Every pointer a multiple of VECTOR_ALIGNMENT (a power of two): no low bit set in any."""
     return functools.reduce(operator.or_, pointers, 0) % VECTOR_ALIGNMENT == 0
+
+
+def _aligned_tensors(rows: Sequence[Sequence[int]], rows_aligned: Sequence[bool]) -> list[int]:
+    """Per tensor, 1 when its pointer in every row is aligned: all ones when every row is, else
+    decided tensor by tensor (a view at an odd offset costs only its own tensor the vectors)."""
+    if all(rows_aligned):
+        return [1] * len(rows[0])
+    return [int(_aligned(column)) for column in zip(*rows)]
 
 
 def _layout(tensor: Tensor) -> tuple[int, ...]:
@@ -162,23 +176,23 @@ class StepPlan:
         first_chunks: list[int] = []
         for i, tensor in enumerate(params):
             first_chunks.append(len(chunk_tensors))
-            chunk_tensors.extend([i] * -(-tensor.numel() // chunk_size))
+            chunk_tensors.extend([i] * max(1, -(-tensor.numel() // chunk_size)))
         self.n_chunks = len(chunk_tensors)
         first_chunks.append(self.n_chunks)
         numels = [t.numel() for t in params]
-        table_pointers = [ptr for row in self.pointer_rows[:n_table] for ptr in row]
-        self.storage = self._upload(torch.tensor(chunk_tensors + numels + first_chunks + table_pointers, dtype=torch.int64))
-        views = self.storage.split([self.n_chunks, self.n_tensors, self.n_tensors + 1] + [self.n_tensors] * n_table)
-        self.chunk_tensors, self.numels, self.first_chunks = views[:3]
-        self.pointers = tuple(views[3:])
-        # Per elementwise list: every pointer on a 16-byte boundary. All of them: the kernels may
-        # use vector loads (ALIGNMENT, a kernel constexpr, 16 or 1).
+        # Per elementwise list: every pointer on a 16-byte boundary (then every tensor's is).
         self._aligned_rows = [_aligned(row) for row in self.pointer_rows[:n_elementwise]]
-        self.alignment = VECTOR_ALIGNMENT if all(self._aligned_rows) else 1
+        self.aligned_tensors = _aligned_tensors(self.pointer_rows[:n_elementwise], self._aligned_rows)
+        table_pointers = [ptr for row in self.pointer_rows[:n_table] for ptr in row]
+        self.storage = self._upload(
+            torch.tensor(chunk_tensors + numels + first_chunks + self.aligned_tensors + table_pointers, dtype=torch.int64)
+        )
+        views = self.storage.split([self.n_chunks, self.n_tensors, self.n_tensors + 1] + [self.n_tensors] * (n_table + 1))
+        self.chunk_tensors, self.numels, self.first_chunks, self.aligned = views[:4]
+        self.pointers = tuple(views[4:])
 
-        self._scratch: dict[tuple[str, int], Tensor] = {}
-        # 1 when the step counts (no inf/NaN found), else 0: written in place from found_inf.
-        self._increment = torch.empty((), dtype=torch.bool, device=self.device)
+        self._device_index = params[0].get_device()
+        self._scratch: dict[tuple[str, str, int], Tensor] = {}
         self.uploads = 0
 
     def current(self, lists: Sequence[Sequence[Tensor]]) -> bool:
@@ -190,13 +204,15 @@ class StepPlan:
             return False
         if list(map(_shape, lists[0])) != self.shapes:
             return False
-        checked = [i for i in range(self.n_lists) if i < self.owned_from or not self._untouched(i, lists[i])]
+        owned = range(self.owned_from, self.n_lists)
+        checked = [*range(self.owned_from), *(i for i in owned if not self._untouched(i, lists[i]))]
         rows = {i: list(map(Tensor.data_ptr, lists[i])) for i in checked}
         moved = [i for i in checked if rows[i] != self.pointer_rows[i]]
         for i in checked:
             if set(map(_dtype, lists[i])) != {self.dtypes[i]}:
                 return False
-        if any(set(map(_device, lists[i])) != {self.device} for i in moved):
+        # Device indices (-1 for the CPU): ints, cheaper to read than torch.device objects.
+        if any(set(map(Tensor.get_device, lists[i])) != {self._device_index} for i in moved):
             return False
         if not self._layouts_hold(lists, checked):
             validate_lists(lists[: self.n_elementwise], lists[self.n_elementwise :])  # raises where the kernels cannot go
@@ -209,39 +225,26 @@ class StepPlan:
         for i in moved:
             self.pointer_rows[i] = rows[i]
             if i < len(self.pointers):
-                self.pointers[i].copy_(self._upload(torch.tensor(rows[i], dtype=torch.int64)), non_blocking=True)
-                self.uploads += 1
+                self._upload_row(self.pointers[i], rows[i])
             if i < self.n_elementwise:
                 self._aligned_rows[i] = _aligned(rows[i])
-        self.alignment = VECTOR_ALIGNMENT if all(self._aligned_rows) else 1
+        if any(i < self.n_elementwise for i in moved):
+            aligned_tensors = _aligned_tensors(self.pointer_rows[: self.n_elementwise], self._aligned_rows)
+            if aligned_tensors != self.aligned_tensors:
+                self.aligned_tensors = aligned_tensors
+                self._upload_row(self.aligned, aligned_tensors)
         self._remember(lists, [i for i in checked if i >= self.owned_from])
         return True
 
-    def scratch(self, per: str, columns: int) -> Tensor:
-        """A float32 buffer of `columns` per chunk (per="chunk") or per tensor (per="tensor"), made
-        once and reused by every later step (a captured step allocates nothing)."""
-        key = (per, columns)
+    def scratch(self, name: str, per: str, columns: int) -> Tensor:
+        """The float32 buffer `name` of `columns` per chunk (per="chunk") or per tensor
+        (per="tensor"), or one 0-dim value (per="scalar"), made once and reused by every later step
+        (a captured step allocates nothing)."""
+        key = (name, per, columns)
         if key not in self._scratch:
-            rows = {"chunk": self.n_chunks, "tensor": self.n_tensors}[per]
-            self._scratch[key] = torch.empty((rows, columns), dtype=torch.float32, device=self.device)
+            shape = () if per == "scalar" else ({"chunk": self.n_chunks, "tensor": self.n_tensors}[per], columns)
+            self._scratch[key] = torch.empty(shape, dtype=torch.float32, device=self.device)
         return self._scratch[key]
-
-    def count_step(self, steps: Sequence[Tensor], found_inf: Tensor | None) -> None:
-        """step += 1 for this bucket's counters (the last list), or += 0 when GradScaler found an
-        inf/NaN: any nonzero found_inf (GradScaler sums one flag per device, so 2.0 means two
-        devices found one); counters never go down.
-
-        One foreach op into the preallocated increment: no allocation and no host
-        synchronisation, so a step can be captured in a CUDA graph; the kernels read the counts.
-        """
-        if found_inf is None:
-            torch._foreach_add_(list(steps), 1.0)
-        else:
-            torch.eq(found_inf, 0, out=self._increment)
-            torch._foreach_add_(list(steps), self._increment)
-        # The in-place add counts once per counter: the plan's own change, not one to re-check
-        # (a sum that disagrees anyway, for other tensors than `current` saw, only re-checks them).
-        self._version_sums[-1] += len(steps)
 
     def _untouched(self, index: int, lst: Sequence[Tensor]) -> bool:
         """Every tensor is the object last checked, with no in-place op on it since."""
@@ -254,14 +257,31 @@ class StepPlan:
 
     def _layouts_hold(self, lists: Sequence[Sequence[Tensor]], checked: Sequence[int]) -> bool:
         """The fast layout check of the lists that need one: shapes (the parameters' were compared
-        already) and strides as the plan has them; counters of one element."""
+        already) and layouts, counters of one element. When the parameters are all contiguous, a
+        list that is all contiguous too is laid out like them (contiguous strides follow from
+        the shape, but for dimensions of size 1, which no layout check counts): one flag per
+        tensor. Otherwise the strides must be those the plan last accepted. True only for lists
+        `validate_lists` accepts; anything else goes to it, for its error."""
+        params_contiguous = all(map(Tensor.is_contiguous, lists[0]))
         for i in checked:
             if i < self.n_elementwise:
-                if (i and list(map(_shape, lists[i])) != self.shapes) or list(map(Tensor.stride, lists[i])) != self.strides[i]:
+                if i and list(map(_shape, lists[i])) != self.shapes:
                     return False
-            elif any(n != 1 for n in map(Tensor.numel, lists[i])):
+                if not (params_contiguous and (i == 0 or all(map(Tensor.is_contiguous, lists[i])))):
+                    if list(map(Tensor.stride, lists[i])) != self.strides[i]:
+                        return False
+            elif set(map(Tensor.numel, lists[i])) != {1}:
                 return False
         return True
+
+    def _upload_row(self, row: Tensor, values: list[int]) -> None:
+        """Overwrite one row of the table with `values` (counted in `uploads`), without blocking
+        the host: through an int64 array (half the cost of torch.tensor(list) for a few hundred
+        pointers) and, on CUDA, pinned memory (whose caching allocator keeps the block until the
+        copy has read it)."""
+        host = torch.frombuffer(array.array("q", values), dtype=torch.int64)
+        row.copy_(host.pin_memory() if self.device.type == "cuda" else host, non_blocking=True)
+        self.uploads += 1
 
     def _upload(self, host: Tensor) -> Tensor:
         """`host` on the plan's device without blocking the host: from pinned memory, whose

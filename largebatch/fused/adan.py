@@ -8,8 +8,10 @@ For each tensor x with gradient g at step t (see largebatch.optimizers.Adan):
     η = (m / (1 − β1^t) + β2·d / (1 − β2^t)) / (sqrt(n / (1 − β3^t)) + eps)
     x ← (x − lr·η) / (1 + lr·λ)            (no_prox: x ← x·(1 − lr·λ) − lr·η)
 
-One pass, one launch per (device, dtypes) group: read x, g, g_prev, m, d, n and write x,
-g_prev, m, d, n: 44 bytes per fp32 parameter.
+Per (device, dtypes) group, a per-tensor pass counts the step and writes each tensor's
+1 − β1^t, β2 / (1 − β2^t), 1 − β3^t and [t > 1] to a table (once per tensor, not in every
+program); then one pass over the chunks reads x, g, g_prev, m, d, n and writes x, g_prev, m, d,
+n: 44 bytes per fp32 parameter.
 """
 
 from __future__ import annotations
@@ -19,14 +21,17 @@ import triton.language as tl
 from torch import Tensor
 
 from ._engine import (
+    chunk_of,
+    count_steps,
     current_lr,
     dtype_constexprs,
     gradient_multiplier,
     launch,
-    mark_written,
+    launch_per_tensor,
     locate_chunk,
     log_beta,
     lr_arguments,
+    mark_written,
     scalar_on,
     tensor_pointer,
 )
@@ -39,13 +44,38 @@ __all__ = ["ADAN_LAYOUT", "fused_adan"]
 ADAN_LAYOUT = {"n_elementwise": 6, "n_table": 7}
 
 
+# Columns of the per-tensor table the count pass writes (a constexpr: the kernels index with it).
+_CORRECTIONS = tl.constexpr(4)
+
+
+@triton.jit
+def _count_kernel(n_tensors, step_ptrs, corrections, found_inf, beta2, log_beta1, log_beta2, log_beta3, BLOCK: tl.constexpr):
+    """Count the step; corrections[i] = (1 − β1^t, β2 / (1 − β2^t), 1 − β3^t, 1 if t > 1 else 0)."""
+    tensors, exists, step = count_steps(step_ptrs, n_tensors, found_inf, BLOCK)
+    row = corrections + _CORRECTIONS * tensors
+    has_previous = tl.where(step > 1, 1.0, 0.0)  # g_prev starts at 0: no difference at t = 1
+    step = step.to(tl.float64)
+    tl.store(row, (1.0 - tl.exp(step * log_beta1)).to(tl.float32), mask=exists)
+    tl.store(row + 1, (beta2 / (1.0 - tl.exp(step * log_beta2))).to(tl.float32), mask=exists)
+    tl.store(row + 2, (1.0 - tl.exp(step * log_beta3)).to(tl.float32), mask=exists)
+    tl.store(row + 3, has_previous, mask=exists)
+
+
 @triton.jit
 def _adan_chunk(
-    param, grad, exp_avg, exp_avg_diff, exp_avg_sq, prev_grad, offsets, numel,
+    param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_diff_ptrs, exp_avg_sq_ptrs, prev_grad_ptrs, tensor, offsets, numel,
     grad_multiplier, has_previous, lr, beta1, one_minus_beta1, beta2, one_minus_beta2, beta3, one_minus_beta3,
     bc1, diff_scale, bc3, eps, weight_decay,
-    NO_PROX: tl.constexpr, MASKED: tl.constexpr,
+    PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr, EXP_AVG_DTYPE: tl.constexpr,
+    EXP_AVG_DIFF_DTYPE: tl.constexpr, EXP_AVG_SQ_DTYPE: tl.constexpr, PREV_GRAD_DTYPE: tl.constexpr,
+    NO_PROX: tl.constexpr, ALIGNED: tl.constexpr, MASKED: tl.constexpr,
 ):  # fmt: skip
+    param = tensor_pointer(param_ptrs, tensor, PARAM_DTYPE, ALIGNED)
+    grad = tensor_pointer(grad_ptrs, tensor, GRAD_DTYPE, ALIGNED)
+    exp_avg = tensor_pointer(exp_avg_ptrs, tensor, EXP_AVG_DTYPE, ALIGNED)
+    exp_avg_diff = tensor_pointer(exp_avg_diff_ptrs, tensor, EXP_AVG_DIFF_DTYPE, ALIGNED)
+    exp_avg_sq = tensor_pointer(exp_avg_sq_ptrs, tensor, EXP_AVG_SQ_DTYPE, ALIGNED)
+    prev_grad = tensor_pointer(prev_grad_ptrs, tensor, PREV_GRAD_DTYPE, ALIGNED)
     mask = offsets < numel if MASKED else None
     other = 0.0 if MASKED else None
     x = tl.load(param + offsets, mask=mask, other=other).to(tl.float32)
@@ -57,68 +87,74 @@ def _adan_chunk(
     n = beta3 * tl.load(exp_avg_sq + offsets, mask=mask, other=other).to(tl.float32) + one_minus_beta3 * (
         nesterov_grad * nesterov_grad
     )
-    m = m.to(exp_avg.dtype.element_ty)
-    d = d.to(exp_avg_diff.dtype.element_ty)
-    n = n.to(exp_avg_sq.dtype.element_ty)
+    m = m.to(EXP_AVG_DTYPE)
+    d = d.to(EXP_AVG_DIFF_DTYPE)
+    n = n.to(EXP_AVG_SQ_DTYPE)
     tl.store(exp_avg + offsets, m, mask=mask)
     tl.store(exp_avg_diff + offsets, d, mask=mask)
     tl.store(exp_avg_sq + offsets, n, mask=mask)
-    tl.store(prev_grad + offsets, g.to(prev_grad.dtype.element_ty), mask=mask)
+    tl.store(prev_grad + offsets, g.to(PREV_GRAD_DTYPE), mask=mask)
 
     update = (m.to(tl.float32) / bc1 + d.to(tl.float32) * diff_scale) / (tl.sqrt(n.to(tl.float32) / bc3) + eps)
     if NO_PROX:
         x = x * (1.0 - lr * weight_decay) - lr * update
     else:
         x = (x - lr * update) / (1.0 + lr * weight_decay)
-    tl.store(param + offsets, x.to(param.dtype.element_ty), mask=mask)
+    tl.store(param + offsets, x.to(PARAM_DTYPE), mask=mask)
 
 
 @triton.jit
 def _adan_kernel(
-    chunk_tensors, numels, first_chunks,
+    n_chunks, chunk_tensors, numels, first_chunks, aligned,
     param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_diff_ptrs, exp_avg_sq_ptrs, prev_grad_ptrs, step_ptrs,
-    lr_tensor, grad_scale, found_inf, clip_coef,
-    lr, beta1, one_minus_beta1, beta2, one_minus_beta2, beta3, one_minus_beta3, log_beta1, log_beta2, log_beta3,
-    eps, weight_decay,
+    corrections, lr_tensor, grad_scale, found_inf, clip_coef,
+    lr, beta1, one_minus_beta1, beta2, one_minus_beta2, beta3, one_minus_beta3, eps, weight_decay,
     PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr, EXP_AVG_DTYPE: tl.constexpr,
     EXP_AVG_DIFF_DTYPE: tl.constexpr, EXP_AVG_SQ_DTYPE: tl.constexpr, PREV_GRAD_DTYPE: tl.constexpr,
     MAXIMIZE: tl.constexpr, NO_PROX: tl.constexpr,
-    CHUNK_SIZE: tl.constexpr, ALIGNMENT: tl.constexpr,
+    CHUNK_SIZE: tl.constexpr, CHUNKS_PER_PROGRAM: tl.constexpr,
 ):  # fmt: skip
     if found_inf is not None:
         if tl.load(found_inf) != 0:
             return
-    chunk, tensor, numel, offsets, full_chunk = locate_chunk(chunk_tensors, numels, first_chunks, CHUNK_SIZE)
-    param = tensor_pointer(param_ptrs, tensor, PARAM_DTYPE, ALIGNMENT)
-    grad = tensor_pointer(grad_ptrs, tensor, GRAD_DTYPE, ALIGNMENT)
-    exp_avg = tensor_pointer(exp_avg_ptrs, tensor, EXP_AVG_DTYPE, ALIGNMENT)
-    exp_avg_diff = tensor_pointer(exp_avg_diff_ptrs, tensor, EXP_AVG_DIFF_DTYPE, ALIGNMENT)
-    exp_avg_sq = tensor_pointer(exp_avg_sq_ptrs, tensor, EXP_AVG_SQ_DTYPE, ALIGNMENT)
-    prev_grad = tensor_pointer(prev_grad_ptrs, tensor, PREV_GRAD_DTYPE, ALIGNMENT)
-
     grad_multiplier = gradient_multiplier(grad_scale, clip_coef, MAXIMIZE)
     lr = current_lr(lr_tensor, lr)
-    step = tl.load(tl.load(step_ptrs + tensor).to(tl.pointer_type(tl.float32)))
-    has_previous = tl.where(step > 1, 1.0, 0.0)  # g_prev starts at 0: no difference at t = 1
-    step = step.to(tl.float64)
-    bc1 = (1.0 - tl.exp(step * log_beta1)).to(tl.float32)
-    diff_scale = (beta2 / (1.0 - tl.exp(step * log_beta2))).to(tl.float32)
-    bc3 = (1.0 - tl.exp(step * log_beta3)).to(tl.float32)
-
-    if full_chunk:
-        _adan_chunk(
-            param, grad, exp_avg, exp_avg_diff, exp_avg_sq, prev_grad, offsets, numel,
-            grad_multiplier, has_previous, lr, beta1, one_minus_beta1, beta2, one_minus_beta2, beta3, one_minus_beta3,
-            bc1, diff_scale, bc3, eps, weight_decay,
-            NO_PROX, False,
-        )  # fmt: skip
-    else:
-        _adan_chunk(
-            param, grad, exp_avg, exp_avg_diff, exp_avg_sq, prev_grad, offsets, numel,
-            grad_multiplier, has_previous, lr, beta1, one_minus_beta1, beta2, one_minus_beta2, beta3, one_minus_beta3,
-            bc1, diff_scale, bc3, eps, weight_decay,
-            NO_PROX, True,
-        )  # fmt: skip
+    for index in range(CHUNKS_PER_PROGRAM):
+        chunk, exists = chunk_of(n_chunks, index, CHUNKS_PER_PROGRAM)
+        if exists:
+            tensor, numel, offsets, full_chunk, vector_aligned = locate_chunk(
+                chunk, chunk_tensors, numels, first_chunks, aligned, CHUNK_SIZE
+            )
+            row = corrections + _CORRECTIONS * tensor
+            bc1 = tl.load(row)
+            diff_scale = tl.load(row + 1)
+            bc3 = tl.load(row + 2)
+            has_previous = tl.load(row + 3)
+            if full_chunk:
+                if vector_aligned:
+                    _adan_chunk(
+                        param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_diff_ptrs, exp_avg_sq_ptrs, prev_grad_ptrs, tensor,
+                        offsets, numel, grad_multiplier, has_previous, lr, beta1, one_minus_beta1, beta2,
+                        one_minus_beta2, beta3, one_minus_beta3, bc1, diff_scale, bc3, eps, weight_decay,
+                        PARAM_DTYPE, GRAD_DTYPE, EXP_AVG_DTYPE, EXP_AVG_DIFF_DTYPE, EXP_AVG_SQ_DTYPE, PREV_GRAD_DTYPE,
+                        NO_PROX, True, False,
+                    )  # fmt: skip
+                else:
+                    _adan_chunk(
+                        param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_diff_ptrs, exp_avg_sq_ptrs, prev_grad_ptrs, tensor,
+                        offsets, numel, grad_multiplier, has_previous, lr, beta1, one_minus_beta1, beta2,
+                        one_minus_beta2, beta3, one_minus_beta3, bc1, diff_scale, bc3, eps, weight_decay,
+                        PARAM_DTYPE, GRAD_DTYPE, EXP_AVG_DTYPE, EXP_AVG_DIFF_DTYPE, EXP_AVG_SQ_DTYPE, PREV_GRAD_DTYPE,
+                        NO_PROX, False, False,
+                    )  # fmt: skip
+            else:
+                _adan_chunk(
+                    param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_diff_ptrs, exp_avg_sq_ptrs, prev_grad_ptrs, tensor,
+                    offsets, numel, grad_multiplier, has_previous, lr, beta1, one_minus_beta1, beta2,
+                    one_minus_beta2, beta3, one_minus_beta3, bc1, diff_scale, bc3, eps, weight_decay,
+                    PARAM_DTYPE, GRAD_DTYPE, EXP_AVG_DTYPE, EXP_AVG_DIFF_DTYPE, EXP_AVG_SQ_DTYPE, PREV_GRAD_DTYPE,
+                    NO_PROX, False, True,
+                )  # fmt: skip
 
 
 def fused_adan(
@@ -153,14 +189,16 @@ def fused_adan(
         lists = [params, grads, exp_avgs, exp_avg_diffs, exp_avg_sqs, prev_grads, state_steps]
         buckets = planned_buckets("adan", lists, **ADAN_LAYOUT, plans=None)
     for device, dtypes, lists, table in buckets:
-        d_steps = lists[-1]
         device_found_inf = scalar_on(found_inf, device)
-        table.count_step(d_steps, device_found_inf)
+        corrections = table.scratch("adan bias corrections", "tensor", _CORRECTIONS.value)
+        launch_per_tensor(_count_kernel, table, table.pointers[6], corrections, device_found_inf, beta2,
+                          log_beta(beta1), log_beta(beta2), log_beta(beta3))  # fmt: skip
         mark_written(lists[0])
         lr_tensor, lr_float = lr_arguments(lr, device)
         launch(
             _adan_kernel,
             table,
+            corrections,
             lr_tensor,
             scalar_on(grad_scale, device),
             device_found_inf,
@@ -172,9 +210,6 @@ def fused_adan(
             1.0 - beta2,
             beta3,
             1.0 - beta3,
-            log_beta(beta1),
-            log_beta(beta2),
-            log_beta(beta3),
             eps,
             weight_decay,
             MAXIMIZE=maximize,

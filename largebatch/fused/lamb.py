@@ -9,6 +9,8 @@ For each tensor x with gradient g at step t (see largebatch.optimizers.LAMB):
 
 Passes per (device, dtypes) group, each one launch:
 
+0. count: step += 1 per tensor, and its bias corrections 1 − β1^t, 1 − β2^t into a per-tensor
+   table (computed once per tensor, not in every program);
 1. moments: update m, v; write each chunk's Σx², Σu² (without adaptation, r = 1 and this pass
    also applies x ← x − lr·u: one pass, like Adam);
 2. `segment_sums`: per-tensor ‖x‖², ‖u‖²;
@@ -27,14 +29,17 @@ from torch import Tensor
 from largebatch.optimizers._sharding import ShardReduction, complete_squares
 
 from ._engine import (
+    chunk_of,
+    count_steps,
     current_lr,
     dtype_constexprs,
     gradient_multiplier,
     launch,
-    mark_written,
+    launch_per_tensor,
     locate_chunk,
     log_beta,
     lr_arguments,
+    mark_written,
     scalar_on,
     tensor_pointer,
 )
@@ -49,19 +54,48 @@ LAMB_LAYOUT = {"n_elementwise": 4, "n_table": 5}
 
 
 @triton.jit
-def _moments_chunk(
-    param, grad, exp_avg, exp_avg_sq, partial, offsets, numel,
-    grad_multiplier, lr, beta1, grad_weight, beta2, one_minus_beta2, bc1, bc2, eps, weight_decay,
-    ADAPT: tl.constexpr, MASKED: tl.constexpr,
+def _count_kernel(
+    n_tensors, step_ptrs, corrections, found_inf, log_beta1, log_beta2,
+    BIAS_CORRECTION: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
+    """Pass 0: count the step; corrections[i] = (1 − β1^t, 1 − β2^t) of tensor i, in float64."""
+    tensors, exists, step = count_steps(step_ptrs, n_tensors, found_inf, BLOCK)
+    if BIAS_CORRECTION:
+        step = step.to(tl.float64)
+        tl.store(corrections + 2 * tensors, (1.0 - tl.exp(step * log_beta1)).to(tl.float32), mask=exists)
+        tl.store(corrections + 2 * tensors + 1, (1.0 - tl.exp(step * log_beta2)).to(tl.float32), mask=exists)
+
+
+@triton.jit
+def _bias_corrections(corrections, tensor, BIAS_CORRECTION: tl.constexpr):
+    """(1 − β1^t, 1 − β2^t) of `tensor` from the count pass's table, or (1, 1)."""
+    bc1 = 1.0
+    bc2 = 1.0
+    if BIAS_CORRECTION:
+        bc1 = tl.load(corrections + 2 * tensor)
+        bc2 = tl.load(corrections + 2 * tensor + 1)
+    return bc1, bc2
+
+
+@triton.jit
+def _moments_chunk(
+    param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_sq_ptrs, tensor, partial, offsets, numel,
+    grad_multiplier, lr, beta1, grad_weight, beta2, one_minus_beta2, bc1, bc2, eps, weight_decay,
+    PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr, EXP_AVG_DTYPE: tl.constexpr, EXP_AVG_SQ_DTYPE: tl.constexpr,
+    ADAPT: tl.constexpr, ALIGNED: tl.constexpr, MASKED: tl.constexpr,
+):  # fmt: skip
+    param = tensor_pointer(param_ptrs, tensor, PARAM_DTYPE, ALIGNED)
+    grad = tensor_pointer(grad_ptrs, tensor, GRAD_DTYPE, ALIGNED)
+    exp_avg = tensor_pointer(exp_avg_ptrs, tensor, EXP_AVG_DTYPE, ALIGNED)
+    exp_avg_sq = tensor_pointer(exp_avg_sq_ptrs, tensor, EXP_AVG_SQ_DTYPE, ALIGNED)
     mask = offsets < numel if MASKED else None
     other = 0.0 if MASKED else None
     x = tl.load(param + offsets, mask=mask, other=other).to(tl.float32)
     g = tl.load(grad + offsets, mask=mask, other=other).to(tl.float32) * grad_multiplier
     m = beta1 * tl.load(exp_avg + offsets, mask=mask, other=other).to(tl.float32) + grad_weight * g
     v = beta2 * tl.load(exp_avg_sq + offsets, mask=mask, other=other).to(tl.float32) + one_minus_beta2 * (g * g)
-    m = m.to(exp_avg.dtype.element_ty)
-    v = v.to(exp_avg_sq.dtype.element_ty)
+    m = m.to(EXP_AVG_DTYPE)
+    v = v.to(EXP_AVG_SQ_DTYPE)
     tl.store(exp_avg + offsets, m, mask=mask)
     tl.store(exp_avg_sq + offsets, v, mask=mask)
     # u from m and v as stored, so that the apply pass recomputes exactly this u.
@@ -72,102 +106,117 @@ def _moments_chunk(
         tl.store(partial, tl.sum(x * x, axis=0))
         tl.store(partial + 1, tl.sum(update * update, axis=0))
     else:
-        tl.store(param + offsets, (x - lr * update).to(param.dtype.element_ty), mask=mask)
+        tl.store(param + offsets, (x - lr * update).to(PARAM_DTYPE), mask=mask)
 
 
 @triton.jit
 def _moments_kernel(
-    chunk_tensors, numels, first_chunks, param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_sq_ptrs, step_ptrs,
-    partials, lr_tensor, grad_scale, found_inf, clip_coef,
-    lr, beta1, grad_weight, beta2, one_minus_beta2, log_beta1, log_beta2, eps, weight_decay,
+    n_chunks, chunk_tensors, numels, first_chunks, aligned,
+    param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_sq_ptrs, step_ptrs,
+    partials, corrections, lr_tensor, grad_scale, found_inf, clip_coef,
+    lr, beta1, grad_weight, beta2, one_minus_beta2, eps, weight_decay,
     PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr, EXP_AVG_DTYPE: tl.constexpr, EXP_AVG_SQ_DTYPE: tl.constexpr,
     MAXIMIZE: tl.constexpr, BIAS_CORRECTION: tl.constexpr, ADAPT: tl.constexpr,
-    CHUNK_SIZE: tl.constexpr, ALIGNMENT: tl.constexpr,
+    CHUNK_SIZE: tl.constexpr, CHUNKS_PER_PROGRAM: tl.constexpr,
 ):  # fmt: skip
     """Pass 1. With ADAPT, partials[c] = (Σx², Σu²) of chunk c; without, x is updated here."""
     if found_inf is not None:
         if tl.load(found_inf) != 0:
             return
-    chunk, tensor, numel, offsets, full_chunk = locate_chunk(chunk_tensors, numels, first_chunks, CHUNK_SIZE)
-    param = tensor_pointer(param_ptrs, tensor, PARAM_DTYPE, ALIGNMENT)
-    grad = tensor_pointer(grad_ptrs, tensor, GRAD_DTYPE, ALIGNMENT)
-    exp_avg = tensor_pointer(exp_avg_ptrs, tensor, EXP_AVG_DTYPE, ALIGNMENT)
-    exp_avg_sq = tensor_pointer(exp_avg_sq_ptrs, tensor, EXP_AVG_SQ_DTYPE, ALIGNMENT)
-
     grad_multiplier = gradient_multiplier(grad_scale, clip_coef, MAXIMIZE)
     lr = current_lr(lr_tensor, lr)
-    bc1 = 1.0
-    bc2 = 1.0
-    if BIAS_CORRECTION:
-        step = tl.load(tl.load(step_ptrs + tensor).to(tl.pointer_type(tl.float32))).to(tl.float64)
-        bc1 = (1.0 - tl.exp(step * log_beta1)).to(tl.float32)
-        bc2 = (1.0 - tl.exp(step * log_beta2)).to(tl.float32)
-
-    partial = partials + 2 * chunk
-    if full_chunk:
-        _moments_chunk(
-            param, grad, exp_avg, exp_avg_sq, partial, offsets, numel,
-            grad_multiplier, lr, beta1, grad_weight, beta2, one_minus_beta2, bc1, bc2, eps, weight_decay,
-            ADAPT, False,
-        )  # fmt: skip
-    else:
-        _moments_chunk(
-            param, grad, exp_avg, exp_avg_sq, partial, offsets, numel,
-            grad_multiplier, lr, beta1, grad_weight, beta2, one_minus_beta2, bc1, bc2, eps, weight_decay,
-            ADAPT, True,
-        )  # fmt: skip
+    for index in range(CHUNKS_PER_PROGRAM):
+        chunk, exists = chunk_of(n_chunks, index, CHUNKS_PER_PROGRAM)
+        if exists:
+            tensor, numel, offsets, full_chunk, vector_aligned = locate_chunk(
+                chunk, chunk_tensors, numels, first_chunks, aligned, CHUNK_SIZE
+            )
+            bc1, bc2 = _bias_corrections(corrections, tensor, BIAS_CORRECTION)
+            partial = partials + 2 * chunk
+            if full_chunk:
+                if vector_aligned:
+                    _moments_chunk(
+                        param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_sq_ptrs, tensor, partial, offsets, numel,
+                        grad_multiplier, lr, beta1, grad_weight, beta2, one_minus_beta2, bc1, bc2, eps, weight_decay,
+                        PARAM_DTYPE, GRAD_DTYPE, EXP_AVG_DTYPE, EXP_AVG_SQ_DTYPE, ADAPT, True, False,
+                    )  # fmt: skip
+                else:
+                    _moments_chunk(
+                        param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_sq_ptrs, tensor, partial, offsets, numel,
+                        grad_multiplier, lr, beta1, grad_weight, beta2, one_minus_beta2, bc1, bc2, eps, weight_decay,
+                        PARAM_DTYPE, GRAD_DTYPE, EXP_AVG_DTYPE, EXP_AVG_SQ_DTYPE, ADAPT, False, False,
+                    )  # fmt: skip
+            else:
+                _moments_chunk(
+                    param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_sq_ptrs, tensor, partial, offsets, numel,
+                    grad_multiplier, lr, beta1, grad_weight, beta2, one_minus_beta2, bc1, bc2, eps, weight_decay,
+                    PARAM_DTYPE, GRAD_DTYPE, EXP_AVG_DTYPE, EXP_AVG_SQ_DTYPE, ADAPT, False, True,
+                )  # fmt: skip
 
 
 @triton.jit
 def _apply_chunk(
-    param, exp_avg, exp_avg_sq, offsets, numel, step_size, bc1, bc2, eps, weight_decay, MASKED: tl.constexpr
-):
+    param_ptrs, exp_avg_ptrs, exp_avg_sq_ptrs, tensor, offsets, numel, step_size, bc1, bc2, eps, weight_decay,
+    PARAM_DTYPE: tl.constexpr, EXP_AVG_DTYPE: tl.constexpr, EXP_AVG_SQ_DTYPE: tl.constexpr,
+    ALIGNED: tl.constexpr, MASKED: tl.constexpr,
+):  # fmt: skip
+    param = tensor_pointer(param_ptrs, tensor, PARAM_DTYPE, ALIGNED)
+    exp_avg = tensor_pointer(exp_avg_ptrs, tensor, EXP_AVG_DTYPE, ALIGNED)
+    exp_avg_sq = tensor_pointer(exp_avg_sq_ptrs, tensor, EXP_AVG_SQ_DTYPE, ALIGNED)
     mask = offsets < numel if MASKED else None
     other = 0.0 if MASKED else None
     x = tl.load(param + offsets, mask=mask, other=other).to(tl.float32)
     m = tl.load(exp_avg + offsets, mask=mask, other=other).to(tl.float32)
     v = tl.load(exp_avg_sq + offsets, mask=mask, other=other).to(tl.float32)
     update = (m / bc1) / (tl.sqrt(v / bc2) + eps) + weight_decay * x
-    tl.store(param + offsets, (x - step_size * update).to(param.dtype.element_ty), mask=mask)
+    tl.store(param + offsets, (x - step_size * update).to(PARAM_DTYPE), mask=mask)
 
 
 @triton.jit
 def _apply_kernel(
-    chunk_tensors, numels, first_chunks, param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_sq_ptrs, step_ptrs,
-    norms_sq, lr_tensor, found_inf,
-    lr, log_beta1, log_beta2, eps, weight_decay, trust_clip,
+    n_chunks, chunk_tensors, numels, first_chunks, aligned,
+    param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_sq_ptrs, step_ptrs,
+    norms_sq, corrections, lr_tensor, found_inf,
+    lr, eps, weight_decay, trust_clip,
     PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr, EXP_AVG_DTYPE: tl.constexpr, EXP_AVG_SQ_DTYPE: tl.constexpr,
     BIAS_CORRECTION: tl.constexpr, TRUST_CLIP: tl.constexpr,
-    CHUNK_SIZE: tl.constexpr, ALIGNMENT: tl.constexpr,
+    CHUNK_SIZE: tl.constexpr, CHUNKS_PER_PROGRAM: tl.constexpr,
 ):  # fmt: skip
     """Pass 3: x ← x − lr·r·u with r from the per-tensor norms_sq[i] = (‖x‖², ‖u‖²)."""
     if found_inf is not None:
         if tl.load(found_inf) != 0:
             return
-    chunk, tensor, numel, offsets, full_chunk = locate_chunk(chunk_tensors, numels, first_chunks, CHUNK_SIZE)
-    param = tensor_pointer(param_ptrs, tensor, PARAM_DTYPE, ALIGNMENT)
-    exp_avg = tensor_pointer(exp_avg_ptrs, tensor, EXP_AVG_DTYPE, ALIGNMENT)
-    exp_avg_sq = tensor_pointer(exp_avg_sq_ptrs, tensor, EXP_AVG_SQ_DTYPE, ALIGNMENT)
-
     lr = current_lr(lr_tensor, lr)
-    bc1 = 1.0
-    bc2 = 1.0
-    if BIAS_CORRECTION:
-        step = tl.load(tl.load(step_ptrs + tensor).to(tl.pointer_type(tl.float32))).to(tl.float64)
-        bc1 = (1.0 - tl.exp(step * log_beta1)).to(tl.float32)
-        bc2 = (1.0 - tl.exp(step * log_beta2)).to(tl.float32)
-    param_norm = tl.sqrt(tl.load(norms_sq + 2 * tensor))
-    update_norm = tl.sqrt(tl.load(norms_sq + 2 * tensor + 1))
-    adaptable = (param_norm > 0) & (update_norm > 0)
-    ratio = tl.where(adaptable, param_norm / tl.where(adaptable, update_norm, 1.0), 1.0)
-    if TRUST_CLIP:
-        ratio = tl.minimum(ratio, trust_clip)
-    step_size = lr * ratio
-
-    if full_chunk:
-        _apply_chunk(param, exp_avg, exp_avg_sq, offsets, numel, step_size, bc1, bc2, eps, weight_decay, False)
-    else:
-        _apply_chunk(param, exp_avg, exp_avg_sq, offsets, numel, step_size, bc1, bc2, eps, weight_decay, True)
+    for index in range(CHUNKS_PER_PROGRAM):
+        chunk, exists = chunk_of(n_chunks, index, CHUNKS_PER_PROGRAM)
+        if exists:
+            tensor, numel, offsets, full_chunk, vector_aligned = locate_chunk(
+                chunk, chunk_tensors, numels, first_chunks, aligned, CHUNK_SIZE
+            )
+            bc1, bc2 = _bias_corrections(corrections, tensor, BIAS_CORRECTION)
+            param_norm = tl.sqrt(tl.load(norms_sq + 2 * tensor))
+            update_norm = tl.sqrt(tl.load(norms_sq + 2 * tensor + 1))
+            adaptable = (param_norm > 0) & (update_norm > 0)
+            ratio = tl.where(adaptable, param_norm / tl.where(adaptable, update_norm, 1.0), 1.0)
+            if TRUST_CLIP:
+                ratio = tl.minimum(ratio, trust_clip)
+            step_size = lr * ratio
+            if full_chunk:
+                if vector_aligned:
+                    _apply_chunk(
+                        param_ptrs, exp_avg_ptrs, exp_avg_sq_ptrs, tensor, offsets, numel, step_size, bc1, bc2, eps,
+                        weight_decay, PARAM_DTYPE, EXP_AVG_DTYPE, EXP_AVG_SQ_DTYPE, True, False,
+                    )  # fmt: skip
+                else:
+                    _apply_chunk(
+                        param_ptrs, exp_avg_ptrs, exp_avg_sq_ptrs, tensor, offsets, numel, step_size, bc1, bc2, eps,
+                        weight_decay, PARAM_DTYPE, EXP_AVG_DTYPE, EXP_AVG_SQ_DTYPE, False, False,
+                    )  # fmt: skip
+            else:
+                _apply_chunk(
+                    param_ptrs, exp_avg_ptrs, exp_avg_sq_ptrs, tensor, offsets, numel, step_size, bc1, bc2, eps,
+                    weight_decay, PARAM_DTYPE, EXP_AVG_DTYPE, EXP_AVG_SQ_DTYPE, False, True,
+                )  # fmt: skip
 
 
 def fused_lamb(
@@ -207,17 +256,19 @@ def fused_lamb(
     if buckets is None:
         buckets = planned_buckets("lamb", [params, grads, exp_avgs, exp_avg_sqs, state_steps], **LAMB_LAYOUT, plans=None)
     for device, dtypes, lists, table in buckets:
-        d_steps = lists[-1]
         device_found_inf = scalar_on(found_inf, device)
-        table.count_step(d_steps, device_found_inf)
+        corrections = table.scratch("lamb bias corrections", "tensor", 2)
+        launch_per_tensor(_count_kernel, table, table.pointers[4], corrections, device_found_inf,
+                          log_beta(beta1), log_beta(beta2), BIAS_CORRECTION=bias_correction)  # fmt: skip
         mark_written(lists[0])
         lr_tensor, lr_float = lr_arguments(lr, device)
         dtype_args = dtype_constexprs(("PARAM", "GRAD", "EXP_AVG", "EXP_AVG_SQ"), dtypes)
-        partials = table.scratch("chunk", 2 if adapt else 0)
+        partials = table.scratch("lamb norms", "chunk", 2 if adapt else 0)
         launch(
             _moments_kernel,
             table,
             partials,
+            corrections,
             lr_tensor,
             scalar_on(grad_scale, device),
             device_found_inf,
@@ -227,8 +278,6 @@ def fused_lamb(
             1.0 - beta1 if grad_averaging else 1.0,
             beta2,
             1.0 - beta2,
-            log_beta(beta1),
-            log_beta(beta2),
             eps,
             weight_decay,
             MAXIMIZE=maximize,
@@ -241,12 +290,11 @@ def fused_lamb(
         launch(
             _apply_kernel,
             table,
-            complete_squares(segment_sums(partials, table), shard_reduction),
+            complete_squares(segment_sums(partials, table, "lamb norms"), shard_reduction),
+            corrections,
             lr_tensor,
             device_found_inf,
             lr_float,
-            log_beta(beta1),
-            log_beta(beta2),
             eps,
             weight_decay,
             0.0 if trust_clip is None else trust_clip,

@@ -12,6 +12,11 @@ For each tensor x with gradient g (see largebatch.optimizers.LARS):
 Passes per (device, dtypes) group, each one launch: with adaptation, per-chunk Σx², Σg'², then
 `segment_sums`, then the update; without, the update alone. Bytes per fp32 parameter with
 momentum and adaptation: read x, g; then read x, g, buf and write buf, x: 28.
+
+The update never reads the step counter, but it still counts it (the program of each tensor's
+first chunk adds 1, found_inf permitting), in the update pass rather than a launch of its own:
+the per-tensor path counts it too, so fused and non-fused optimizers keep identical state_dicts
+(a checkpoint moves between them), and `step` is the count torch.optim's states carry.
 """
 
 from __future__ import annotations
@@ -23,13 +28,14 @@ from torch import Tensor
 from largebatch.optimizers._sharding import ShardReduction, complete_squares
 
 from ._engine import (
+    chunk_of,
     current_lr,
     dtype_constexprs,
     gradient_multiplier,
     launch,
-    mark_written,
     locate_chunk,
     lr_arguments,
+    mark_written,
     scalar_on,
     tensor_pointer,
 )
@@ -40,14 +46,19 @@ __all__ = ["fused_lars", "lars_layout"]
 
 
 def lars_layout(has_momentum: bool) -> dict[str, int]:
-    """The lists of a LARS bucket: param, grad (and momentum buffer) walked in chunks and in the
-    kernels' table, then the step counters, which no kernel reads."""
+    """The lists of a LARS bucket: param, grad (and momentum buffer) walked in chunks, then the
+    step counters, which the update pass counts: all in the kernels' table."""
     n_elementwise = 3 if has_momentum else 2
-    return {"n_elementwise": n_elementwise, "n_table": n_elementwise}
+    return {"n_elementwise": n_elementwise, "n_table": n_elementwise + 1}
 
 
 @triton.jit
-def _norms_chunk(param, grad, partial, offsets, numel, inv_scale, MASKED: tl.constexpr):
+def _norms_chunk(
+    param_ptrs, grad_ptrs, tensor, partial, offsets, numel, inv_scale,
+    PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr, ALIGNED: tl.constexpr, MASKED: tl.constexpr,
+):  # fmt: skip
+    param = tensor_pointer(param_ptrs, tensor, PARAM_DTYPE, ALIGNED)
+    grad = tensor_pointer(grad_ptrs, tensor, GRAD_DTYPE, ALIGNED)
     mask = offsets < numel if MASKED else None
     other = 0.0 if MASKED else None
     x = tl.load(param + offsets, mask=mask, other=other).to(tl.float32)
@@ -58,42 +69,56 @@ def _norms_chunk(param, grad, partial, offsets, numel, inv_scale, MASKED: tl.con
 
 @triton.jit
 def _norms_kernel(
-    chunk_tensors, numels, first_chunks, param_ptrs, grad_ptrs, buf_ptrs,
+    n_chunks, chunk_tensors, numels, first_chunks, aligned, param_ptrs, grad_ptrs, buf_ptrs, step_ptrs,
     partials, grad_scale, found_inf,
     PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr,
-    CHUNK_SIZE: tl.constexpr, ALIGNMENT: tl.constexpr,
+    CHUNK_SIZE: tl.constexpr, CHUNKS_PER_PROGRAM: tl.constexpr,
 ):  # fmt: skip
     """Pass 1: partials[c] = (Σx², Σ(g / grad_scale)²) of chunk c."""
     if found_inf is not None:
         if tl.load(found_inf) != 0:
             return
-    chunk, tensor, numel, offsets, full_chunk = locate_chunk(chunk_tensors, numels, first_chunks, CHUNK_SIZE)
-    param = tensor_pointer(param_ptrs, tensor, PARAM_DTYPE, ALIGNMENT)
-    grad = tensor_pointer(grad_ptrs, tensor, GRAD_DTYPE, ALIGNMENT)
     inv_scale = 1.0
     if grad_scale is not None:
         inv_scale = 1.0 / tl.load(grad_scale)
-    partial = partials + 2 * chunk
-    if full_chunk:
-        _norms_chunk(param, grad, partial, offsets, numel, inv_scale, False)
-    else:
-        _norms_chunk(param, grad, partial, offsets, numel, inv_scale, True)
+    for index in range(CHUNKS_PER_PROGRAM):
+        chunk, exists = chunk_of(n_chunks, index, CHUNKS_PER_PROGRAM)
+        if exists:
+            tensor, numel, offsets, full_chunk, vector_aligned = locate_chunk(
+                chunk, chunk_tensors, numels, first_chunks, aligned, CHUNK_SIZE
+            )
+            partial = partials + 2 * chunk
+            if full_chunk:
+                if vector_aligned:
+                    _norms_chunk(param_ptrs, grad_ptrs, tensor, partial, offsets, numel, inv_scale,
+                                 PARAM_DTYPE, GRAD_DTYPE, True, False)  # fmt: skip
+                else:
+                    _norms_chunk(param_ptrs, grad_ptrs, tensor, partial, offsets, numel, inv_scale,
+                                 PARAM_DTYPE, GRAD_DTYPE, False, False)  # fmt: skip
+            else:
+                _norms_chunk(param_ptrs, grad_ptrs, tensor, partial, offsets, numel, inv_scale,
+                             PARAM_DTYPE, GRAD_DTYPE, False, True)  # fmt: skip
 
 
 @triton.jit
 def _update_chunk(
-    param, grad, buf, offsets, numel,
+    param_ptrs, grad_ptrs, buf_ptrs, tensor, offsets, numel,
     grad_multiplier, direction_scale, lr, momentum, dampening_complement, weight_decay,
-    MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, LR_IN_MOMENTUM: tl.constexpr, MASKED: tl.constexpr,
+    PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr, BUF_DTYPE: tl.constexpr,
+    MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, LR_IN_MOMENTUM: tl.constexpr,
+    ALIGNED: tl.constexpr, MASKED: tl.constexpr,
 ):  # fmt: skip
+    param = tensor_pointer(param_ptrs, tensor, PARAM_DTYPE, ALIGNED)
+    grad = tensor_pointer(grad_ptrs, tensor, GRAD_DTYPE, ALIGNED)
     mask = offsets < numel if MASKED else None
     other = 0.0 if MASKED else None
     x = tl.load(param + offsets, mask=mask, other=other).to(tl.float32)
     g = tl.load(grad + offsets, mask=mask, other=other).to(tl.float32) * grad_multiplier
     direction = (g + weight_decay * x) * direction_scale
     if MOMENTUM:
+        buf = tensor_pointer(buf_ptrs, tensor, BUF_DTYPE, ALIGNED)
         b = momentum * tl.load(buf + offsets, mask=mask, other=other).to(tl.float32) + dampening_complement * direction
-        b = b.to(buf.dtype.element_ty)
+        b = b.to(BUF_DTYPE)
         tl.store(buf + offsets, b, mask=mask)
         if NESTEROV:
             step = direction + momentum * b.to(tl.float32)
@@ -103,56 +128,65 @@ def _update_chunk(
         step = direction
     if not LR_IN_MOMENTUM:
         step = lr * step
-    tl.store(param + offsets, (x - step).to(param.dtype.element_ty), mask=mask)
+    tl.store(param + offsets, (x - step).to(PARAM_DTYPE), mask=mask)
 
 
 @triton.jit
 def _update_kernel(
-    chunk_tensors, numels, first_chunks, param_ptrs, grad_ptrs, buf_ptrs,
+    n_chunks, chunk_tensors, numels, first_chunks, aligned, param_ptrs, grad_ptrs, buf_ptrs, step_ptrs,
     norms_sq, lr_tensor, grad_scale, found_inf,
     lr, momentum, dampening_complement, weight_decay, trust_coefficient, eps,
     PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr, BUF_DTYPE: tl.constexpr,
     MAXIMIZE: tl.constexpr, ADAPT: tl.constexpr, TRUST_CLIP: tl.constexpr,
     MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, LR_IN_MOMENTUM: tl.constexpr,
-    CHUNK_SIZE: tl.constexpr, ALIGNMENT: tl.constexpr,
+    CHUNK_SIZE: tl.constexpr, CHUNKS_PER_PROGRAM: tl.constexpr,
 ):  # fmt: skip
-    """The update, with the local rate from norms_sq[i] = (‖x‖², ‖g'‖²) when ADAPT."""
+    """The update, with the local rate from norms_sq[i] = (‖x‖², ‖g'‖²) when ADAPT; counts the
+    step of each tensor at its first chunk."""
     if found_inf is not None:
         if tl.load(found_inf) != 0:
             return
-    chunk, tensor, numel, offsets, full_chunk = locate_chunk(chunk_tensors, numels, first_chunks, CHUNK_SIZE)
-    param = tensor_pointer(param_ptrs, tensor, PARAM_DTYPE, ALIGNMENT)
-    grad = tensor_pointer(grad_ptrs, tensor, GRAD_DTYPE, ALIGNMENT)
-    buf = param  # unused without momentum
-    if MOMENTUM:
-        buf = tensor_pointer(buf_ptrs, tensor, BUF_DTYPE, ALIGNMENT)
-
     grad_multiplier = gradient_multiplier(grad_scale, None, MAXIMIZE)
     lr = current_lr(lr_tensor, lr)
-    direction_scale = 1.0
-    if ADAPT:
-        param_norm = tl.sqrt(tl.load(norms_sq + 2 * tensor))
-        grad_norm = tl.sqrt(tl.load(norms_sq + 2 * tensor + 1))
-        adaptable = (param_norm > 0) & (grad_norm > 0)
-        denominator = tl.where(adaptable, grad_norm + weight_decay * param_norm + eps, 1.0)
-        direction_scale = tl.where(adaptable, trust_coefficient * param_norm / denominator, 1.0)
-        if TRUST_CLIP:
-            direction_scale = tl.minimum(direction_scale / lr, 1.0)
-    if LR_IN_MOMENTUM:
-        direction_scale = direction_scale * lr
-
-    if full_chunk:
-        _update_chunk(
-            param, grad, buf, offsets, numel,
-            grad_multiplier, direction_scale, lr, momentum, dampening_complement, weight_decay,
-            MOMENTUM, NESTEROV, LR_IN_MOMENTUM, False,
-        )  # fmt: skip
-    else:
-        _update_chunk(
-            param, grad, buf, offsets, numel,
-            grad_multiplier, direction_scale, lr, momentum, dampening_complement, weight_decay,
-            MOMENTUM, NESTEROV, LR_IN_MOMENTUM, True,
-        )  # fmt: skip
+    for index in range(CHUNKS_PER_PROGRAM):
+        chunk, exists = chunk_of(n_chunks, index, CHUNKS_PER_PROGRAM)
+        if exists:
+            tensor, numel, offsets, full_chunk, vector_aligned = locate_chunk(
+                chunk, chunk_tensors, numels, first_chunks, aligned, CHUNK_SIZE
+            )
+            if chunk == tl.load(first_chunks + tensor):
+                counter = tensor_pointer(step_ptrs, tensor, tl.float32, False)
+                tl.store(counter, tl.load(counter) + 1.0)
+            direction_scale = 1.0
+            if ADAPT:
+                param_norm = tl.sqrt(tl.load(norms_sq + 2 * tensor))
+                grad_norm = tl.sqrt(tl.load(norms_sq + 2 * tensor + 1))
+                adaptable = (param_norm > 0) & (grad_norm > 0)
+                denominator = tl.where(adaptable, grad_norm + weight_decay * param_norm + eps, 1.0)
+                direction_scale = tl.where(adaptable, trust_coefficient * param_norm / denominator, 1.0)
+                if TRUST_CLIP:
+                    direction_scale = tl.minimum(direction_scale / lr, 1.0)
+            if LR_IN_MOMENTUM:
+                direction_scale = direction_scale * lr
+            if full_chunk:
+                if vector_aligned:
+                    _update_chunk(
+                        param_ptrs, grad_ptrs, buf_ptrs, tensor, offsets, numel,
+                        grad_multiplier, direction_scale, lr, momentum, dampening_complement, weight_decay,
+                        PARAM_DTYPE, GRAD_DTYPE, BUF_DTYPE, MOMENTUM, NESTEROV, LR_IN_MOMENTUM, True, False,
+                    )  # fmt: skip
+                else:
+                    _update_chunk(
+                        param_ptrs, grad_ptrs, buf_ptrs, tensor, offsets, numel,
+                        grad_multiplier, direction_scale, lr, momentum, dampening_complement, weight_decay,
+                        PARAM_DTYPE, GRAD_DTYPE, BUF_DTYPE, MOMENTUM, NESTEROV, LR_IN_MOMENTUM, False, False,
+                    )  # fmt: skip
+            else:
+                _update_chunk(
+                    param_ptrs, grad_ptrs, buf_ptrs, tensor, offsets, numel,
+                    grad_multiplier, direction_scale, lr, momentum, dampening_complement, weight_decay,
+                    PARAM_DTYPE, GRAD_DTYPE, BUF_DTYPE, MOMENTUM, NESTEROV, LR_IN_MOMENTUM, False, True,
+                )  # fmt: skip
 
 
 def fused_lars(
@@ -183,8 +217,8 @@ def fused_lars(
     never written. `shard_reduction` sums the per-tensor squares over the shard ranks (one
     all-reduce per (device, dtype) group) when the tensors are local shards. With `found_inf`
     nonzero nothing changes, step counters included. `buckets`: see `fused_lamb`. The kernels
-    never read the step counters; they are still counted, so that the state matches the
-    reference implementation's.
+    never read the step counters; the update pass still counts them, so that the state matches
+    the per-tensor implementation's (see the module docstring).
     """
     has_momentum = momentum_buffers is not None
     if has_momentum == (momentum == 0):
@@ -193,35 +227,32 @@ def fused_lars(
         lists = [params, grads, *([momentum_buffers] if has_momentum else []), state_steps]
         buckets = planned_buckets("lars", lists, **lars_layout(has_momentum), plans=None)
     for device, dtypes, lists, table in buckets:
-        d_steps = lists[-1]
         device_found_inf = scalar_on(found_inf, device)
         device_grad_scale = scalar_on(grad_scale, device)
-        table.count_step(d_steps, device_found_inf)
         mark_written(lists[0])
         # The kernels take a buffer row in any case: without momentum it is None, never read, and
         # typed like the params.
-        missing_buffers = () if has_momentum else (None,)
+        pointers = table.pointers if has_momentum else (*table.pointers[:2], None, table.pointers[2])
         buffer_dtype = dtypes[2] if has_momentum else dtypes[0]
         dtype_args = dtype_constexprs(("PARAM", "GRAD", "BUF"), (dtypes[0], dtypes[1], buffer_dtype))
         norms_sq = None
         if adapt:
-            partials = table.scratch("chunk", 2)
+            partials = table.scratch("lars norms", "chunk", 2)
             launch(
                 _norms_kernel,
                 table,
-                *missing_buffers,
                 partials,
                 device_grad_scale,
                 device_found_inf,
+                pointers=pointers,
                 PARAM_DTYPE=dtype_args["PARAM_DTYPE"],
                 GRAD_DTYPE=dtype_args["GRAD_DTYPE"],
             )
-            norms_sq = complete_squares(segment_sums(partials, table), shard_reduction)
+            norms_sq = complete_squares(segment_sums(partials, table, "lars norms"), shard_reduction)
         lr_tensor, lr_float = lr_arguments(lr, device)
         launch(
             _update_kernel,
             table,
-            *missing_buffers,
             norms_sq,
             lr_tensor,
             device_grad_scale,
@@ -232,6 +263,7 @@ def fused_lars(
             weight_decay,
             trust_coefficient,
             eps,
+            pointers=pointers,
             **dtype_args,
             MAXIMIZE=maximize,
             ADAPT=adapt,

@@ -18,7 +18,8 @@ import numbers
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
-from operator import attrgetter, itemgetter
+from itertools import repeat
+from operator import attrgetter, is_, itemgetter
 from typing import Any, NamedTuple
 
 import torch
@@ -582,9 +583,13 @@ class LargeBatchOptimizer(Optimizer):
         """The group's parameters that have a gradient, in order, and those gradients;
         RuntimeError for a sparse gradient or a complex parameter. C-level passes over the group
         (a step runs this for every group; `.grad` of a Parameter is read once)."""
-        all_grads = list(map(_GRAD, group["params"]))
-        params = [p for p, g in zip(group["params"], all_grads) if g is not None]
-        grads = [g for g in all_grads if g is not None]
+        all_params = group["params"]
+        all_grads = list(map(_GRAD, all_params))
+        if any(map(is_, all_grads, repeat(None))):
+            params = [p for p, g in zip(all_params, all_grads) if g is not None]
+            grads = [g for g in all_grads if g is not None]
+        else:  # the usual case: every parameter has a gradient
+            params, grads = list(all_params), all_grads
         if any(map(_IS_SPARSE, grads)):
             raise RuntimeError(f"{self._name} does not support sparse gradients")
         if any(dtype.is_complex for dtype in set(map(_DTYPE, params))):
@@ -595,7 +600,7 @@ class LargeBatchOptimizer(Optimizer):
         """Per key, the state tensors of `params` in order, each parameter's missing entries
         created first by `_init_state`. C-level passes over the group (a step runs this for every
         group), and the per-parameter loop only where a state is missing something."""
-        states = [self.state[p] for p in params]
+        states = list(map(self.state.__getitem__, params))
         try:
             return [list(map(itemgetter(key), states)) for key in keys]
         except KeyError:
@@ -623,12 +628,21 @@ class LargeBatchOptimizer(Optimizer):
         None where it has none), as apex and timm compute it. Sharded groups contribute their
         squares summed over the shard ranks: one all-reduce per kind of sharding for all their
         tensors together. Fused groups square their gradients through their step plans, whose
-        checks already covered them.
+        checks already covered them; when none is sharded, the coefficients come from one launch
+        each (`largebatch.fused._norms.clip_coefficients`).
         """
         max_norms = [group.get("max_grad_norm") for group in self.param_groups]
         if all(m is None for m in max_norms):
             return [None] * len(max_norms)
         grad_scale = getattr(self, "grad_scale", None)
+        ready_groups = [ready for ready in prepared if ready is not None]
+        if not ready_groups:
+            return [None] * len(max_norms)
+        if all(ready.buckets is not None and ready.reduction is None for ready in ready_groups):
+            from largebatch.fused._norms import clip_coefficients
+
+            buckets = [None if ready is None else ready.buckets for ready in prepared]
+            return clip_coefficients(buckets, max_norms, grad_scale, CLIP_NORM_EPS)
         local_squares: dict[Any, list[Tensor]] = {}
         for group, ready in zip(self.param_groups, prepared):
             if ready is None:
@@ -638,7 +652,8 @@ class LargeBatchOptimizer(Optimizer):
 
                 device = ready.buckets[0].device
                 square = _sum_of([
-                    grad_squares(b.plan, b.plan.pointers[1], b.dtypes[1], grad_scale).to(device) for b in ready.buckets
+                    grad_squares(b.plan, b.plan.pointers[1], b.dtypes[1], grad_scale).sum().to(device)
+                    for b in ready.buckets
                 ])  # fmt: skip
             else:
                 norm = global_grad_norm(ready.lists[1], foreach=bool(group["foreach"]))
@@ -646,8 +661,6 @@ class LargeBatchOptimizer(Optimizer):
                     norm = norm / grad_scale.to(norm.device)
                 square = norm.square()
             local_squares.setdefault(ready.reduction, []).append(square)
-        if not local_squares:
-            return [None] * len(max_norms)
         device = next(iter(local_squares.values()))[0].device
         total_square = _sum_of([
             squares[0].to(device) if reduction is None and len(squares) == 1

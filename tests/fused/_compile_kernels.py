@@ -18,17 +18,19 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from largebatch.fused import _norms, adan, lamb, lars
-from largebatch.fused._engine import PRODUCTION_CHUNKING, VECTOR_ALIGNMENT
+from largebatch.fused._engine import PRODUCTION_CHUNKING, TENSOR_BLOCK
 
 TARGET = GPUTarget("cuda", 90, 32)
 INDEX = "*i64"  # a row of the chunk table
 FLOAT = "*fp32"
 SCALAR = "fp32"
-CHUNK = {"CHUNK_SIZE": PRODUCTION_CHUNKING.chunk_size, "ALIGNMENT": VECTOR_ALIGNMENT}
+COUNT = "i32"
+CHUNK = {"CHUNK_SIZE": PRODUCTION_CHUNKING.chunk_size, "CHUNKS_PER_PROGRAM": PRODUCTION_CHUNKING.chunks_per_program}
 
 
 def _table(*pointer_rows: str) -> dict[str, object]:
-    return {"chunk_tensors": INDEX, "numels": INDEX, "first_chunks": INDEX, **{row: INDEX for row in pointer_rows}}
+    return {"n_chunks": COUNT, "chunk_tensors": INDEX, "numels": INDEX, "first_chunks": INDEX, "aligned": INDEX,
+            **{row: INDEX for row in pointer_rows}}  # fmt: skip
 
 
 def _scalars(names: str) -> dict[str, object]:
@@ -37,7 +39,8 @@ def _scalars(names: str) -> dict[str, object]:
 
 def compile_variant(kernel, arguments: dict[str, object], num_warps: int) -> str:
     """PTX of `kernel` with these arguments: "*type" a pointer (16-byte aligned, as torch
-    allocates), "fp32" a runtime float, anything else (None included) a constexpr."""
+    allocates), "fp32" a runtime float, "i32" a runtime count, anything else (None included) a
+    constexpr."""
     signature, constexprs, attrs = {}, {}, {}
     for index, name in enumerate(kernel.arg_names):
         value = arguments[name]
@@ -61,26 +64,35 @@ def variants():
         yield f"segment sums x{columns}", _norms._segment_sums_kernel, {
             "partials": FLOAT, "first_chunks": INDEX, "sums": FLOAT, "N_COLUMNS": columns, "ROWS": _norms.SEGMENT_ROWS
         }, _norms.SEGMENT_WARPS
+    yield "clip coefficient", _norms._clip_coefficient_kernel, {
+        "squares": FLOAT, "n_squares": COUNT, "coefficient": FLOAT, **_scalars("max_norm eps"),
+        "BLOCK": _norms.CLIP_BLOCK}, 4  # fmt: skip
+    per_tensor = {"n_tensors": COUNT, "step_ptrs": INDEX, "corrections": FLOAT, "BLOCK": TENSOR_BLOCK}
+    for bias_correction in (True, False):
+        yield f"lamb count bias_correction={bias_correction}", lamb._count_kernel, {
+            **per_tensor, "found_inf": FLOAT, **_scalars("log_beta1 log_beta2"), "BIAS_CORRECTION": bias_correction}, 4
+    yield "adan count", adan._count_kernel, {
+        **per_tensor, "found_inf": None, **_scalars("beta2 log_beta1 log_beta2 log_beta3")}, 4  # fmt: skip
 
     lamb_rows = _table("param_ptrs", "grad_ptrs", "exp_avg_ptrs", "exp_avg_sq_ptrs", "step_ptrs")
     for adapt, dtype in ((True, tl.float32), (False, tl.bfloat16)):
         yield f"lamb moments adapt={adapt} {dtype}", lamb._moments_kernel, {
-            **lamb_rows, "partials": FLOAT, "lr_tensor": FLOAT, **amp, "clip_coef": FLOAT,
-            **_scalars("lr beta1 grad_weight beta2 one_minus_beta2 log_beta1 log_beta2 eps weight_decay"),
+            **lamb_rows, "partials": FLOAT, "corrections": FLOAT, "lr_tensor": FLOAT, **amp, "clip_coef": FLOAT,
+            **_scalars("lr beta1 grad_weight beta2 one_minus_beta2 eps weight_decay"),
             "PARAM_DTYPE": dtype, "GRAD_DTYPE": dtype, "EXP_AVG_DTYPE": tl.float32, "EXP_AVG_SQ_DTYPE": tl.float32,
             "MAXIMIZE": True, "BIAS_CORRECTION": True, "ADAPT": adapt, **CHUNK}, warps  # fmt: skip
     yield "lamb apply", lamb._apply_kernel, {
-        **lamb_rows, "norms_sq": FLOAT, "lr_tensor": None, "found_inf": None,
-        **_scalars("lr log_beta1 log_beta2 eps weight_decay trust_clip"),
+        **lamb_rows, "norms_sq": FLOAT, "corrections": FLOAT, "lr_tensor": None, "found_inf": None,
+        **_scalars("lr eps weight_decay trust_clip"),
         "PARAM_DTYPE": tl.float16, "GRAD_DTYPE": tl.float16, "EXP_AVG_DTYPE": tl.float16, "EXP_AVG_SQ_DTYPE": tl.float16,
         "BIAS_CORRECTION": False, "TRUST_CLIP": True, **CHUNK}, warps  # fmt: skip
 
     yield "lars norms", lars._norms_kernel, {
-        **_table("param_ptrs", "grad_ptrs", "buf_ptrs"), "partials": FLOAT, **amp,
+        **_table("param_ptrs", "grad_ptrs", "buf_ptrs", "step_ptrs"), "partials": FLOAT, **amp,
         "PARAM_DTYPE": tl.float32, "GRAD_DTYPE": tl.float32, **CHUNK}, warps  # fmt: skip
     for momentum, nesterov, lr_in_momentum in ((True, True, False), (True, False, True), (False, False, False)):
         yield f"lars update momentum={momentum} nesterov={nesterov} lr_in_momentum={lr_in_momentum}", lars._update_kernel, {
-            **_table("param_ptrs", "grad_ptrs"), "buf_ptrs": INDEX if momentum else None,
+            **_table("param_ptrs", "grad_ptrs"), "buf_ptrs": INDEX if momentum else None, "step_ptrs": INDEX,
             "norms_sq": FLOAT if momentum else None, "lr_tensor": FLOAT, **amp,
             **_scalars("lr momentum dampening_complement weight_decay trust_coefficient eps"),
             "PARAM_DTYPE": tl.float32, "GRAD_DTYPE": tl.float32, "BUF_DTYPE": tl.float32, "MAXIMIZE": False,
@@ -91,9 +103,8 @@ def variants():
         yield f"adan no_prox={no_prox} {dtype}", adan._adan_kernel, {
             **_table("param_ptrs", "grad_ptrs", "exp_avg_ptrs", "exp_avg_diff_ptrs", "exp_avg_sq_ptrs", "prev_grad_ptrs",
                      "step_ptrs"),
-            "lr_tensor": None, **amp, "clip_coef": FLOAT,
-            **_scalars("lr beta1 one_minus_beta1 beta2 one_minus_beta2 beta3 one_minus_beta3 log_beta1 log_beta2 "
-                       "log_beta3 eps weight_decay"),
+            "corrections": FLOAT, "lr_tensor": None, **amp, "clip_coef": FLOAT,
+            **_scalars("lr beta1 one_minus_beta1 beta2 one_minus_beta2 beta3 one_minus_beta3 eps weight_decay"),
             "PARAM_DTYPE": dtype, "GRAD_DTYPE": dtype, "EXP_AVG_DTYPE": tl.float32, "EXP_AVG_DIFF_DTYPE": tl.float32,
             "EXP_AVG_SQ_DTYPE": tl.float32, "PREV_GRAD_DTYPE": dtype, "MAXIMIZE": False, "NO_PROX": no_prox,
             **CHUNK}, warps  # fmt: skip

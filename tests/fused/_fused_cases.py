@@ -22,7 +22,9 @@ requires_kernels = pytest.mark.skipif(
 )
 
 # 16 elements per chunk: a tensor of up to 3 chunks + 5 has a tail chunk and a few full ones.
-TEST_CHUNKING = Chunking(chunk_size=16, num_warps=1)
+# Two chunks per program: programs whose chunks belong to two tensors, and a last program with
+# one chunk past the table when the count is odd.
+TEST_CHUNKING = Chunking(chunk_size=16, num_warps=1, chunks_per_program=2)
 MAX_NUMEL = 3 * TEST_CHUNKING.chunk_size + 5
 STEPS = 5
 

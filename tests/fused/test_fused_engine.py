@@ -53,12 +53,14 @@ def test_chunk_table_rows():
     grads = [torch.zeros(s, device=DEVICE) for s in sizes]
     steps = step_counters(sizes)
     table = chunk_table([params, grads], [steps])
-    # 1 + 0 + 1 + 2 + 3 chunks (2·(CHUNK+3) elements need three)
-    assert table.chunk_tensors.tolist() == [0, 2, 3, 3, 4, 4, 4]
-    assert table.first_chunks.tolist() == [0, 1, 1, 2, 4, 7]
+    # 1 + 1 + 1 + 2 + 3 chunks (the empty tensor has one chunk of no elements, so that every
+    # tensor has a first chunk; 2·(CHUNK+3) elements need three)
+    assert table.chunk_tensors.tolist() == [0, 1, 2, 3, 3, 4, 4, 4]
+    assert table.first_chunks.tolist() == [0, 1, 2, 3, 5, 8]
     assert table.numels.tolist() == [1, 0, CHUNK, CHUNK + 1, 2 * (CHUNK + 3)]
+    assert table.aligned.tolist() == [1] * 5
     assert [row.tolist() for row in table.pointers] == [[t.data_ptr() for t in lst] for lst in (params, grads, steps)]
-    assert (table.n_tensors, table.n_chunks) == (5, 7)
+    assert (table.n_tensors, table.n_chunks) == (5, 8)
 
 
 def test_uniform_lists_are_one_bucket_of_the_lists_themselves():
@@ -88,14 +90,19 @@ def test_a_plan_is_reused_until_the_sizes_or_the_chunking_change_and_moved_rows_
     assert plans.builds == 3
 
 
-def test_alignment_hint_only_when_every_tensor_is_16_byte_aligned():
+def test_vector_alignment_is_decided_per_tensor_and_follows_moved_rows():
     flat = torch.zeros(64, device=DEVICE)
     aligned = [flat[0:4], flat[8:20]]
-    assert chunk_table([aligned]).alignment == 16
-    assert chunk_table([[flat[0:4], flat[9:20]]]).alignment == 1
+    assert chunk_table([aligned]).aligned.tolist() == [1, 1]
+    assert chunk_table([[flat[0:4], flat[9:20]]]).aligned.tolist() == [1, 0]
+    # A tensor is aligned only when it is in every list: here its gradient is not.
+    assert chunk_table([aligned, [flat[32:36], flat[41:53]]]).aligned.tolist() == [1, 0]
     plans = PlanCache()
-    assert plan_in(plans, [aligned]).alignment == 16
-    assert plan_in(plans, [[flat[0:4], flat[9:21]]]).alignment == 1  # moved off the boundary
+    plan = plan_in(plans, [aligned])
+    assert plan.aligned.tolist() == [1, 1]
+    assert plan_in(plans, [[flat[0:4], flat[9:21]]]) is plan  # same sizes: the plan follows the move
+    assert plan.aligned.tolist() == [1, 0] and plan.aligned_tensors == [1, 0]
+    assert plan_in(plans, [aligned]).aligned.tolist() == [1, 1]  # and back
 
 
 def test_views_into_one_buffer_step_like_separate_tensors():
@@ -130,7 +137,9 @@ def test_channels_last_parameters_with_matching_states_are_accepted():
     assert chunk_table([[param], [state]]).n_chunks == math.ceil(param.numel() / CHUNK)
 
 
-@pytest.mark.parametrize("field,value", [("chunk_size", 24), ("num_warps", 0), ("chunk_size", True)])
+@pytest.mark.parametrize(
+    "field,value", [("chunk_size", 24), ("num_warps", 0), ("chunk_size", True), ("chunks_per_program", 3)]
+)
 def test_chunking_must_be_powers_of_two(field, value):
     kwargs = {"chunk_size": 16, "num_warps": 1, field: value}
     with pytest.raises(ValueError, match=field):
