@@ -155,8 +155,10 @@ def _tensors(value: Any) -> list[Tensor]:
     return []
 
 
-def _nbytes(value: Any) -> int:
-    return sum(t.numel() * t.element_size() for t in _tensors(value))
+def _views(value: Any) -> dict[tuple[int, int], int]:
+    """The distinct tensors of an argument, keyed by (address, bytes): an op reads a tensor
+    passed twice (addcmul's g, g) once."""
+    return {(t.data_ptr(), t.numel() * t.element_size()): t.numel() * t.element_size() for t in _tensors(value)}
 
 
 # Ops whose first argument is written without being read.
@@ -164,23 +166,25 @@ _WRITE_ONLY = {"aten::copy_", "aten::zero_", "aten::fill_", "aten::_foreach_copy
 
 
 def op_bytes(func: Any, args: Sequence[Any], kwargs: dict[str, Any], out: Any) -> int:
-    """Bytes one aten op reads plus writes: every tensor argument read (in-place ones also
-    written; out= and write-only first arguments only written), every fresh output written."""
+    """Bytes one aten op reads plus writes: each distinct tensor argument read once (in-place
+    ones also written; out= and write-only first arguments only written), each fresh output written."""
     if func.is_view:
         return 0
     schema = func._schema
-    total = 0
+    read: dict[tuple[int, int], int] = {}
+    written: dict[tuple[int, int], int] = {}
     for index, argument in enumerate(schema.arguments):
-        value = args[index] if index < len(args) else kwargs.get(argument.name)
-        size = _nbytes(value)
-        written = argument.alias_info is not None and argument.alias_info.is_write
-        write_only = written and (argument.is_out or (index == 0 and schema.name in _WRITE_ONLY))
-        total += size * ((0 if write_only else 1) + written)
+        views = _views(args[index] if index < len(args) else kwargs.get(argument.name))
+        is_written = argument.alias_info is not None and argument.alias_info.is_write
+        if is_written:
+            written.update(views)
+        if not (is_written and (argument.is_out or (index == 0 and schema.name in _WRITE_ONLY))):
+            read.update(views)
     outs = out if isinstance(out, tuple) else (out,)
     for returned, value in zip(schema.returns, outs):
         if returned.alias_info is None:
-            total += _nbytes(value)
-    return total
+            written.update(_views(value))
+    return sum(read.values()) + sum(written.values())
 
 
 class Traffic(TorchDispatchMode):
@@ -322,8 +326,11 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=7, help="interleaved rounds; the min is reported (default 7)")
     parser.add_argument("--width-scale", type=float, default=1.0, help="shrink the layouts' widths (default 1)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--families", nargs="*", default=None, help="only these (LAMB LARS Adan AdaGradNorm AGVM)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     notes: list[str] = []
     rows = implementations(notes)

@@ -11,7 +11,6 @@ from torch.optim.optimizer import Optimizer, ParamsT
 from ._base import (
     LargeBatchOptimizer,
     PreparedGroup,
-    debias_factor,
     debias_factors,
     check_beta,
     check_bool,
@@ -331,8 +330,8 @@ def _single_tensor_lamb(
             exp_avg.mul_(beta1).add_(grad)
         exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
         if bias_correction:
-            bc1 = debias_factor(beta1, step_t, capturable)
-            bc2 = debias_factor(beta2, step_t, capturable)
+            step = step_t if capturable else step_t.item()  # a CPU counter: no device sync
+            bc1, bc2 = 1 - beta1**step, 1 - beta2**step
         else:
             bc1 = bc2 = 1.0
         # m̂ / (√v̂ + ε) = scale · update: the bias corrections are scalars, not passes.

@@ -321,10 +321,11 @@ def _lars_update_(
     # What multiplies g + λw in the buffer, and what multiplies the buffer in the step.
     rate, step_lr = (local * lr, 1.0) if lr_in_momentum else (local, lr)
     if buf is not None and not nesterov:
+        damped = rate if dampening == 0 else rate * (1 - dampening)
         buf.mul_(momentum)
-        add_scaled_(buf, grad, rate * (1 - dampening))
+        add_scaled_(buf, grad, damped)
         if weight_decay != 0:
-            add_scaled_(buf, param, rate * ((1 - dampening) * weight_decay))
+            add_scaled_(buf, param, damped * weight_decay)
         add_scaled_(param, buf, -step_lr)
         return
     direction = grad.add(param, alpha=weight_decay) if weight_decay != 0 else grad
@@ -390,10 +391,11 @@ def _multi_tensor_lars(
             return list(coefficient.unbind()) if isinstance(coefficient, Tensor) and coefficient.dim() else [coefficient] * count
 
         if d_buffers is not None and not nesterov:
+            damped = rate if dampening == 0 else rate * (1 - dampening)
             torch._foreach_mul_(d_buffers, momentum)
-            foreach_add_scaled_(d_buffers, d_grads, per_tensor(rate * (1 - dampening)))
+            foreach_add_scaled_(d_buffers, d_grads, per_tensor(damped))
             if weight_decay != 0:
-                foreach_add_scaled_(d_buffers, d_params, per_tensor(rate * ((1 - dampening) * weight_decay)))
+                foreach_add_scaled_(d_buffers, d_params, per_tensor(damped * weight_decay))
             foreach_add_scaled_(d_params, d_buffers, per_tensor(-step_lr))
             continue
         directions = torch._foreach_add(d_grads, d_params, alpha=weight_decay) if weight_decay != 0 else d_grads
