@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "reusable",
     "add_quotient_",
     "add_scaled_",
     "cache_chunks",
@@ -55,10 +56,11 @@ def step_values(steps: Sequence[Tensor]) -> list[float]:
     return torch.stack(list(steps)).tolist()
 
 
-def cache_chunks(lists: Sequence[list[Tensor]], budget: int = CPU_CHUNK_ELEMENTS) -> Iterator[list[list[Tensor]]]:
+def cache_chunks(lists: Sequence[list[Tensor]], budget: int | None = None) -> Iterator[list[list[Tensor]]]:
     """Parallel tensor lists (lists[0] the parameters) split into chunks of consecutive whole
-    tensors of at most `budget` elements (a larger tensor is a chunk of its own) on the CPU;
-    the lists themselves, as one chunk, on any other device."""
+    tensors of at most `budget` elements (default `CPU_CHUNK_ELEMENTS`; a larger tensor is a chunk
+    of its own) on the CPU; the lists themselves, as one chunk, on any other device."""
+    budget = CPU_CHUNK_ELEMENTS if budget is None else budget
     params = lists[0]
     if not params or params[0].device.type != "cpu":
         yield [list(values) for values in lists]
@@ -89,17 +91,27 @@ def foreach_add_quotients_(
         foreach_add_scaled_(targets, torch._foreach_div(numerators, denominators), coefficients)
 
 
-def sqrt_denominator(second_moment: Tensor, bias_correction: float | Tensor, eps: float) -> tuple[Tensor, float | Tensor]:
-    r"""(D, s) with s / D = 1 / (\sqrt{v / bc} + ε): D a new tensor, s a scalar, two passes.
+def reusable(buffer: Tensor) -> Tensor | None:
+    """`buffer` as the out= of an op that may overwrite it, or None (a new tensor) under autograd
+    (differentiable=True), where out= has no derivative. On the CPU a new tensor of a few MiB
+    costs page faults: reusing a dead temporary is ~20% of a LAMB step."""
+    return None if torch.is_grad_enabled() else buffer
+
+
+def sqrt_denominator(
+    second_moment: Tensor, bias_correction: float | Tensor, eps: float, out: Tensor | None = None
+) -> tuple[Tensor, float | Tensor]:
+    r"""(D, s) with s / D = 1 / (\sqrt{v / bc} + ε): D a new tensor (or `out`), s a scalar, two passes.
 
     D = √v + ε·√bc and s = √bc, so the bias correction costs no pass. Float16 keeps
     D = √v / √bc + ε (s = 1): ε·√bc can fall below its smallest subnormal, and a zero moment
     would then give 0 / 0.
     """
     sqrt_bc = bias_correction**0.5
+    root = torch.sqrt(second_moment, out=out)
     if second_moment.dtype == torch.float16:
-        return second_moment.sqrt().div_(sqrt_bc).add_(eps), 1.0
-    return second_moment.sqrt().add_(eps * sqrt_bc), sqrt_bc
+        return root.div_(sqrt_bc).add_(eps), 1.0
+    return root.add_(eps * sqrt_bc), sqrt_bc
 
 
 def foreach_sqrt_denominators(

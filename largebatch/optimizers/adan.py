@@ -19,7 +19,7 @@ from ._base import (
     resolve_foreach,
     scalar_lr,
 )
-from ._inplace import add_quotient_, cache_chunks, foreach_add_quotients_, foreach_sqrt_denominators, sqrt_denominator, step_values
+from ._inplace import add_quotient_, cache_chunks, foreach_add_quotients_, foreach_sqrt_denominators, reusable, sqrt_denominator, step_values
 from ._sharding import locals_of
 
 if TYPE_CHECKING:
@@ -256,7 +256,7 @@ def _single_tensor_adan(
         prev_grad.copy_(grad)
 
         # η = (m / bc1 + β2 · d / bc2) / (√(n / bc3) + ε) = sqrt_bc3 · (m / bc1 + β2 · d / bc2) / denom
-        denom, sqrt_bc3 = sqrt_denominator(exp_avg_sq, 1 - beta3**step, eps)
+        denom, sqrt_bc3 = sqrt_denominator(exp_avg_sq, 1 - beta3**step, eps, out=reusable(nesterov))
         if no_prox:
             param.mul_(1 - lr * weight_decay)
         add_quotient_(param, exp_avg, denom, -lr * sqrt_bc3 / (1 - beta1**step))

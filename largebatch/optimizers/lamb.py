@@ -28,6 +28,7 @@ from ._inplace import (
     cache_chunks,
     foreach_add_scaled_,
     foreach_sqrt_denominators,
+    reusable,
     sqrt_denominator,
     step_values,
 )
@@ -336,7 +337,7 @@ def _single_tensor_lamb(
             bc1 = bc2 = 1.0
         # m̂ / (√v̂ + ε) = scale · update: the bias corrections are scalars, not passes.
         denom, sqrt_bc2 = sqrt_denominator(exp_avg_sq, bc2, eps)
-        update, scale = exp_avg / denom, sqrt_bc2 / bc1
+        update, scale = torch.div(exp_avg, denom, out=reusable(denom)), sqrt_bc2 / bc1
         if weight_decay != 0:
             add_scaled_(update, param, weight_decay / scale)  # u = scale · (q + λ/scale · x)
 
