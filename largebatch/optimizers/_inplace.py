@@ -23,6 +23,7 @@ __all__ = [
     "cache_chunks",
     "foreach_add_quotients_",
     "foreach_add_scaled_",
+    "foreach_into",
     "step_values",
 ]
 
@@ -114,12 +115,24 @@ def sqrt_denominator(
     return root.add_(eps * sqrt_bc), sqrt_bc
 
 
+def foreach_into(op: Any, foreach_op: Any, inputs: Sequence[list[Tensor]], outs: list[Tensor] | None) -> list[Tensor]:
+    """`foreach_op(*inputs)`, written into `outs` (dead temporaries) on the CPU, tensor by tensor
+    with `op(..., out=)`: the same kernels without new tensors, whose page faults cost more than
+    the loop there. Elsewhere (or without `outs`) the foreach op into new tensors: one launch."""
+    if outs is None or outs[0].device.type != "cpu":
+        return foreach_op(*inputs)
+    for out, *args in zip(outs, *inputs):
+        op(*args, out=out)
+    return outs
+
+
 def foreach_sqrt_denominators(
-    second_moments: list[Tensor], bias_corrections: Sequence[Any], eps: float
+    second_moments: list[Tensor], bias_corrections: Sequence[Any], eps: float, outs: list[Tensor] | None = None
 ) -> tuple[list[Tensor], list[Any]]:
-    """`sqrt_denominator` of each tensor of a foreach group (one dtype): the D list and the s list."""
+    """`sqrt_denominator` of each tensor of a foreach group (one dtype): the D list (into `outs`
+    on the CPU, see `foreach_into`) and the s list."""
     sqrt_bcs = [bc**0.5 for bc in bias_corrections]
-    denominators = torch._foreach_sqrt(second_moments)
+    denominators = foreach_into(torch.sqrt, torch._foreach_sqrt, [second_moments], outs)
     if second_moments[0].dtype == torch.float16:
         torch._foreach_div_(denominators, sqrt_bcs)
         torch._foreach_add_(denominators, eps)

@@ -312,9 +312,9 @@ def _multi_tensor_adan(
             torch._foreach_mul_(d_exp_avg_sqs, beta3)
             torch._foreach_addcmul_(d_exp_avg_sqs, diffs, diffs, value=(1 - beta3) * (1 + beta2) ** 2)
             torch._foreach_copy_(d_prev_grads, d_grads)
-            del diffs
 
-            denoms, sqrt_bc3s = foreach_sqrt_denominators(d_exp_avg_sqs, [1 - beta3**step for step in steps], eps)
+            bc3s = [1 - beta3**step for step in steps]
+            denoms, sqrt_bc3s = foreach_sqrt_denominators(d_exp_avg_sqs, bc3s, eps, outs=diffs)  # diffs are dead
             if no_prox:
                 torch._foreach_mul_(d_params, 1 - lr * weight_decay)
             m_coefs = [-lr * s / (1 - beta1**step) for s, step in zip(sqrt_bc3s, steps)]

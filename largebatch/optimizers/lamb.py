@@ -27,6 +27,7 @@ from ._inplace import (
     add_scaled_,
     cache_chunks,
     foreach_add_scaled_,
+    foreach_into,
     foreach_sqrt_denominators,
     reusable,
     sqrt_denominator,
@@ -412,8 +413,8 @@ def _multi_tensor_lamb(
                 steps = step_values(d_steps)
                 bc1s, bc2s = [1 - beta1**t for t in steps], [1 - beta2**t for t in steps]
             denoms, sqrt_bc2s = foreach_sqrt_denominators(d_exp_avg_sqs, bc2s, eps)
-            updates, scales = torch._foreach_div(d_exp_avgs, denoms), [s / bc1 for s, bc1 in zip(sqrt_bc2s, bc1s)]
-            del denoms
+            updates = foreach_into(torch.div, torch._foreach_div, [d_exp_avgs, denoms], denoms)
+            scales = [s / bc1 for s, bc1 in zip(sqrt_bc2s, bc1s)]
             if weight_decay != 0:
                 foreach_add_scaled_(updates, d_params, [weight_decay / s for s in scales])
 

@@ -87,3 +87,5 @@ def test_table_reports_ratios_to_the_best_peer():
     lines = cpu_step.table(measured)
     assert "| LAMB | ours | 8.0 | **0.80** | 96 (40) | 1.0 |" in lines
     assert "| LAMB | peer b | 20.0 | 2.00 | 96 (40) | 1.0 |" in lines
+    wrapped = cpu_step.Measured(cpu_step.Impl("LAMB", "wrapped", lambda p: None, "ours", "peer b"), 22.0, accounting)
+    assert "| LAMB | wrapped | 22.0 | **1.10** | 96 (40) | 1.0 |" in cpu_step.table([*measured, wrapped])
