@@ -249,6 +249,8 @@ def check_agreement(rows: Sequence[Impl], shapes: Sequence[Shape], steps: int = 
     worst = {}
     for family in MIN_BYTES_PER_PARAM:
         checked = [r for r in rows if r.family == family and (r.kind == "ours" or r.label.startswith("timm"))]
+        if not checked:
+            continue
         results = []
         for row in checked:
             params = make_params(shapes, torch.float64)

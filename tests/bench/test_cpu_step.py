@@ -70,6 +70,7 @@ def test_agreement_check_passes_for_the_same_update_and_fails_for_another():
     rows = [r for r in cpu_step.implementations([]) if r.family in cpu_step.MIN_BYTES_PER_PARAM]
     worst = cpu_step.check_agreement(rows, shapes, steps=2)
     assert set(worst) == set(cpu_step.MIN_BYTES_PER_PARAM) and all(v < 1e-10 for v in worst.values())
+    assert set(cpu_step.check_agreement([r for r in rows if r.family == "LARS"], shapes, steps=1)) == {"LARS"}
 
     other = cpu_step.Impl("LAMB", "ours, other lr", lambda p: cpu_step.LAMB(p, **dict(cpu_step.LAMB_HYPER, lr=2e-3)), "ours")
     with pytest.raises(AssertionError):
