@@ -28,12 +28,22 @@ def trust_ratio(
     eps: float = 0.0,
     max_ratio: float | None = None,
 ) -> Tensor:
-    """Layer-wise trust ratio r (see the module docstring), elementwise over the given norms."""
-    adaptable = (param_norm > 0) & (update_norm > 0)
-    denominator = update_norm + weight_decay * param_norm + eps
-    # A safe denominator where the ratio is not used keeps autograd (differentiable=True) free of 0/0.
-    denominator = torch.where(adaptable, denominator, torch.ones_like(denominator))
-    ratio = torch.where(adaptable, coefficient * param_norm / denominator, torch.ones_like(param_norm))
+    """Layer-wise trust ratio r (see the module docstring), elementwise over the given norms.
+
+    Terms that are 0 (or a factor 1) are left out: on one tensor's 0-dim norms each op is a
+    dispatch, and a per-tensor step makes this call for every tensor.
+    """
+    adaptable = torch.minimum(param_norm, update_norm) > 0  # the norms are >= 0 (NaN: not adaptable)
+    denominator = update_norm
+    if weight_decay != 0:
+        denominator = denominator + weight_decay * param_norm
+    if eps != 0:
+        denominator = denominator + eps
+    if torch.is_grad_enabled():
+        # A safe denominator where the ratio is not used keeps autograd (differentiable=True) free of 0/0.
+        denominator = torch.where(adaptable, denominator, 1.0)
+    numerator = param_norm if coefficient == 1 else coefficient * param_norm
+    ratio = torch.where(adaptable, numerator / denominator, 1.0)
     if max_ratio is not None:
         ratio = torch.clamp(ratio, max=max_ratio)
     return ratio

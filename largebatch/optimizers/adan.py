@@ -16,11 +16,10 @@ from ._base import (
     check_non_negative,
     check_positive,
     check_same_lengths,
-    debias_factor,
-    debias_factors,
     resolve_foreach,
     scalar_lr,
 )
+from ._inplace import add_quotient_, cache_chunks, foreach_add_quotients_, foreach_sqrt_denominators, reusable, sqrt_denominator, step_values
 from ._sharding import locals_of
 
 if TYPE_CHECKING:
@@ -211,17 +210,6 @@ def adan(
         _single_tensor_adan(*tensors, capturable=capturable, **hyper)
 
 
-def _has_previous_grad(steps: list[Tensor], capturable: bool) -> list[Any]:
-    """1 where a tensor's counter (already incremented) is past its first step, else 0.
-
-    prev_grad starts at zero and there is no previous gradient on the first step, so Δ is
-    multiplied by this. Floats from the CPU counters, or device tensors when capturable.
-    """
-    if capturable:
-        return [(step > 1).to(step.dtype) for step in steps]
-    return [float(step.item() > 1) for step in steps]
-
-
 def _single_tensor_adan(
     params: list[Tensor],
     grads: list[Tensor],
@@ -242,31 +230,38 @@ def _single_tensor_adan(
     no_prox: bool,
     maximize: bool,
 ) -> None:
-    """The reference: one tensor at a time, reading like the equations."""
+    """The reference: one tensor at a time, reading like the equations, each op in place.
+
+    The moving averages are lerps (β·a + (1−β)·b); g + β2·Δ is kept as (g + β2·Δ) / (1 + β2), a
+    lerp of Δ towards g, its factor moved into n's coefficient; the bias corrections are scalars
+    (see `sqrt_denominator`). The step counter is read once per tensor (not capturable).
+    """
     tensors = zip(params, grads, exp_avgs, exp_avg_diffs, exp_avg_sqs, prev_grads, state_steps)
     for param, grad, exp_avg, exp_avg_diff, exp_avg_sq, prev_grad, step_t in tensors:
         grad = -grad if maximize else grad
         if grad_clip_coef is not None:
-            grad = grad * grad_clip_coef.to(grad.device)
+            grad = grad * grad_clip_coef.to(grad.device, grad.dtype)
         step_t += 1
-        diff = (grad - prev_grad) * _has_previous_grad([step_t], capturable)[0]
+        step = step_t if capturable else step_t.item()
+        # Δ = g − g_prev, 0 on the first step (there is no previous gradient).
+        if capturable:
+            diff = (grad - prev_grad).mul_((step > 1).to(grad.dtype))
+        else:
+            diff = grad - prev_grad if step > 1 else torch.zeros_like(grad)
 
-        exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
-        exp_avg_diff.mul_(beta2).add_(diff, alpha=1 - beta2)
-        nesterov_grad = grad.add(diff, alpha=beta2)
-        exp_avg_sq.mul_(beta3).addcmul_(nesterov_grad, nesterov_grad, value=1 - beta3)
+        exp_avg.lerp_(grad, 1 - beta1)
+        exp_avg_diff.lerp_(diff, 1 - beta2)
+        nesterov = diff.lerp_(grad, 1 / (1 + beta2))  # (g + β2·Δ) / (1 + β2)
+        exp_avg_sq.mul_(beta3).addcmul_(nesterov, nesterov, value=(1 - beta3) * (1 + beta2) ** 2)
         prev_grad.copy_(grad)
 
-        bc1 = debias_factor(beta1, step_t, capturable)
-        bc2 = debias_factor(beta2, step_t, capturable)
-        bc3 = debias_factor(beta3, step_t, capturable)
-        update = (exp_avg / bc1 + exp_avg_diff * (beta2 / bc2)) / ((exp_avg_sq / bc3).sqrt() + eps)
-
+        # η = (m / bc1 + β2 · d / bc2) / (√(n / bc3) + ε) = sqrt_bc3 · (m / bc1 + β2 · d / bc2) / denom
+        denom, sqrt_bc3 = sqrt_denominator(exp_avg_sq, 1 - beta3**step, eps, out=reusable(nesterov))
         if no_prox:
             param.mul_(1 - lr * weight_decay)
-            param.sub_(update * lr)
-        else:
-            param.sub_(update * lr)
+        add_quotient_(param, exp_avg, denom, -lr * sqrt_bc3 / (1 - beta1**step))
+        add_quotient_(param, exp_avg_diff, denom, -lr * sqrt_bc3 * beta2 / (1 - beta2**step))
+        if not no_prox and weight_decay != 0:
             param.div_(1 + lr * weight_decay)
 
 
@@ -290,39 +285,41 @@ def _multi_tensor_adan(
     no_prox: bool,
     maximize: bool,
 ) -> None:
-    """torch._foreach implementation per (device, dtype) group; no host sync."""
+    """torch._foreach implementation of the reference's update, each op over a chunk of a
+    (device, dtype) group (cache-sized on the CPU, the whole group elsewhere: see `cache_chunks`);
+    no host sync (CPU step counters are read once per chunk, not once per tensor)."""
     grouped = Optimizer._group_tensors_by_device_and_dtype(
         [params, grads, exp_avgs, exp_avg_diffs, exp_avg_sqs, prev_grads, state_steps]  # type: ignore[list-item]
     )
-    for (device, _), (device_lists, _) in grouped.items():
-        d_params, d_grads, d_exp_avgs, d_exp_avg_diffs, d_exp_avg_sqs, d_prev_grads, d_steps = device_lists
-        d_grads = torch._foreach_neg(d_grads) if maximize else list(d_grads)
-        if grad_clip_coef is not None:
-            d_grads = torch._foreach_mul(d_grads, grad_clip_coef.to(device))
-        torch._foreach_add_(d_steps, 1)
-        diffs = torch._foreach_sub(d_grads, d_prev_grads)
-        torch._foreach_mul_(diffs, _has_previous_grad(d_steps, capturable))
+    for (device, dtype), (device_lists, _) in grouped.items():
+        for chunk in cache_chunks(device_lists):
+            d_params, d_grads, d_exp_avgs, d_exp_avg_diffs, d_exp_avg_sqs, d_prev_grads, d_steps = chunk
+            if maximize:
+                d_grads = torch._foreach_neg(d_grads)  # a new list: the caller's .grad tensors are never modified
+            if grad_clip_coef is not None:
+                d_grads = torch._foreach_mul(d_grads, grad_clip_coef.to(device, dtype))
+            torch._foreach_add_(d_steps, 1)
+            steps: list[Any] = list(d_steps) if capturable else step_values(d_steps)
+            diffs = torch._foreach_sub(d_grads, d_prev_grads)
+            if capturable:
+                torch._foreach_mul_(diffs, [(step > 1).to(diffs[0].dtype) for step in steps])
+            elif 1 in steps:
+                torch._foreach_zero_([diff for diff, step in zip(diffs, steps) if step == 1])
 
-        torch._foreach_mul_(d_exp_avgs, beta1)
-        torch._foreach_add_(d_exp_avgs, d_grads, alpha=1 - beta1)
-        torch._foreach_mul_(d_exp_avg_diffs, beta2)
-        torch._foreach_add_(d_exp_avg_diffs, diffs, alpha=1 - beta2)
-        nesterov_grads = torch._foreach_add(d_grads, diffs, alpha=beta2)
-        torch._foreach_mul_(d_exp_avg_sqs, beta3)
-        torch._foreach_addcmul_(d_exp_avg_sqs, nesterov_grads, nesterov_grads, value=1 - beta3)
-        torch._foreach_copy_(d_prev_grads, d_grads)
+            torch._foreach_lerp_(d_exp_avgs, d_grads, 1 - beta1)
+            torch._foreach_lerp_(d_exp_avg_diffs, diffs, 1 - beta2)
+            torch._foreach_lerp_(diffs, d_grads, 1 / (1 + beta2))  # (g + β2·Δ) / (1 + β2)
+            torch._foreach_mul_(d_exp_avg_sqs, beta3)
+            torch._foreach_addcmul_(d_exp_avg_sqs, diffs, diffs, value=(1 - beta3) * (1 + beta2) ** 2)
+            torch._foreach_copy_(d_prev_grads, d_grads)
 
-        updates = torch._foreach_div(d_exp_avgs, debias_factors(beta1, d_steps, capturable))
-        diff_terms = torch._foreach_mul(d_exp_avg_diffs, [beta2 / bc for bc in debias_factors(beta2, d_steps, capturable)])
-        torch._foreach_add_(updates, diff_terms)
-        denoms = torch._foreach_div(d_exp_avg_sqs, debias_factors(beta3, d_steps, capturable))
-        torch._foreach_sqrt_(denoms)
-        torch._foreach_add_(denoms, eps)
-        torch._foreach_div_(updates, denoms)
-
-        if no_prox:
-            torch._foreach_mul_(d_params, 1 - lr * weight_decay)
-            torch._foreach_sub_(d_params, torch._foreach_mul(updates, lr))
-        else:
-            torch._foreach_sub_(d_params, torch._foreach_mul(updates, lr))
-            torch._foreach_div_(d_params, 1 + lr * weight_decay)
+            bc3s = [1 - beta3**step for step in steps]
+            denoms, sqrt_bc3s = foreach_sqrt_denominators(d_exp_avg_sqs, bc3s, eps, outs=diffs)  # diffs are dead
+            if no_prox:
+                torch._foreach_mul_(d_params, 1 - lr * weight_decay)
+            m_coefs = [-lr * s / (1 - beta1**step) for s, step in zip(sqrt_bc3s, steps)]
+            d_coefs = [-lr * s * beta2 / (1 - beta2**step) for s, step in zip(sqrt_bc3s, steps)]
+            foreach_add_quotients_(d_params, d_exp_avgs, denoms, m_coefs)
+            foreach_add_quotients_(d_params, d_exp_avg_diffs, denoms, d_coefs)
+            if not no_prox and weight_decay != 0:
+                torch._foreach_div_(d_params, 1 + lr * weight_decay)

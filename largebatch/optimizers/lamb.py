@@ -11,7 +11,6 @@ from torch.optim.optimizer import Optimizer, ParamsT
 from ._base import (
     LargeBatchOptimizer,
     PreparedGroup,
-    debias_factor,
     debias_factors,
     check_beta,
     check_bool,
@@ -23,6 +22,16 @@ from ._base import (
     param_norm,
     resolve_foreach,
     scalar_lr,
+)
+from ._inplace import (
+    add_scaled_,
+    cache_chunks,
+    foreach_add_scaled_,
+    foreach_into,
+    foreach_sqrt_denominators,
+    reusable,
+    sqrt_denominator,
+    step_values,
 )
 from ._sharding import ShardReduction, complete_norms, locals_of
 from ._trust import trust_ratio
@@ -306,37 +315,47 @@ def _single_tensor_lamb(
 ) -> None:
     """The reference: one tensor at a time, reading like the equations.
 
-    Two passes, so that sharded norms are completed with one all-reduce between them.
+    The update is held as scale · update (see `sqrt_denominator`): the bias corrections and the
+    decay's factor are scalars, not passes. Each tensor is finished while it is in cache; only a sharded
+    group keeps its updates until one all-reduce has completed their norms.
     """
-    grad_weight = 1 - beta1 if grad_averaging else 1.0
-    updates = []
+    kept = []
     for param, grad, exp_avg, exp_avg_sq, step_t in zip(params, grads, exp_avgs, exp_avg_sqs, state_steps):
         grad = -grad if maximize else grad
         if grad_clip_coef is not None:
-            grad = grad * grad_clip_coef.to(grad.device)
+            grad = grad * grad_clip_coef.to(grad.device, grad.dtype)
         step_t += 1
 
-        exp_avg.mul_(beta1).add_(grad, alpha=grad_weight)
+        if grad_averaging:
+            exp_avg.lerp_(grad, 1 - beta1)
+        else:
+            exp_avg.mul_(beta1).add_(grad)
         exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
         if bias_correction:
-            bc1 = debias_factor(beta1, step_t, capturable)
-            bc2 = debias_factor(beta2, step_t, capturable)
+            step = step_t if capturable else step_t.item()  # a CPU counter: no device sync
+            bc1, bc2 = 1 - beta1**step, 1 - beta2**step
         else:
             bc1 = bc2 = 1.0
-        update = (exp_avg / bc1) / ((exp_avg_sq / bc2).sqrt() + eps)
+        # m̂ / (√v̂ + ε) = scale · update: the bias corrections are scalars, not passes.
+        denom, sqrt_bc2 = sqrt_denominator(exp_avg_sq, bc2, eps)
+        update, scale = torch.div(exp_avg, denom, out=reusable(denom)), sqrt_bc2 / bc1
         if weight_decay != 0:
-            update.add_(param, alpha=weight_decay)
-        updates.append(update)
+            add_scaled_(update, param, weight_decay / scale)  # u = scale · (q + λ/scale · x)
 
-    if not adapt:
-        for param, update in zip(params, updates):
-            param.sub_(update * lr)
+        if not adapt:
+            add_scaled_(param, update, -lr * scale)
+        elif shard_reduction is not None:
+            kept.append((param, update, scale))
+        else:
+            ratio = trust_ratio(param_norm(param), fp32_norm(update) * scale, max_ratio=trust_clip)
+            param.addcmul_(update, ratio * (-lr * scale))
+    if not kept:
         return
-    norms = [param_norm(p) for p in params] + [fp32_norm(u) for u in updates]
+    norms = [param_norm(p) for p, _, _ in kept] + [fp32_norm(u) * s for _, u, s in kept]
     norms = complete_norms(norms, shard_reduction)
-    for param, update, p_norm, u_norm in zip(params, updates, norms[: len(params)], norms[len(params) :]):
+    for (param, update, scale), p_norm, u_norm in zip(kept, norms[: len(kept)], norms[len(kept) :]):
         ratio = trust_ratio(p_norm, u_norm, max_ratio=trust_clip)
-        param.sub_(update * (lr * ratio))
+        param.addcmul_(update, ratio * (-lr * scale))
 
 
 def _multi_tensor_lamb(
@@ -360,47 +379,70 @@ def _multi_tensor_lamb(
     adapt: bool,
     maximize: bool,
 ) -> None:
-    """torch._foreach implementation, one pass per op over each (device, dtype) group; no host sync.
+    """torch._foreach implementation of the reference's update, each op over a chunk of a
+    (device, dtype) group (cache-sized on the CPU, the whole group elsewhere: see `cache_chunks`);
+    no host sync (CPU step counters are read once per chunk).
 
-    Two loops over the groups, so that sharded norms are completed with one all-reduce between them.
+    A sharded group keeps its updates until one all-reduce has completed all chunks' norms.
     """
-    grad_weight = 1 - beta1 if grad_averaging else 1.0
     grouped = Optimizer._group_tensors_by_device_and_dtype(
         [params, grads, exp_avgs, exp_avg_sqs, state_steps]  # type: ignore[list-item]
     )
-    buckets = []
-    for (device, _), ((d_params, d_grads, d_exp_avgs, d_exp_avg_sqs, d_steps), _) in grouped.items():
-        # New lists: the caller's .grad tensors are never modified.
-        d_grads = torch._foreach_neg(d_grads) if maximize else list(d_grads)
-        if grad_clip_coef is not None:
-            d_grads = torch._foreach_mul(d_grads, grad_clip_coef.to(device))
-        torch._foreach_add_(d_steps, 1)
+    kept = []
+    for (device, dtype), (device_lists, _) in grouped.items():
+        for d_params, d_grads, d_exp_avgs, d_exp_avg_sqs, d_steps in cache_chunks(device_lists):
+            # New lists: the caller's .grad tensors are never modified.
+            if maximize:
+                d_grads = torch._foreach_neg(d_grads)
+            if grad_clip_coef is not None:
+                d_grads = torch._foreach_mul(d_grads, grad_clip_coef.to(device, dtype))
+            torch._foreach_add_(d_steps, 1)
 
-        torch._foreach_mul_(d_exp_avgs, beta1)
-        torch._foreach_add_(d_exp_avgs, d_grads, alpha=grad_weight)
-        torch._foreach_mul_(d_exp_avg_sqs, beta2)
-        torch._foreach_addcmul_(d_exp_avg_sqs, d_grads, d_grads, value=1 - beta2)
+            if grad_averaging:
+                torch._foreach_lerp_(d_exp_avgs, d_grads, 1 - beta1)
+            else:
+                torch._foreach_mul_(d_exp_avgs, beta1)
+                torch._foreach_add_(d_exp_avgs, d_grads)
+            torch._foreach_mul_(d_exp_avg_sqs, beta2)
+            torch._foreach_addcmul_(d_exp_avg_sqs, d_grads, d_grads, value=1 - beta2)
+            if not bias_correction:
+                bc1s = bc2s = [1.0] * len(d_steps)
+            elif capturable:
+                bc1s, bc2s = debias_factors(beta1, d_steps, True), debias_factors(beta2, d_steps, True)
+            else:
+                steps = step_values(d_steps)
+                bc1s, bc2s = [1 - beta1**t for t in steps], [1 - beta2**t for t in steps]
+            denoms, sqrt_bc2s = foreach_sqrt_denominators(d_exp_avg_sqs, bc2s, eps)
+            updates = foreach_into(torch.div, torch._foreach_div, [d_exp_avgs, denoms], denoms)
+            scales = [s / bc1 for s, bc1 in zip(sqrt_bc2s, bc1s)]
+            if weight_decay != 0:
+                foreach_add_scaled_(updates, d_params, [weight_decay / s for s in scales])
 
-        if bias_correction:
-            updates = torch._foreach_div(d_exp_avgs, debias_factors(beta1, d_steps, capturable))
-            denoms = torch._foreach_div(d_exp_avg_sqs, debias_factors(beta2, d_steps, capturable))
-        else:
-            updates = torch._foreach_div(d_exp_avgs, 1.0)
-            denoms = torch._foreach_div(d_exp_avg_sqs, 1.0)
-        torch._foreach_sqrt_(denoms)
-        torch._foreach_add_(denoms, eps)
-        torch._foreach_div_(updates, denoms)
-        if weight_decay != 0:
-            torch._foreach_add_(updates, d_params, alpha=weight_decay)
-        buckets.append((d_params, updates))
-
-    if not adapt:
-        for d_params, updates in buckets:
-            torch._foreach_sub_(d_params, torch._foreach_mul(updates, lr))
+            if not adapt:
+                foreach_add_scaled_(d_params, updates, [-lr * s for s in scales])
+            elif shard_reduction is not None:
+                kept.append((d_params, updates, scales))
+            else:
+                _apply_trust_ratios(d_params, updates, scales, foreach_fp32_norms(d_params), foreach_fp32_norms(updates), lr, trust_clip)
+    if not kept:
         return
-    norms = [norm for d_params, updates in buckets for norm in (foreach_fp32_norms(d_params), foreach_fp32_norms(updates))]
+    norms = [norm for d_params, updates, _ in kept for norm in (foreach_fp32_norms(d_params), foreach_fp32_norms(updates))]
     norms = complete_norms(norms, shard_reduction)
-    for (d_params, updates), p_norms, u_norms in zip(buckets, norms[::2], norms[1::2]):
-        ratios = trust_ratio(p_norms, u_norms, max_ratio=trust_clip)
-        torch._foreach_mul_(updates, (ratios * lr).unbind())
-        torch._foreach_sub_(d_params, updates)
+    for (d_params, updates, scales), p_norms, u_norms in zip(kept, norms[::2], norms[1::2]):
+        _apply_trust_ratios(d_params, updates, scales, p_norms, u_norms, lr, trust_clip)
+
+
+def _apply_trust_ratios(
+    params: list[Tensor],
+    updates: list[Tensor],
+    scales: list[Any],
+    param_norms: Tensor,
+    update_norms: Tensor,
+    lr: float | Tensor,
+    trust_clip: float | None,
+) -> None:
+    """x ← x − lr · r · s · q for a foreach chunk, r from the norms of x and of s · q (vectors)."""
+    scales_t = torch.stack(scales) if isinstance(scales[0], Tensor) else torch.tensor(scales, dtype=update_norms.dtype)
+    scales_t = scales_t.to(update_norms.device)
+    ratios = trust_ratio(param_norms, update_norms * scales_t, max_ratio=trust_clip)
+    torch._foreach_addcmul_(params, updates, (ratios * (-lr * scales_t)).unbind())

@@ -21,6 +21,7 @@ from ._base import (
     resolve_foreach,
     scalar_lr,
 )
+from ._inplace import add_scaled_, cache_chunks, foreach_add_scaled_
 from ._sharding import ShardReduction, complete_norms, locals_of
 from ._trust import trust_ratio
 
@@ -280,32 +281,61 @@ def _single_tensor_lars(
     maximize: bool,
     shard_reduction: ShardReduction | None,
 ) -> None:
-    """The reference: one tensor at a time, reading like the equations."""
+    """The reference: one tensor at a time, reading like the equations.
+
+    d = local · (g + λw) is folded into the coefficients of in-place adds (with momentum and
+    without Nesterov it is never materialised: buf ← μ·buf + c·g + c·λ·w). Each tensor is
+    finished while it is in cache; a sharded group takes all its norms first, for one all-reduce.
+    """
     buffers = momentum_buffers if momentum_buffers is not None else [None] * len(params)
-    grads = [-g if maximize else g for g in grads]
-    if adapt:
-        norms = [param_norm(p) for p in params] + [fp32_norm(g) for g in grads]
-        norms = complete_norms(norms, shard_reduction)
-        param_norms, grad_norms = norms[: len(params)], norms[len(params) :]
+    if adapt and shard_reduction is not None:
+        norms = complete_norms([param_norm(p) for p in params] + [fp32_norm(g) for g in grads], shard_reduction)
     for i, (param, grad, buf, step_t) in enumerate(zip(params, grads, buffers, state_steps)):
         step_t += 1
-        direction = grad.add(param, alpha=weight_decay) if weight_decay != 0 else grad.clone()
+        grad = -grad if maximize else grad
+        local: float | Tensor = 1.0
         if adapt:
-            local = trust_ratio(
-                param_norms[i], grad_norms[i], coefficient=trust_coefficient, weight_decay=weight_decay, eps=eps
-            )
+            if shard_reduction is not None:
+                p_norm, g_norm = norms[i], norms[len(params) + i]
+            else:
+                p_norm, g_norm = param_norm(param), fp32_norm(grad)
+            local = trust_ratio(p_norm, g_norm, coefficient=trust_coefficient, weight_decay=weight_decay, eps=eps)
             if trust_clip:
                 local = torch.clamp(local / lr, max=1.0)
-            direction.mul_(local)
-        if lr_in_momentum:
-            direction.mul_(lr)
+        _lars_update_(param, grad, buf, local, lr, momentum, dampening, nesterov, weight_decay, lr_in_momentum)
 
-        if buf is not None:
-            buf.mul_(momentum).add_(direction, alpha=1 - dampening)
-            step_dir = direction.add(buf, alpha=momentum) if nesterov else buf
-        else:
-            step_dir = direction
-        param.sub_(step_dir if lr_in_momentum else step_dir * lr)
+
+def _lars_update_(
+    param: Tensor,
+    grad: Tensor,
+    buf: Tensor | None,
+    local: float | Tensor,
+    lr: float | Tensor,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    weight_decay: float,
+    lr_in_momentum: bool,
+) -> None:
+    """One tensor's momentum and step, d = local · (g + λw) (see the LARS docstring), in place."""
+    # What multiplies g + λw in the buffer, and what multiplies the buffer in the step.
+    rate, step_lr = (local * lr, 1.0) if lr_in_momentum else (local, lr)
+    if buf is not None and not nesterov:
+        damped = rate if dampening == 0 else rate * (1 - dampening)
+        buf.mul_(momentum)
+        add_scaled_(buf, grad, damped)
+        if weight_decay != 0:
+            add_scaled_(buf, param, damped * weight_decay)
+        add_scaled_(param, buf, -step_lr)
+        return
+    direction = grad.add(param, alpha=weight_decay) if weight_decay != 0 else grad
+    if buf is None:
+        add_scaled_(param, direction, -local * lr)
+        return
+    buf.mul_(momentum)  # nesterov: dampening is 0
+    add_scaled_(buf, direction, rate)
+    add_scaled_(param, direction, -rate * step_lr)
+    add_scaled_(param, buf, -step_lr * momentum)
 
 
 def _multi_tensor_lars(
@@ -327,49 +357,52 @@ def _multi_tensor_lars(
     maximize: bool,
     shard_reduction: ShardReduction | None,
 ) -> None:
-    """torch._foreach implementation per (device, dtype) group; no host sync."""
+    """torch._foreach implementation of the reference's update, each op over a chunk of a
+    (device, dtype) group (cache-sized on the CPU, the whole group elsewhere: see `cache_chunks`);
+    no host sync. A sharded group takes all chunks' norms first, for one all-reduce."""
     lists: list[list[Tensor]] = [params, grads, state_steps]
     if momentum_buffers is not None:
         lists.append(momentum_buffers)
     grouped = Optimizer._group_tensors_by_device_and_dtype(lists)  # type: ignore[arg-type]
-    buckets = []
-    for device_lists, _ in grouped.values():
-        d_params, d_grads, d_steps = device_lists[:3]
-        d_buffers = device_lists[3] if momentum_buffers is not None else None
-        d_grads = torch._foreach_neg(d_grads) if maximize else list(d_grads)
-        buckets.append((d_params, d_grads, d_steps, d_buffers))
-    if adapt:
-        norms = [n for d_params, d_grads, *_ in buckets for n in (foreach_fp32_norms(d_params), foreach_fp32_norms(d_grads))]
-        norms = complete_norms(norms, shard_reduction)
-
-    for index, (d_params, d_grads, d_steps, d_buffers) in enumerate(buckets):
+    chunks = [chunk for device_lists, _ in grouped.values() for chunk in cache_chunks(device_lists)]
+    if adapt and shard_reduction is not None:
+        norms = complete_norms(
+            [norm for d_params, d_grads, *_ in chunks for norm in (foreach_fp32_norms(d_params), foreach_fp32_norms(d_grads))],
+            shard_reduction,
+        )
+    for index, (d_params, d_grads, d_steps, *rest) in enumerate(chunks):
+        d_buffers = rest[0] if rest else None
         torch._foreach_add_(d_steps, 1)
-        if weight_decay != 0:
-            directions = torch._foreach_add(d_grads, d_params, alpha=weight_decay)
-        else:
-            directions = torch._foreach_mul(d_grads, 1.0)  # a copy: the grads stay untouched
+        if maximize:
+            d_grads = torch._foreach_neg(d_grads)  # a new list: the caller's .grad tensors are never modified
+        count = len(d_params)
+        local: Any = 1.0
         if adapt:
-            local = trust_ratio(
-                norms[2 * index],
-                norms[2 * index + 1],
-                coefficient=trust_coefficient,
-                weight_decay=weight_decay,
-                eps=eps,
-            )
+            if shard_reduction is not None:
+                p_norms, g_norms = norms[2 * index], norms[2 * index + 1]
+            else:
+                p_norms, g_norms = foreach_fp32_norms(d_params), foreach_fp32_norms(d_grads)
+            local = trust_ratio(p_norms, g_norms, coefficient=trust_coefficient, weight_decay=weight_decay, eps=eps)
             if trust_clip:
                 local = torch.clamp(local / lr, max=1.0)
-            torch._foreach_mul_(directions, local.unbind())
-        if lr_in_momentum:
-            torch._foreach_mul_(directions, lr)
+        rate, step_lr = (local * lr, 1.0) if lr_in_momentum else (local, lr)
 
-        if d_buffers is not None:
+        def per_tensor(coefficient: Any) -> list[Any]:
+            return list(coefficient.unbind()) if isinstance(coefficient, Tensor) and coefficient.dim() else [coefficient] * count
+
+        if d_buffers is not None and not nesterov:
+            damped = rate if dampening == 0 else rate * (1 - dampening)
             torch._foreach_mul_(d_buffers, momentum)
-            torch._foreach_add_(d_buffers, directions, alpha=1 - dampening)
-            if nesterov:
-                torch._foreach_add_(directions, d_buffers, alpha=momentum)
-                step_dirs = directions
-            else:
-                step_dirs = d_buffers
-        else:
-            step_dirs = directions
-        torch._foreach_sub_(d_params, step_dirs if lr_in_momentum else torch._foreach_mul(step_dirs, lr))
+            foreach_add_scaled_(d_buffers, d_grads, per_tensor(damped))
+            if weight_decay != 0:
+                foreach_add_scaled_(d_buffers, d_params, per_tensor(damped * weight_decay))
+            foreach_add_scaled_(d_params, d_buffers, per_tensor(-step_lr))
+            continue
+        directions = torch._foreach_add(d_grads, d_params, alpha=weight_decay) if weight_decay != 0 else d_grads
+        if d_buffers is None:
+            foreach_add_scaled_(d_params, directions, per_tensor(-local * lr))
+            continue
+        torch._foreach_mul_(d_buffers, momentum)
+        foreach_add_scaled_(d_buffers, directions, per_tensor(rate))
+        foreach_add_scaled_(d_params, directions, per_tensor(-rate * step_lr))
+        foreach_add_scaled_(d_params, d_buffers, per_tensor(-step_lr * momentum))
