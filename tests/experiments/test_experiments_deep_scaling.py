@@ -52,7 +52,7 @@ def test_a_tiny_run_fills_every_table_and_resumes_from_its_cache(tmp_path):
     plan = ds.run_experiment(TINY, results, log=lambda line: None)
     assert set(plan.base_lr) == set(ds.LR_GRIDS)
     assert all(plan.base_lr[k] in ds.LR_GRIDS[k] for k in plan.base_lr)
-    assert set(plan.oracle_exponent) == {m.tuned for m in ds.ORACLE_METHODS}
+    assert set(plan.oracle_exponent) == {m.label for m in ds.ORACLE_METHODS}
     report = ds.write_report(TINY, results, plan, tmp_path, seconds=None)
     for method in ds.METHODS:
         assert method.label in report
