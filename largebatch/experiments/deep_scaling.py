@@ -321,7 +321,7 @@ def train(config: Config, data: Data, run: Run) -> dict[str, Any]:
     """Train one run; return its curve (steps, samples, test accuracy), final accuracies and lr."""
     method = _BY_LABEL[run.method]
     torch.set_num_threads(1)
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     model = make_model(run.seed, config.channels, method.ghost_batch_size)
     optimizer = _build_optimizer(method, model, run.lr, run.excluded_lr)
     n = config.train_size
@@ -392,6 +392,8 @@ def train(config: Config, data: Data, run: Run) -> dict[str, Any]:
         "final_batch_size": batch_sizes[-1],
         "probe_best_lr": None if probe_result is None else probe_result.best_lr,
         "seconds": time.perf_counter() - started,
+        # One thread: the run's own CPU time, whatever else shares the machine (the budget's measure).
+        "cpu_seconds": time.process_time() - cpu_started,
     }
 
 
@@ -495,7 +497,8 @@ def _oracle_lr(method: Method, plan: Plan, config: Config) -> float:
 def _log_result(log: Callable[[str], None], key: str, result: dict[str, Any]) -> None:
     run = json.loads(key)
     log(f"    {run['method']:<45} B={run['batch_size']:<5} lr={result['peak_lr']:<9.3g} seed={run['seed']} "
-        f"probe={run['probe']!s:<5} test={100 * result['test_accuracy']:.1f}% ({result['seconds']:.0f}s)")
+        f"probe={run['probe']!s:<5} test={100 * result['test_accuracy']:.1f}% ({result['seconds']:.0f}s, "
+        f"{result['cpu_seconds']:.0f} CPU-s)")
 
 
 def run_experiment(config: Config, results: Results, log: Callable[[str], None] = print) -> Plan:
@@ -651,6 +654,11 @@ def write_report(config: Config, results: Results, plan: Plan, out: Path, second
             f", {cpu_seconds:.0f} CPU-seconds in all ({cpu_seconds / 120:.1f} minutes on 2 idle cores)")
         lines.append(f"This run took {seconds / 60:.1f} minutes wall time with {config.workers} worker processes{cpu}"
                      + ("." if runs_run is None else f"; it ran {runs_run} of the {len(results.runs)} runs."))
+    run_cpu = [r["cpu_seconds"] for r in results.runs.values() if "cpu_seconds" in r]
+    if run_cpu:
+        lines.append(f"The runs' own CPU time (each run is one thread) sums to {sum(run_cpu):.0f} s over "
+                     f"{len(run_cpu)} runs: {sum(run_cpu) / 120:.1f} minutes of 2 idle cores, whatever else shared "
+                     "the machine.")
     if _ready_runs(config, results, plan) or len(plan.base_lr) < len(LR_GRIDS):
         lines += ["", f"**Incomplete run**: {len(results.runs)} runs are in the cache; settings not tuned yet: "
                   f"{', '.join(k for k in LR_GRIDS if k not in plan.base_lr) or 'none'}; cells marked "
