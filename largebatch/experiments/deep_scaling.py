@@ -17,9 +17,19 @@ positions inside a window of 40, scaled in amplitude by [0.7, 1.3], sheared by a
 ramp, plus correlated (smoothed) and white Gaussian noise. 30,720 training, 4,096 validation and
 4,096 test examples.
 
-**Model** (:func:`make_model`): 8 ``Conv1d`` layers (kernel 3, 12 channels, no bias), each
-followed by ``BatchNorm1d`` and ReLU, max-pooling by 2 after the 2nd, 4th and 6th; global
-average pooling and a linear head: about 3.4 k parameters.
+**Model** (:func:`make_model`): 8 ``Conv1d`` layers (kernel 3, 8 channels, no bias), each
+followed by ``BatchNorm1d`` and ReLU; the 2nd, 4th and 6th have stride 2 (the length goes
+40 → 20 → 10 → 5); global average pooling and a linear head: about 1.6 k parameters.
+
+**Cost** (the issue's budget is 20 minutes on 2 cores): each run is one thread, two worker
+processes by default. A batch-64 run is 4,800 steps whose time is mostly per-operation overhead
+(about 6 ms of forward and backward whatever the width), a batch-2048 run 150 steps whose time
+is arithmetic; so the cost is set by the number of batch-64 runs, then by the width. The first
+version of this experiment (12 channels, max-pooling, the optimizers' per-tensor loops, each LARS
+recipe tuned on its own) needed about 29 minutes of 2 idle cores; this one: 8 channels,
+stride-2 instead of pooling layers, ``foreach=True``, one LARS tuning for its three recipes, and
+an oracle sweep without the exponents that never won there. Each run records its own CPU time;
+the report sums it.
 
 **Budget and schedule**: 10 epochs at every batch size, so batch 2048 gets 150 steps and batch 64
 4,800. A linear warmup over the first epoch to the peak lr, then poly-2 decay to 0
@@ -34,14 +44,15 @@ Ghost BatchNorm (ghost batches of 64) on SGD + linear; AdAdaGrad's batch growth 
 η = 0.1, from 64 up to the column's batch) on AdaGrad-Norm, whose lr is not coupled to the batch.
 
 **Tuning**: the base lr of each optimizer is the best final *validation* accuracy of a grid
-(:data:`LR_GRIDS`, ×4 apart) at batch 64, seed 0. The rows at the large batch then use
+(:data:`LR_GRIDS`, ×4 apart) at batch 64, seed 0; the three LARS recipes share one tuning, run
+with the default recipe ("adapt"). The rows at the large batch then use
 
 * *rule*: the base lr scaled by the optimizer's rule (``suggest_scaling_rule``);
 * *probe*: the peak lr that ``probe_lr`` suggests at the large batch (40 steps from the
   initial state, which it restores);
 * *oracle* (labelled as such: it needs a sweep at the large batch): the best validation accuracy
-  over :math:`\eta_0 (B/B_0)^k`, :math:`k \in` :data:`ORACLE_EXPONENTS`, seed 0; that :math:`k`
-  is the *measured exponent* of the rule.
+  over :math:`\eta_0 (B/B_0)^k`, :math:`k \in` :data:`ORACLE_EXPONENTS` and the rule's own
+  :math:`k`, seed 0; that :math:`k` is the *measured exponent* of the rule.
 
 Every row is run with seeds 0, 1, 2 (initialisation and shuffling); tables give the mean ± std of
 the final test accuracy and the mean number of steps to reach :data:`TARGET_ACCURACY` test
@@ -250,10 +261,21 @@ class Config:
     base_batch_size: int = 64
     large_batch_size: int = 2048
     seeds: tuple[int, ...] = (0, 1, 2)
+    #: The seeds of the base-batch reference column: the first seed's runs are the tuning's own;
+    #: each further seed costs one batch-64 run per row, about a third of the whole budget for two.
+    base_batch_seeds: tuple[int, ...] = (0,)
     channels: int = 8
     evals_per_epoch: int = 2
     probe_steps: int = 40
     workers: int = 2
+
+    def __post_init__(self) -> None:
+        if not self.seeds:
+            raise ValueError("seeds must not be empty")
+        if not self.base_batch_seeds or self.base_batch_seeds[0] != self.seeds[0] or \
+                not set(self.base_batch_seeds) <= set(self.seeds):
+            raise ValueError(f"base_batch_seeds must be seeds of {self.seeds} starting with {self.seeds[0]} (the "
+                             f"tuning's), got {self.base_batch_seeds}")
 
     @property
     def total_samples(self) -> int:
@@ -574,7 +596,7 @@ def _ready_runs(config: Config, results: Results, plan: Plan) -> list[Run]:
     Seed 0 first: for each tuned setting (in :data:`LR_GRIDS` order), its rows' rule, probe and
     oracle runs at the large batch and the base-batch runs of the rows that are not the tuned
     one; then the tuning runs still to do; after that the other seeds: large batch (rule,
-    oracle, probe), then the base batch.
+    oracle, probe), then the base batch (:attr:`Config.base_batch_seeds`).
     """
     _settle(config, results, plan)
     first, rest, big = config.seeds[0], config.seeds[1:], config.large_batch_size
@@ -597,7 +619,7 @@ def _ready_runs(config: Config, results: Results, plan: Plan) -> list[Run]:
         runs += [_base_run(m, plan, config, _oracle_lr(m, plan, config), s, big) for m in oracle_rows]
         runs += [_base_run(m, plan, config, plan.base_lr[m.tuned], s, big, probe=True)
                  for m in ORACLE_METHODS if m in rows]
-    for s in rest:
+    for s in config.base_batch_seeds[1:]:
         runs += [_base_run(m, plan, config, plan.base_lr[m.tuned], s) for m in rows if _small_batch_method(m) is m]
     return [run for run in dict.fromkeys(runs) if results.get(run) is None]
 
@@ -663,7 +685,11 @@ def write_report(config: Config, results: Results, plan: Plan, out: Path, second
         lines += ["", f"**Incomplete run**: {len(results.runs)} runs are in the cache; settings not tuned yet: "
                   f"{', '.join(k for k in LR_GRIDS if k not in plan.base_lr) or 'none'}; cells marked "
                   "'not run' (and seed counts below 3) are missing."]
+    small_seeds = ", ".join(map(str, config.base_batch_seeds))
     lines += ["", f"## Rule rows: the base lr tuned at batch {b0}, scaled by the optimizer's rule", "",
+              f"At batch {b0}, seed{'s' if len(config.base_batch_seeds) > 1 else ''} {small_seeds} (the tuning's "
+              f"runs{'' if len(config.base_batch_seeds) > 1 else '; a reference, not a comparison'}); at batch {big}, "
+              f"seeds {', '.join(map(str, config.seeds))}.", "",
               f"| method | rule | lr at {b0} | acc. at {b0} | steps to target | lr at {big} | acc. at {big} | "
               "steps to target |", "|---|---|---:|---:|---:|---:|---:|---:|"]
     for m in METHODS:
@@ -671,7 +697,8 @@ def write_report(config: Config, results: Results, plan: Plan, out: Path, second
             continue
         base = plan.base_lr[m.tuned]
         stand_in = _small_batch_method(m)
-        small = _summary(_cells(results, [_base_run(stand_in, plan, config, base, s) for s in config.seeds]), n_seeds)
+        small = _summary(_cells(results, [_base_run(stand_in, plan, config, base, s) for s in config.base_batch_seeds]),
+                         len(config.base_batch_seeds))
         rule_lr = _rule_lr(m, plan, config)
         large_cells = _cells(results, [_base_run(m, plan, config, rule_lr, s, big) for s in config.seeds])
         large = _summary(large_cells, n_seeds)
