@@ -492,7 +492,8 @@ def markdown_report(cells: list[Cell], config: ExperimentConfig, command: str, s
         f"Made by `{command}` in {seconds / 60:.1f} min with {workers} worker process(es) of one thread. "
         f"The task, the methods and how their base learning rates were chosen: the docstring of "
         f"`largebatch/experiments/batch_scaling.py`. {config.train_size:,} training, "
-        f"{config.val_size:,} validation (for the tuning) and {config.test_size:,} test examples; {config.epochs} epochs at every batch size; "
+        f"{config.val_size:,} validation (for the tuning) and {config.test_size:,} test examples; "
+        f"{config.epochs} epochs at every batch size; "
         f"{seeds} seeds; mean ± sample standard deviation over the seeds.",
         "",
         f"## Steps to {100 * target:g} % test accuracy",
