@@ -120,3 +120,21 @@ def test_the_full_plan_is_the_run_set_the_budget_was_measured_with():
         assert probe == oracle == set(ds.FULL.seeds), method.label
     # The oracle sweep: ORACLE_EXPONENTS and the rule's own k, on seed 0.
     assert {k for grid in plan.oracle_grid.values() for k in grid} == {*ds.ORACLE_EXPONENTS, 1.0}
+
+
+def test_measured_exponents_are_the_committed_runs_oracle_exponents():
+    """MEASURED_EXPONENTS claim to come from docs/deep_scaling.md's oracle rows: they must agree."""
+    from pathlib import Path
+
+    from largebatch.schedules import MEASURED_EXPONENTS
+
+    report = (Path(__file__).parents[2] / "docs" / "deep_scaling.md").read_text()
+    oracle_table = report.split("## At batch")[1].split("##")[0]
+    measured = {}
+    for line in oracle_table.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 9 and cells[0] in {m.label for m in ds.ORACLE_METHODS}:
+            measured[cells[0]] = float(cells[5])
+    by_class = {"SGD": "SGD + linear", "LARS": "LARS, adapt (excluded adapted, not decayed)", "LAMB": "LAMB + sqrt",
+                "AdamW": "AdamW + sqrt", "Adan": "Adan + sqrt"}
+    assert {name: measured[label] for name, label in by_class.items()} == MEASURED_EXPONENTS
