@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import math
 import sys
 
 import pytest
@@ -52,7 +53,7 @@ def test_a_tiny_run_fills_every_table_and_resumes_from_its_cache(tmp_path):
     plan = ds.run_experiment(TINY, results, log=lambda line: None)
     assert set(plan.base_lr) == set(ds.LR_GRIDS)
     assert all(plan.base_lr[k] in ds.LR_GRIDS[k] for k in plan.base_lr)
-    assert set(plan.oracle_exponent) == {m.tuned for m in ds.ORACLE_METHODS}
+    assert set(plan.oracle_exponent) == {m.label for m in ds.ORACLE_METHODS}
     report = ds.write_report(TINY, results, plan, tmp_path, seconds=None)
     for method in ds.METHODS:
         assert method.label in report
@@ -76,3 +77,64 @@ def test_a_missing_matplotlib_stops_before_training(monkeypatch, tmp_path, capsy
     with pytest.raises(SystemExit, match=r"largebatch\[demo\].*--no-plot"):
         ds.main(["--out", str(tmp_path)])
     assert not (tmp_path / "deep_scaling_runs.json").exists()
+
+
+def test_the_base_batch_seeds_start_with_the_tuning_seed():
+    assert ds.FULL.base_batch_seeds[0] == ds.FULL.seeds[0]
+    for bad in ((), (1,), (0, 7)):
+        with pytest.raises(ValueError, match="base_batch_seeds"):
+            dataclasses.replace(ds.FULL, base_batch_seeds=bad)
+
+
+def _plan_everything(config):
+    """Every run the experiment would do, with made-up results (no training): the run set."""
+    results = ds.Results(None)
+    plan = ds.Plan()
+    while runs := ds._ready_runs(config, results, plan):
+        for run in runs:
+            fake_accuracy = 1 / (1 + abs(math.log(run.lr) - math.log(2.0)))  # best near lr 2
+            results.add(run.key, {"val_accuracy": fake_accuracy, "test_accuracy": fake_accuracy,
+                                  "curve": [(1, 1, fake_accuracy)], "peak_lr": run.lr, "steps": 1})
+    return [ds.Run(**json.loads(key)) for key in results.runs], plan
+
+
+def test_the_full_plan_is_the_run_set_the_budget_was_measured_with():
+    runs, plan = _plan_everything(ds.FULL)
+    base = [r for r in runs if r.batch_size == ds.FULL.base_batch_size]
+    large = [r for r in runs if r.batch_size == ds.FULL.large_batch_size]
+    assert len(base) + len(large) == len(runs)
+    # Batch-64 runs set the cost (4,800 steps each): the tuning grids (seed 0) plus the rows whose
+    # batch-64 run is not a tuning run (the LARS recipes that share the "adapt" tuning).
+    assert all(r.seed == 0 for r in base)
+    assert len(base) == sum(map(len, ds.LR_GRIDS.values())) + 2
+    # At batch 2048 every row has all 3 seeds: rule rows for every method, probe and oracle rows
+    # for every ORACLE_METHODS row.
+    for method in ds.METHODS:
+        rule_lr = ds._rule_lr(method, plan, ds.FULL)
+        rule = {r.seed for r in large if r.method == method.label and not r.probe and r.lr == rule_lr}
+        assert rule == set(ds.FULL.seeds), method.label
+    for method in ds.ORACLE_METHODS:
+        probe = {r.seed for r in large if r.method == method.label and r.probe}
+        oracle = {r.seed for r in large if r.method == method.label and not r.probe
+                  and r.lr == ds._oracle_lr(method, plan, ds.FULL)}
+        assert probe == oracle == set(ds.FULL.seeds), method.label
+    # The oracle sweep: ORACLE_EXPONENTS and the rule's own k, on seed 0.
+    assert {k for grid in plan.oracle_grid.values() for k in grid} == {*ds.ORACLE_EXPONENTS, 1.0}
+
+
+def test_measured_exponents_are_the_committed_runs_oracle_exponents():
+    """MEASURED_EXPONENTS claim to come from docs/deep_scaling.md's oracle rows: they must agree."""
+    from pathlib import Path
+
+    from largebatch.schedules import MEASURED_EXPONENTS
+
+    report = (Path(__file__).parents[2] / "docs" / "deep_scaling.md").read_text()
+    oracle_table = report.split("## At batch")[1].split("##")[0]
+    measured = {}
+    for line in oracle_table.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 9 and cells[0] in {m.label for m in ds.ORACLE_METHODS}:
+            measured[cells[0]] = float(cells[5])
+    by_class = {"SGD": "SGD + linear", "LARS": "LARS, adapt (excluded adapted, not decayed)", "LAMB": "LAMB + sqrt",
+                "AdamW": "AdamW + sqrt", "Adan": "Adan + sqrt"}
+    assert {name: measured[label] for name, label in by_class.items()} == MEASURED_EXPONENTS
