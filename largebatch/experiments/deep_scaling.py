@@ -93,6 +93,7 @@ __all__ = [
     "Config",
     "Data",
     "Method",
+    "build_optimizer",
     "main",
     "make_data",
     "make_model",
@@ -315,7 +316,8 @@ def _accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
     return correct / len(y)
 
 
-def _build_optimizer(method: Method, model: nn.Module, lr: float, excluded_lr: float | None) -> torch.optim.Optimizer:
+def build_optimizer(method: Method, model: nn.Module, lr: float, excluded_lr: float | None = None) -> torch.optim.Optimizer:
+    """`method`'s optimizer for `model` at peak `lr`, as every run here builds it (conadv_scaling too)."""
     extra = {} if method.exclusion is None else {"exclusion": method.exclusion}
     if excluded_lr is not None:
         extra["excluded_lr"] = excluded_lr
@@ -345,7 +347,7 @@ def train(config: Config, data: Data, run: Run) -> dict[str, Any]:
     torch.set_num_threads(1)
     started, cpu_started = time.perf_counter(), time.process_time()
     model = make_model(run.seed, config.channels, method.ghost_batch_size)
-    optimizer = _build_optimizer(method, model, run.lr, run.excluded_lr)
+    optimizer = build_optimizer(method, model, run.lr, run.excluded_lr)
     n = config.train_size
     order = torch.Generator().manual_seed(1000 + run.seed)
     peak_lr = run.lr
