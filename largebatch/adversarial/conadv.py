@@ -72,7 +72,9 @@ wrapper all-reduces the weight gradient once. Since the perturbation of an examp
 that example (and on BatchNorm's batch statistics, which are per rank anyway under DDP), 2 ranks
 equal one process on the concatenated batch for a model without BatchNorm.
 
-Choices where the paper left us on our own are listed in the README section "ConAdv".
+The paper's method section could not be read when this was written (only its abstract), so the
+perturbation's step and norm, the default staleness, the mix and the BatchNorm handling above are
+our choices, listed as such in the README section "ConAdv"; they are not checked against the paper.
 """
 
 from __future__ import annotations
