@@ -39,10 +39,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from largebatch.adversarial import ConAdv
-from largebatch.experiments.deep_scaling import FULL, METHODS, QUICK, Config, Data, build_optimizer, make_data, make_model
+from largebatch.experiments.deep_scaling import (
+    FULL, METHODS, QUICK, Config, Data, accuracy, build_optimizer, make_data, make_model,
+)  # fmt: skip
 from largebatch.schedules import WarmupPolynomialDecay
 
 __all__ = ["EPSILONS", "LABELS", "STALENESS", "Run", "chosen_epsilon", "large_batch_lr", "main", "run_experiment", "train"]
@@ -77,14 +79,6 @@ class Run:
     def key(self) -> str:
         """The run's identity in the JSON cache."""
         return json.dumps(asdict(self), sort_keys=True)
-
-
-def _accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
-    model.eval()
-    with torch.no_grad():
-        correct = sum(int((model(xb).argmax(1) == yb).sum()) for xb, yb in zip(x.split(2048), y.split(2048)))
-    model.train()
-    return correct / len(y)
 
 
 def train(config: Config, data: Data, run: Run) -> dict[str, Any]:
@@ -130,11 +124,11 @@ def train(config: Config, data: Data, run: Run) -> dict[str, Any]:
         steps += 1
         before, seen = seen, seen + size
         if seen // eval_every > before // eval_every or seen >= config.total_samples:
-            curve.append((steps, _accuracy(model, data.x_test, data.y_test)))
+            curve.append((steps, accuracy(model, data.x_test, data.y_test)))
     return {
         "curve": curve,
         "test_accuracy": curve[-1][1],
-        "val_accuracy": _accuracy(model, data.x_val, data.y_val),
+        "val_accuracy": accuracy(model, data.x_val, data.y_val),
         "train_loss": clean_loss,
         "steps": steps,
         "lr": lr,

@@ -93,6 +93,7 @@ __all__ = [
     "Config",
     "Data",
     "Method",
+    "accuracy",
     "build_optimizer",
     "main",
     "make_data",
@@ -308,7 +309,8 @@ class Run:
         return json.dumps(asdict(self), sort_keys=True)
 
 
-def _accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
+def accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
+    """The fraction of `x` that `model` (in eval mode, back in train mode after) classifies as `y`."""
     model.eval()
     with torch.no_grad():
         correct = sum(int((model(xb).argmax(1) == yb).sum()) for xb, yb in zip(x.split(2048), y.split(2048)))
@@ -405,11 +407,11 @@ def train(config: Config, data: Data, run: Run) -> dict[str, Any]:
         batch_sizes.append(batch_size)
         before, seen = seen, seen + batch_size
         if seen // eval_every > before // eval_every or seen >= config.total_samples:
-            curve.append((steps, seen, _accuracy(model, data.x_test, data.y_test)))
+            curve.append((steps, seen, accuracy(model, data.x_test, data.y_test)))
     return {
         "curve": curve,
         "test_accuracy": curve[-1][2],
-        "val_accuracy": _accuracy(model, data.x_val, data.y_val),
+        "val_accuracy": accuracy(model, data.x_val, data.y_val),
         "train_loss": last_loss,
         "steps": steps,
         "peak_lr": peak_lr,
@@ -644,10 +646,10 @@ def _summary(cells: list[dict[str, Any]], seeds: int) -> tuple[str, str]:
     accuracies = [100 * c["test_accuracy"] for c in cells]
     spread = f" ± {statistics.stdev(accuracies):.1f}" if len(accuracies) > 1 else ""
     partial = f" ({len(cells)} of {seeds} seeds)" if len(cells) < seeds else ""
-    accuracy = f"{statistics.fmean(accuracies):.1f}{spread}{partial}"
+    mean_accuracy = f"{statistics.fmean(accuracies):.1f}{spread}{partial}"
     reached = [_steps_to_target(c) for c in cells]
     steps = "—" if None in reached else f"{statistics.fmean(reached):.0f}"
-    return accuracy, steps
+    return mean_accuracy, steps
 
 
 def _lr(value: float) -> str:
