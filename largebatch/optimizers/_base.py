@@ -579,10 +579,10 @@ class LargeBatchOptimizer(Optimizer):
         on_device = group["capturable"] or group["fused"]
         return torch.zeros((), dtype=STEP_DTYPE, device=param.device if on_device else "cpu")
 
-    def _params_with_grad(self, group: dict[str, Any]) -> tuple[list[Tensor], list[Tensor]]:
-        """The group's parameters that have a gradient, in order, and those gradients;
-        RuntimeError for a sparse gradient or a complex parameter. C-level passes over the group
-        (a step runs this for every group; `.grad` of a Parameter is read once)."""
+    def _params_with_grad(self, group: dict[str, Any], *, check: bool = True) -> tuple[list[Tensor], list[Tensor]]:
+        """The group's parameters that have a gradient, in order, and those gradients; with
+        `check`, `_check_params_and_grads` of them. C-level passes over the group (a step runs
+        this for every group; `.grad` of a Parameter is read once)."""
         all_params = group["params"]
         all_grads = list(map(_GRAD, all_params))
         if any(map(is_, all_grads, repeat(None))):
@@ -590,11 +590,42 @@ class LargeBatchOptimizer(Optimizer):
             grads = [g for g in all_grads if g is not None]
         else:  # the usual case: every parameter has a gradient
             params, grads = list(all_params), all_grads
+        if check:
+            self._check_params_and_grads(params, grads)
+        return params, grads
+
+    def _check_params_and_grads(self, params: Sequence[Tensor], grads: Sequence[Tensor]) -> None:
+        """RuntimeError for a sparse gradient or a complex parameter."""
         if any(map(_IS_SPARSE, grads)):
             raise RuntimeError(f"{self._name} does not support sparse gradients")
         if any(dtype.is_complex for dtype in set(map(_DTYPE, params))):
             raise RuntimeError(f"{self._name} does not support complex parameters")
-        return params, grads
+
+    def _planned_lists(
+        self, group: dict[str, Any], plans: Any
+    ) -> tuple[list[Tensor], list[list[Tensor]], list[Any] | None] | None:
+        """(params, lists, buckets) of a group's parameters with a gradient (None when it has
+        none): `_group_lists`, and for a fused group its buckets with their step plans made
+        current (every tensor checked; `plans` the owner's PlanCache, None to plan for this call).
+
+        A fused group's plan checks every tensor's dtype and layout, and refuses a sparse gradient
+        (no data pointer) or a complex parameter (no kernel dtype), so their passes run only
+        when the plan refuses something: then they come first, for the same error as the other
+        paths."""
+        fused = group["fused"]
+        params, grads = self._params_with_grad(group, check=not fused)
+        if not params:
+            return None
+        if not fused:
+            return params, self._group_lists(group, params, grads), None
+        from largebatch.fused._plan import planned_buckets
+
+        try:
+            lists = self._group_lists(group, params, grads)
+            return params, lists, planned_buckets(self._name, lists, **self._fused_layout(group), plans=plans)
+        except Exception:
+            self._check_params_and_grads(params, grads)
+            raise
 
     def _state_lists(self, params: Sequence[Tensor], group: dict[str, Any], keys: Sequence[str]) -> list[list[Tensor]]:
         """Per key, the state tensors of `params` in order, each parameter's missing entries
@@ -609,7 +640,7 @@ class LargeBatchOptimizer(Optimizer):
                 self._init_state(p, state, group)
                 journal = getattr(self, "_new_state_entries", None)  # set while _prepare_groups runs
                 if journal is not None and len(state) != len(before):
-                    journal.append((state, set(state) - before))
+                    journal.append((p, state, set(state) - before))
             return [list(map(itemgetter(key), states)) for key in keys]
 
     def _init_state(self, param: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
@@ -677,13 +708,15 @@ class LargeBatchOptimizer(Optimizer):
         fails changes nothing (a state made for a meta or float64 parameter would otherwise
         outlive `to_empty` or the dtype fix, and refuse every later step).
         """
-        self._new_state_entries: list[tuple[dict[str, Any], set[str]]] = []
+        self._new_state_entries: list[tuple[Tensor, dict[str, Any], set[str]]] = []
         try:
             return [self._prepare_group(index) for index in range(len(self.param_groups))]
         except Exception:
-            for state, keys in self._new_state_entries:
+            for param, state, keys in self._new_state_entries:
                 for key in keys:
                     del state[key]
+                if not state:  # made empty by this step's lookup: no entry, as before it
+                    self.state.pop(param, None)
             raise
         finally:
             del self._new_state_entries
@@ -692,15 +725,10 @@ class LargeBatchOptimizer(Optimizer):
         """Group `index`'s lists and shard reduction and, fused, its buckets with their step plans
         made current (every tensor checked). None when no parameter of the group has a gradient."""
         group = self.param_groups[index]
-        params, grads = self._params_with_grad(group)
-        if not params:
+        planned = self._planned_lists(group, self._fused_plans(index) if group["fused"] else None)
+        if planned is None:
             return None
-        lists = self._group_lists(group, params, grads)
-        buckets = None
-        if group["fused"]:
-            from largebatch.fused._plan import planned_buckets
-
-            buckets = planned_buckets(self._name, lists, **self._fused_layout(group), plans=self._fused_plans(index))
+        params, lists, buckets = planned
         return PreparedGroup(params, lists, shard_reduction(params, group["shard_group"]), buckets)
 
     def _group_lists(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> list[list[Tensor]]:
@@ -758,14 +786,9 @@ class LargeBatchOptimizer(Optimizer):
         caller refuses the rest (no clipping coefficient is passed).
         """
         alone = {**self.param_groups[index], "params": [param]}
-        params, grads = self._params_with_grad(alone)
-        if not params:
+        planned = self._planned_lists(alone, plans)
+        if planned is None:
             return False
-        lists = self._group_lists(alone, params, grads)
-        buckets = None
-        if alone["fused"]:
-            from largebatch.fused._plan import planned_buckets
-
-            buckets = planned_buckets(self._name, lists, **self._fused_layout(alone), plans=plans)
+        params, lists, buckets = planned
         self._step_group(alone, PreparedGroup(params, lists, shard_reduction(params, alone["shard_group"]), buckets), None)
         return True

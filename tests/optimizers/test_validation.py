@@ -1,5 +1,6 @@
 """Every invalid hyper-parameter raises a ValueError that names it; bad tensors raise clearly."""
 
+import copy
 from fractions import Fraction
 
 import numpy as np
@@ -185,6 +186,33 @@ def test_bad_gradients_are_named_before_the_clipping_norm_reads_them(cls):
     c.grad = torch.ones_like(c)
     with pytest.raises(RuntimeError, match=f"{cls.__name__} does not support complex parameters"):
         opt.step()
+
+
+@pytest.mark.parametrize("cls", [LAMB, LARS, Adan], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("clip", [False, True], ids=["plain", "max_grad_norm"])
+def test_fused_steps_name_a_sparse_gradient_or_a_complex_parameter_as_the_others_do(cls, clip):
+    """A fused group leaves these checks to its step plan, and names them only when the plan
+    refuses: after a good step (a plan that is current), and on the first step. Nothing changes."""
+    kwargs = {"max_grad_norm": 1.0} if clip and cls is not LARS else {}
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = cls([p], fused=True, **kwargs)
+    p.grad = torch.ones(3)
+    opt.step()  # a current plan
+    before = (p.detach().clone(), copy.deepcopy(opt.state_dict()))
+    p.grad = torch.sparse_coo_tensor([[0]], [1.0], (3,))
+    with pytest.raises(RuntimeError, match=f"{cls.__name__} does not support sparse gradients"):
+        opt.step()
+    p.data = torch.zeros(3, dtype=torch.complex64)  # .data bypasses the constructor's fused dtype check
+    p.grad = torch.ones(3, dtype=torch.complex64)
+    with pytest.raises(RuntimeError, match=f"{cls.__name__} does not support complex parameters"):
+        opt.step()
+    assert torch.equal(opt.state_dict()["state"][0]["step"], before[1]["state"][0]["step"])
+    fresh = torch.nn.Parameter(torch.ones(3))
+    opt = cls([fresh], fused=True, **kwargs)
+    fresh.grad = torch.sparse_coo_tensor([[0]], [1.0], (3,))
+    with pytest.raises(RuntimeError, match=f"{cls.__name__} does not support sparse gradients"):
+        opt.step()
+    assert opt.state_dict()["state"] == {}  # the refused first step made no state
 
 
 @pytest.mark.parametrize("cls", [LAMB, LARS, Adan, AdaGradNorm], ids=lambda c: c.__name__)
