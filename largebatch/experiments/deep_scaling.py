@@ -310,26 +310,33 @@ class Run:
 
 
 def accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
-    """The fraction of `x` that `model` (in eval mode, back in train mode after) classifies as `y`."""
+    """The fraction of `x` that `model` (in eval mode, back in train mode after) classifies as `y`
+    (`x` cast to the dtype of the model's parameters)."""
     model.eval()
+    x = x.to(next(model.parameters()).dtype)
     with torch.no_grad():
         correct = sum(int((model(xb).argmax(1) == yb).sum()) for xb, yb in zip(x.split(2048), y.split(2048)))
     model.train()
     return correct / len(y)
 
 
-def build_optimizer(method: Method, model: nn.Module, lr: float, excluded_lr: float | None = None) -> torch.optim.Optimizer:
-    """`method`'s optimizer for `model` at peak `lr`, as every run here builds it (conadv_scaling too)."""
-    extra = {} if method.exclusion is None else {"exclusion": method.exclusion}
+def build_optimizer(
+    method: Method, model: nn.Module, lr: float, excluded_lr: float | None = None, kahan_sum: bool | None = None
+) -> torch.optim.Optimizer:
+    """`method`'s optimizer for `model` at peak `lr`, as every run here builds it (conadv_scaling
+    and bf16_precision too); `kahan_sum` is passed on when not None."""
+    extra: dict[str, Any] = {} if method.exclusion is None else {"exclusion": method.exclusion}
     if excluded_lr is not None:
         extra["excluded_lr"] = excluded_lr
+    if kahan_sum is not None:
+        extra["kahan_sum"] = kahan_sum
     # foreach: one kernel per operation for all tensors; this model's ~25 small tensors make the
     # per-tensor loop cost up to half of a batch-64 step.
     return create_optimizer(model, method.name, lr, foreach=True, **method.kwargs, **extra)
 
 
 def _loss(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
-    return nn.functional.cross_entropy(model(batch[0]), batch[1])
+    return nn.functional.cross_entropy(model(batch[0]).float(), batch[1])  # in fp32 whatever the model's dtype
 
 
 def _micro_batch_step(model: nn.Module, x: Tensor, y: Tensor, parts: int = 8) -> Any:
@@ -343,13 +350,19 @@ def _micro_batch_step(model: nn.Module, x: Tensor, y: Tensor, parts: int = 8) ->
     return stats
 
 
-def train(config: Config, data: Data, run: Run) -> dict[str, Any]:
-    """Train one run; return its curve (steps, samples, test accuracy), final accuracies and lr."""
+def train(
+    config: Config, data: Data, run: Run, *, dtype: torch.dtype = torch.float32, kahan_sum: bool | None = None
+) -> dict[str, Any]:
+    """Train one run; return its curve (steps, samples, test accuracy), final accuracies and lr.
+
+    `dtype`: of the parameters and the inputs, so bfloat16 trains without fp32 master weights (the
+    loss is taken in fp32); `kahan_sum`: the optimizer's, when not None (bf16_precision's rows).
+    """
     method = _BY_LABEL[run.method]
     torch.set_num_threads(1)
     started, cpu_started = time.perf_counter(), time.process_time()
-    model = make_model(run.seed, config.channels, method.ghost_batch_size)
-    optimizer = build_optimizer(method, model, run.lr, run.excluded_lr)
+    model = make_model(run.seed, config.channels, method.ghost_batch_size).to(dtype)
+    optimizer = build_optimizer(method, model, run.lr, run.excluded_lr, kahan_sum)
     n = config.train_size
     order = torch.Generator().manual_seed(1000 + run.seed)
     peak_lr = run.lr
@@ -358,7 +371,7 @@ def train(config: Config, data: Data, run: Run) -> dict[str, Any]:
         epochs = math.ceil(config.probe_steps * run.batch_size / n)
         probe_order = torch.cat([torch.randperm(n, generator=order) for _ in range(epochs)])
         probe_batches = (
-            (data.x_train[idx], data.y_train[idx])
+            (data.x_train[idx].to(dtype), data.y_train[idx])
             for idx in probe_order[: config.probe_steps * run.batch_size].split(run.batch_size)
         )
         probe_result = probe_lr(model, optimizer, probe_batches, _loss, min_lr=run.lr * 1e-3, max_lr=run.lr * 1e2,
@@ -388,7 +401,7 @@ def train(config: Config, data: Data, run: Run) -> dict[str, Any]:
             position = 0
         idx = epoch_order[position : position + batch_size]
         position += batch_size
-        x, y = data.x_train[idx], data.y_train[idx]
+        x, y = data.x_train[idx].to(dtype), data.y_train[idx]
         optimizer.zero_grad()
         if controller is not None and controller.needs_statistics:
             stats = _micro_batch_step(model, x, y)
