@@ -49,6 +49,7 @@ class AuxiliaryBatchNorm(nn.Module):
         self.adversarial_active = False
 
     def forward(self, x: Tensor) -> Tensor:
+        """``adversarial(x)`` while :attr:`adversarial_active`, else ``main(x)``."""
         return (self.adversarial if self.adversarial_active else self.main)(x)
 
 

@@ -161,7 +161,8 @@ class ConAdv:
             optimizer.step()                         # or scaler.step(optimizer); scaler.update()
 
     Args:
-        model: the network, in train mode; a ``DistributedDataParallel`` wrapper is fine.
+        model: the network (converted, if it has BatchNorm and ``batchnorm="auxiliary"``), in
+            train mode; a ``DistributedDataParallel`` wrapper of it is fine.
         loss_fn: ``loss_fn(output, target)`` → a scalar loss (a mean over the batch).
         epsilon: the perturbation radius :math:`\epsilon` (module docstring), > 0.
         norm: ``"linf"`` or ``"l2"``.
