@@ -1,5 +1,6 @@
 """Adversarial training for large batches: ConAdv (Liu et al., ICLR 2022)."""
 
-from .conadv import NORMS, ConAdv, ConAdvLosses
+from .batchnorm import AuxiliaryBatchNorm, convert_to_auxiliary_batchnorm
+from .conadv import BATCHNORMS, NORMS, ConAdv, ConAdvLosses
 
-__all__ = ["NORMS", "ConAdv", "ConAdvLosses"]
+__all__ = ["BATCHNORMS", "NORMS", "AuxiliaryBatchNorm", "ConAdv", "ConAdvLosses", "convert_to_auxiliary_batchnorm"]

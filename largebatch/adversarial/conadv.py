@@ -5,14 +5,28 @@ trains on every batch :math:`(x_t, y_t)` together with its adversarial examples.
 training needs two *sequential* gradient computations per step: the input gradient at the current
 weights :math:`\theta_t`, then the weight gradient on the perturbed batch. ConAdv takes the input
 gradient at the weights of :math:`\tau` steps back, :math:`\theta_{t-\tau}`, so it no longer waits
-for step :math:`t-1`'s update.
+for step :math:`t-1`'s update. ``docs/conadv_paper_notes.md`` lists what was found of the paper,
+where, and which parts below are the paper's and which are our choices; in short:
+
+- **from the paper** (its Algorithm 1): the staleness (batch :math:`t`'s adversarial examples are
+  computed at :math:`\theta_{t-\tau}`, concurrently with step :math:`t-\tau`'s training), the
+  training loss on the clean batch plus the adversarial batch with equal weights, the clean loss
+  through the "main BN" and the adversarial one through a separate "adv BN";
+- **from a public repository** (``github.com/conadv/ConAdv``, not linked from the paper, so
+  secondary): one L∞ sign step of size :math:`\epsilon` (``attack_iter 1``, step = ε), and
+  the perturbation's forward pass through the adv BN too;
+- **our choices**: no random start and an untargeted step (that repository's attacker starts 80 %
+  of batches at a uniform random point of the ball and steps towards a random wrong label), the
+  loss as a mean rather than Algorithm 1's sum (a factor 2), :math:`\theta_0` for the first
+  :math:`\tau` steps, the L2 norm, PGD-K, ``input_range``, the GradScaler and DDP handling.
 
 **Perturbation** (PGD with ``steps`` = :math:`K` iterations from :math:`\delta^0 = 0`, step size
-:math:`\alpha`, radius :math:`\epsilon`; :math:`K = 1, \alpha = \epsilon` is FGSM), per example:
+:math:`\alpha`, radius :math:`\epsilon`; :math:`K = 1, \alpha = \epsilon` is FGSM, the default),
+per example, through the adversarial BatchNorm :math:`\mathrm{BN}_a` (below):
 
 .. math::
 
-    g^k &= \nabla_x \, \ell\big(f(x_t + \delta^k; \theta_{\max(t-\tau, 0)}), y_t\big) \\
+    g^k &= \nabla_x \, \ell\big(f(x_t + \delta^k; \theta_{\max(t-\tau, 0)}, \mathrm{BN}_a), y_t\big) \\
     \delta^{k+1} &= \Pi_\epsilon\big(\delta^k + \alpha\, d(g^k)\big), \qquad
     \hat x_t = x_t + \delta^K
 
@@ -21,26 +35,36 @@ with :math:`d(g) = \operatorname{sign}(g)` and :math:`\Pi_\epsilon` the clamp to
 :math:`\Pi_\epsilon(\delta) = \delta \min(1, \epsilon / \lVert \delta \rVert_2)` for ``norm="l2"``
 (norms over each example's own entries). ``input_range=(lo, hi)`` also clamps :math:`x_t + \delta`
 into the data's domain (pixels in [0, 1], say). The first :math:`\tau` steps, which have no
-weights :math:`\tau` steps back, use :math:`\theta_0`.
+weights :math:`\tau` steps back, use :math:`\theta_0`. :math:`\theta_{t-\tau}` includes the
+adversarial BatchNorm's own :math:`\gamma, \beta` of that step.
 
 **Training loss** (the clean/adversarial mix, weight :math:`\lambda` = ``adversarial_weight``):
 
 .. math::
 
-    L_t = (1 - \lambda)\, \ell\big(f(x_t; \theta_t), y_t\big) + \lambda\, \ell\big(f(\hat x_t; \theta_t), y_t\big)
+    L_t = (1 - \lambda)\, \ell\big(f(x_t; \theta_t, \mathrm{BN}_c), y_t\big)
+        + \lambda\, \ell\big(f(\hat x_t; \theta_t, \mathrm{BN}_a), y_t\big)
 
-:math:`\lambda = 1/2` is the mean over the clean and the adversarial batch (AdvProp's sum, halved
-so that the gradient keeps the scale, and a tuned learning rate keeps its meaning); :math:`\lambda = 1`
-trains on adversarial examples only (the clean forward pass is then skipped).
+Algorithm 1 writes :math:`L_B(\theta_t) = \mathbb{E}_{B_c}\, \ell(\theta_t; x_i, y_i) +
+\mathbb{E}_{B_a}\, \ell(\theta_t; \hat x_i(\theta_{t-\tau}), y_i)`, i.e. :math:`2 L_t` at the
+default :math:`\lambda = 1/2`; we keep the mean (the repository above also takes one mean over the
+concatenated clean and adversarial batch) so that the gradient keeps a plain step's scale and a
+learning rate tuned without ConAdv keeps its meaning (LARS and LAMB normalise the scale away in
+any case, up to their weight decay and ε). :math:`\lambda = 1` trains on adversarial examples only
+(the clean forward pass is then skipped; our extension).
 
-**BatchNorm**: the clean and the adversarial batch go through two separate forward passes, so each
-is normalised with its own batch statistics (the two come from different distributions: AdvProp's
-argument for separate BatchNorm). With ``adversarial_updates_buffers=False`` (default) the
-adversarial pass leaves every module buffer as it was, so BatchNorm's running statistics, which
-evaluation uses, are those of clean batches only. Separate BatchNorm *parameters* for adversarial
-examples (AdvProp's auxiliary BN) would need surgery on the user's model and are not done here.
-The perturbation passes never change the model: they run with :func:`torch.func.functional_call`
-on the stale weights and on scratch copies of the buffers.
+**BatchNorm** (``batchnorm="auxiliary"``, the default, the paper's): :math:`\mathrm{BN}_c` is the
+model's own BatchNorm ("main BN"), :math:`\mathrm{BN}_a` a twin with its own affine parameters and
+statistics ("adv BN", AdvProp's auxiliary BatchNorm). The model must be converted first with
+:func:`~largebatch.adversarial.convert_to_auxiliary_batchnorm` (before building the optimizer and
+the DDP wrapper); evaluation uses :math:`\mathrm{BN}_c`. The clean and the adversarial batch go
+through separate forward passes, so each is normalised with its own batch statistics; the
+adversarial pass updates :math:`\mathrm{BN}_a`'s running statistics only
+(``adversarial_updates_buffers`` defaults to True here, and False restores every buffer after it).
+``batchnorm="shared"`` (our variant, for a model one cannot convert) normalises both batches with
+the same :math:`\gamma, \beta`, and by default keeps the running statistics those of clean batches
+(``adversarial_updates_buffers=False``). The perturbation passes never change the model: they run
+with :func:`torch.func.functional_call` on the stale weights and on scratch copies of the buffers.
 
 **Cost, and what can run concurrently.** A step computes (a) the perturbation: :math:`K` forward
 passes and :math:`K` backward passes to the *input* only (:func:`torch.autograd.grad` w.r.t.
@@ -50,7 +74,8 @@ the clean and on the adversarial batch (2× the examples of plain training). Wit
 (a) for batch :math:`t` depends only on :math:`\theta_{t-\tau}` and :math:`x_t`, not on (b) of steps
 :math:`t-\tau, \dots, t-1`: given the next batch in advance, it can run on a second CUDA stream or on
 other ranks while (b) of the previous step runs, which is the paper's point (its Figure 1: DisAdv vs
-ConAdv). This helper runs (a) then (b) in one call, sequentially: on one device a step costs about
+ConAdv; Algorithm 1 perturbs batch :math:`t+\tau` at :math:`\theta_t` during step :math:`t`). This
+helper runs (a) then (b) in one call, sequentially: on one device a step costs about
 :math:`2 + K \cdot c` plain steps, where :math:`c \approx 2/3` is the cost of a forward pass plus
 an input-only backward pass relative to a plain step, plus one copy of the trainable parameters per
 step for :math:`\tau \ge 1` (:math:`\tau` copies are kept: memory :math:`\tau \cdot |\theta|`).
@@ -66,15 +91,14 @@ the caller's, as in any GradScaler loop, so this works with every optimizer, thi
 torch's, and with LR schedulers. (Taking the optimizer inside would have to re-implement
 ``scaler.step``'s unscale/inf-check/skip and gradient clipping between backward and step.)
 
-**DDP**: pass the :class:`~torch.nn.parallel.DistributedDataParallel` module; each rank perturbs
-its own shard with the wrapped module (no collectives), and the training backward through the
-wrapper all-reduces the weight gradient once. Since the perturbation of an example depends only on
-that example (and on BatchNorm's batch statistics, which are per rank anyway under DDP), 2 ranks
-equal one process on the concatenated batch for a model without BatchNorm.
-
-The paper's method section could not be read when this was written (only its abstract), so the
-perturbation's step and norm, the default staleness, the mix and the BatchNorm handling above are
-our choices, listed as such in the README section "ConAdv"; they are not checked against the paper.
+**DDP**: pass the :class:`~torch.nn.parallel.DistributedDataParallel` module (of the converted
+model); each rank perturbs its own shard with the wrapped module (no collectives), and the
+training backward through the wrapper all-reduces the weight gradient once, the adversarial
+BatchNorm's included. Since the perturbation of an example depends only on that example (and on
+BatchNorm's batch statistics, which are per rank anyway under DDP), 2 ranks equal one process on
+the concatenated batch for a model without BatchNorm. With auxiliary BatchNorm and
+:math:`\lambda = 1` the main BatchNorm gets no gradient, so DDP then needs
+``find_unused_parameters=True``.
 """
 
 from __future__ import annotations
@@ -90,10 +114,14 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn.parallel import DistributedDataParallel
 
-__all__ = ["NORMS", "ConAdv", "ConAdvLosses"]
+from .batchnorm import adversarial_route, find_batchnorms
+
+__all__ = ["BATCHNORMS", "NORMS", "ConAdv", "ConAdvLosses"]
 
 #: The perturbation norms: ``"linf"`` (sign steps, clamp) and ``"l2"`` (normalised steps, rescale).
 NORMS: tuple[str, ...] = ("linf", "l2")
+#: BatchNorm handling: ``"auxiliary"`` (the paper's adv BN; convert the model first) or ``"shared"``.
+BATCHNORMS: tuple[str, ...] = ("auxiliary", "shared")
 
 _STATE_KEYS = {"step", "staleness", "snapshots"}
 
@@ -124,6 +152,8 @@ class ConAdv:
 
     Usage (the optimizer, scheduler and GradScaler stay the caller's)::
 
+        model = convert_to_auxiliary_batchnorm(model)   # before the optimizer and DDP
+        optimizer = LAMB(model.parameters(), lr=...)
         conadv = ConAdv(model, nn.functional.cross_entropy, epsilon=0.05, staleness=1)
         for x, y in loader:
             optimizer.zero_grad()
@@ -131,7 +161,8 @@ class ConAdv:
             optimizer.step()                         # or scaler.step(optimizer); scaler.update()
 
     Args:
-        model: the network, in train mode; a ``DistributedDataParallel`` wrapper is fine.
+        model: the network (converted, if it has BatchNorm and ``batchnorm="auxiliary"``), in
+            train mode; a ``DistributedDataParallel`` wrapper of it is fine.
         loss_fn: ``loss_fn(output, target)`` → a scalar loss (a mean over the batch).
         epsilon: the perturbation radius :math:`\epsilon` (module docstring), > 0.
         norm: ``"linf"`` or ``"l2"``.
@@ -141,11 +172,16 @@ class ConAdv:
         step_size: :math:`\alpha`; default :math:`\epsilon / K`.
         adversarial_weight: :math:`\lambda \in (0, 1]` of the training loss.
         input_range: ``(lo, hi)`` to clamp perturbed inputs into, or None.
-        adversarial_updates_buffers: whether the adversarial forward pass may update buffers
-            (BatchNorm running statistics); default False (running statistics from clean data).
+        batchnorm: ``"auxiliary"`` (default, the paper's): adversarial examples go through the
+            adversarial twins of :func:`~largebatch.adversarial.convert_to_auxiliary_batchnorm`;
+            ``"shared"``: through the model's own BatchNorm layers.
+        adversarial_updates_buffers: whether the adversarial training pass may update buffers
+            (BatchNorm running statistics); default True with ``"auxiliary"`` (only the
+            adversarial twins' move), False with ``"shared"`` (running statistics from clean data).
 
     Raises:
-        ValueError: an argument out of range, naming it.
+        ValueError: an argument out of range, naming it; with ``"auxiliary"``, a BatchNorm layer
+            without an adversarial twin (naming it); with ``"shared"``, a converted model.
     """
 
     def __init__(
@@ -160,7 +196,8 @@ class ConAdv:
         step_size: float | None = None,
         adversarial_weight: float = 0.5,
         input_range: tuple[float, float] | None = None,
-        adversarial_updates_buffers: bool = False,
+        batchnorm: str = "auxiliary",
+        adversarial_updates_buffers: bool | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -183,14 +220,30 @@ class ConAdv:
                 valid = False
             if not valid:
                 raise ValueError(f"input_range must be (lo, hi) with finite lo < hi, got {input_range!r}")
+        if batchnorm not in BATCHNORMS:
+            raise ValueError(f"batchnorm must be one of {BATCHNORMS}, got {batchnorm!r}")
+        if adversarial_updates_buffers is not None and not isinstance(adversarial_updates_buffers, bool):
+            raise ValueError(f"adversarial_updates_buffers must be True, False or None, got {adversarial_updates_buffers!r}")
         self.model = model
         # The perturbation runs on the wrapped module: no DDP hooks, no all-reduce of weight gradients.
         self.module: nn.Module = model.module if isinstance(model, DistributedDataParallel) else model
+        self._auxiliary, plain = find_batchnorms(self.module)
+        if batchnorm == "auxiliary" and plain:
+            raise ValueError(
+                f"batchnorm='auxiliary' (the paper's adv BN), but the model has BatchNorm layers without an adversarial "
+                f"twin: {plain[:3]}{' ...' if len(plain) > 3 else ''}; convert it with "
+                "convert_to_auxiliary_batchnorm(model) before building the optimizer and DDP, or pass batchnorm='shared'"
+            )
+        if batchnorm == "shared" and self._auxiliary:
+            raise ValueError("batchnorm='shared', but the model has AuxiliaryBatchNorm layers: pass batchnorm='auxiliary'")
+        self.batchnorm = batchnorm
         self.loss_fn = loss_fn
         self.norm = norm
         self.adversarial_weight = float(weight)
         self.input_range = None if input_range is None else (float(input_range[0]), float(input_range[1]))
-        self.adversarial_updates_buffers = bool(adversarial_updates_buffers)
+        self.adversarial_updates_buffers = (
+            batchnorm == "auxiliary" if adversarial_updates_buffers is None else adversarial_updates_buffers
+        )
         self._step = 0
         # θ_{t-τ}, …, θ_{t-1} (oldest first), min(t, τ) of them; never changed in place once stored.
         self._snapshots: deque[dict[str, Tensor]] = deque(maxlen=max(self.staleness, 1))
@@ -239,7 +292,8 @@ class ConAdv:
         nonfinite = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
         for _ in range(self.steps):
             x_k = (x + delta).requires_grad_(True)
-            loss = self.loss_fn(functional_call(self.module, {**params, **buffers}, (x_k,)), y)
+            with adversarial_route(self._auxiliary):
+                loss = self.loss_fn(functional_call(self.module, {**params, **buffers}, (x_k,)), y)
             if scale is not None:
                 loss = loss * scale  # directions are scale-invariant: no unscaling needed
             (grad,) = torch.autograd.grad(loss, x_k)
@@ -285,7 +339,8 @@ class ConAdv:
         clean = None if weight == 1.0 else self.loss_fn(self.model(x), y)
         # BatchNorm saves its running statistics for backward: they are restored only after it.
         with self._buffers_kept():
-            adversarial = self.loss_fn(self.model(x_adv), y)
+            with adversarial_route(self._auxiliary):
+                adversarial = self.loss_fn(self.model(x_adv), y)
             loss = adversarial if clean is None else (1.0 - weight) * clean + weight * adversarial
             (loss if scaler is None else scaler.scale(loss)).backward()
         if self.staleness > 0:  # θ_t, the weights this step's update starts from

@@ -14,7 +14,11 @@ deep_scaling's committed run found there (base lr tuned at 64 × 32^k, measured 
 plain backward; it is deep_scaling's loop otherwise.
 
 **ConAdv rows** (:class:`largebatch.adversarial.ConAdv`): staleness τ = 1, one L∞ sign step
-(FGSM), clean/adversarial weights ½/½, BatchNorm running statistics from clean batches. The
+(FGSM), clean/adversarial weights ½/½, and the paper's BatchNorm handling: the model is converted
+with :func:`~largebatch.adversarial.convert_to_auxiliary_batchnorm` before its optimizer is built,
+so adversarial examples (and their perturbation pass) go through their own BatchNorm twins, with
+their own γ, β and statistics, and the clean batch and evaluation through the model's own ("main
+BN" and "adv BN" of the paper's Algorithm 1; ``docs/conadv_paper_notes.md``). The
 radius ε is chosen from :data:`EPSILONS` by validation accuracy with LAMB, seed 0 (the data have
 unit-scale templates with white noise of standard deviation 0.2 on top). Every row runs seeds
 0, 1, 2; tables give the mean ± std of the final test accuracy.
@@ -41,13 +45,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from largebatch.adversarial import ConAdv
+from largebatch.adversarial import ConAdv, convert_to_auxiliary_batchnorm
 from largebatch.experiments.deep_scaling import (
     FULL, METHODS, QUICK, Config, Data, accuracy, build_optimizer, make_data, make_model,
 )  # fmt: skip
 from largebatch.schedules import WarmupPolynomialDecay
 
-__all__ = ["EPSILONS", "LABELS", "STALENESS", "Run", "chosen_epsilon", "large_batch_lr", "main", "run_experiment", "train"]
+__all__ = ["BATCHNORM", "EPSILONS", "LABELS", "STALENESS", "Run", "chosen_epsilon", "large_batch_lr", "main", "run_experiment", "train"]
 
 _METHODS = {m.label: m for m in METHODS}
 #: The rows' methods, as deep_scaling labels them.
@@ -58,6 +62,9 @@ _BASE_LR_AND_EXPONENT: dict[str, tuple[float, float]] = {"LAMB + sqrt": (0.04, 0
 #: The ε grid of the validation sweep (LAMB, seed 0).
 EPSILONS: tuple[float, ...] = (0.005, 0.02, 0.05, 0.1)
 STALENESS = 1
+#: ConAdv's BatchNorm handling in these rows; part of a ConAdv run's cache key, so that runs of
+#: the earlier shared-BatchNorm version (a cache from before this field) are not taken for them.
+BATCHNORM = "auxiliary"
 TIMING_REPEATS = 7
 
 
@@ -77,8 +84,8 @@ class Run:
 
     @property
     def key(self) -> str:
-        """The run's identity in the JSON cache."""
-        return json.dumps(asdict(self), sort_keys=True)
+        """The run's identity in the JSON cache (ConAdv runs: with :data:`BATCHNORM`)."""
+        return json.dumps({**asdict(self), **({} if self.epsilon is None else {"batchnorm": BATCHNORM})}, sort_keys=True)
 
 
 def train(config: Config, data: Data, run: Run) -> dict[str, Any]:
@@ -86,6 +93,8 @@ def train(config: Config, data: Data, run: Run) -> dict[str, Any]:
     torch.set_num_threads(1)
     method = _METHODS[run.method]
     model = make_model(run.seed, config.channels)
+    if run.epsilon is not None:  # the twins are new parameters: before the optimizer is built
+        model = convert_to_auxiliary_batchnorm(model)
     lr = large_batch_lr(run.method, config)
     optimizer = build_optimizer(method, model, lr)
     n, unit, batch_size = config.train_size, config.base_batch_size, config.large_batch_size
@@ -158,7 +167,9 @@ class Results:
         self.timing: dict[str, dict[str, float]] = {}
         if path is not None and path.exists():
             saved = json.loads(path.read_text())
-            self.runs, self.timing = saved["runs"], saved.get("timing", {})
+            # The step timing of another BatchNorm handling (or of a cache from before the field) is not ours.
+            self.runs = saved["runs"]
+            self.timing = saved.get("timing", {}) if saved.get("batchnorm") == BATCHNORM else {}
 
     def add(self, key: str, result: dict[str, Any]) -> None:
         self.runs[key] = result
@@ -166,7 +177,7 @@ class Results:
 
     def save(self) -> None:
         if self.path is not None:
-            self.path.write_text(json.dumps({"runs": self.runs, "timing": self.timing}, indent=0))
+            self.path.write_text(json.dumps({"runs": self.runs, "timing": self.timing, "batchnorm": BATCHNORM}, indent=0))
 
 
 def _sweep_runs() -> list[Run]:
@@ -210,7 +221,7 @@ def _step_timing(config: Config, label: str, epsilon: float) -> dict[str, float]
     torch.set_num_threads(1)
     data = make_data(config.large_batch_size, 1, 1)
     x, y = data.x_train, data.y_train
-    model = make_model(0, config.channels)
+    model = convert_to_auxiliary_batchnorm(make_model(0, config.channels))  # the plain step uses the main BN
     method = _METHODS[label]
     optimizer = build_optimizer(method, model, large_batch_lr(label, config))
     conadv = ConAdv(model, nn.functional.cross_entropy, epsilon=epsilon, staleness=STALENESS)
@@ -270,8 +281,9 @@ def write_report(config: Config, results: Results, out: Path, seconds: float | N
         "",
         "Written by `python -m largebatch.experiments.conadv_scaling` (the module docstring has the setting): "
         f"deep_scaling's data, network, budget ({config.epochs} epochs of {config.train_size} examples), schedule "
-        "and large-batch lrs; ConAdv with staleness 1, one L∞ sign step, clean/adversarial ½/½, BatchNorm running "
-        f"statistics from clean batches. Test accuracy (%) after the budget, mean ± std over seeds "
+        "and large-batch lrs; ConAdv with staleness 1, one L∞ sign step, clean/adversarial ½/½, and auxiliary "
+        "BatchNorm (the paper's adv BN: adversarial examples through BatchNorm twins with their own γ, β and "
+        f"statistics; clean batches and evaluation through the model's own). Test accuracy (%) after the budget, mean ± std over seeds "
         f"{', '.join(map(str, config.seeds))}."
         + f" The {len(results.runs)} runs in the cache trained for {sum(r['train_seconds'] for r in results.runs.values()) / 60:.1f} "
         "minutes in all (evaluations not counted; a shared 2-core machine)"

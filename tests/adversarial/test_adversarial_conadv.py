@@ -1,5 +1,6 @@
-"""ConAdv against hand-written oracles: FGSM/PGD at the right (stale) weights, the training loop bit
-for bit, the state round trip, GradScaler, BatchNorm statistics and argument validation."""
+"""ConAdv against hand-written oracles: FGSM/PGD at the right (stale) weights and through the right
+BatchNorm, the training loop bit for bit, the state round trip, GradScaler, BatchNorm statistics
+and argument validation."""
 
 import copy
 import io
@@ -12,15 +13,26 @@ from hypothesis import strategies as st
 from torch import nn
 
 from largebatch import LAMB
-from largebatch.adversarial import ConAdv
+from largebatch.adversarial import AuxiliaryBatchNorm, ConAdv, convert_to_auxiliary_batchnorm
 
 loss_fn = nn.functional.cross_entropy
 
 
-def make_model(seed: int = 0, batchnorm: bool = True) -> nn.Module:
+def plain_model(seed: int = 0, batchnorm: bool = True) -> nn.Sequential:
     torch.manual_seed(seed)
     layers = [nn.Linear(5, 8)] + ([nn.BatchNorm1d(8)] if batchnorm else []) + [nn.Tanh(), nn.Linear(8, 3)]
     return nn.Sequential(*layers)
+
+
+def make_model(seed: int = 0) -> nn.Sequential:
+    """Linear, BatchNorm with an adversarial twin (the paper's main BN / adv BN), Tanh, Linear."""
+    return convert_to_auxiliary_batchnorm(plain_model(seed))
+
+
+def view(model: nn.Sequential, twin: str) -> nn.Sequential:
+    """The converted model with each AuxiliaryBatchNorm replaced by its ``twin`` ("main" or
+    "adversarial"): the same modules, written out without the layer's routing."""
+    return nn.Sequential(*[getattr(m, twin) if isinstance(m, AuxiliaryBatchNorm) else m for m in model])
 
 
 def batches(count: int, size: int = 16, seed: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -61,7 +73,8 @@ def test_staleness_0_is_an_fgsm_step_at_the_current_weights(epsilon, norm, seed)
     (x, y), = batches(1, seed=seed)
     buffers = [b.clone() for b in model.buffers()]
     got = ConAdv(model, loss_fn, epsilon=epsilon, norm=norm, staleness=0).perturb(x, y)
-    torch.testing.assert_close(got, pgd(model, x, y, epsilon, norm), rtol=1e-6, atol=1e-6)
+    # Through the adversarial BatchNorm, as the paper's code does (its attack runs with adv=True).
+    torch.testing.assert_close(got, pgd(view(model, "adversarial"), x, y, epsilon, norm), rtol=1e-6, atol=1e-6)
     # The perturbation changes nothing in the model: no statistics moved, no gradient written.
     assert all(torch.equal(b, c) for b, c in zip(model.buffers(), buffers))
     assert all(p.grad is None for p in model.parameters())
@@ -74,7 +87,8 @@ def test_pgd_steps_match_the_oracle_and_stay_in_the_ball(steps, norm, ratio, see
     epsilon = 0.3
     conadv = ConAdv(model, loss_fn, epsilon=epsilon, norm=norm, staleness=0, steps=steps, step_size=ratio * epsilon)
     got = conadv.perturb(x, y)
-    torch.testing.assert_close(got, pgd(model, x, y, epsilon, norm, steps, ratio * epsilon), rtol=1e-5, atol=1e-5)
+    expected = pgd(view(model, "adversarial"), x, y, epsilon, norm, steps, ratio * epsilon)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     size = (got - x).abs().amax(1) if norm == "linf" else (got - x).norm(dim=1)
     assert (size <= epsilon * (1 + 1e-6)).all()
 
@@ -110,17 +124,24 @@ def test_staleness_tau_perturbs_at_the_weights_of_tau_steps_back(staleness, seed
     history = []  # θ_t: copies of the model at the start of each step
     for t, (x, y) in enumerate(batches(5, seed=seed)):
         history.append(copy.deepcopy(model))
-        expected = pgd(history[max(t - staleness, 0)], x, y, 0.1, "linf")
+        expected = pgd(view(history[max(t - staleness, 0)], "adversarial"), x, y, 0.1, "linf")
         torch.testing.assert_close(conadv.perturb(x, y), expected, rtol=0, atol=0)
         if t > staleness:  # and not the current weights' step (the weights do move)
-            assert not torch.equal(expected, pgd(model, x, y, 0.1, "linf"))
+            assert not torch.equal(expected, pgd(view(model, "adversarial"), x, y, 0.1, "linf"))
         optimizer.zero_grad()
         conadv.backward(x, y)
         optimizer.step()
 
 
-def hand_written_step(model, stale_model, x, y, epsilon, weight):
-    """ConAdv's step written out: FGSM at the stale copy, two forwards, BN statistics from the clean one."""
+def hand_written_step(model, stale_model, x, y, epsilon, weight, batchnorm):
+    """ConAdv's step written out: FGSM at the stale copy, then two forwards. Auxiliary: the clean
+    one through the main BN, the adversarial one through the adversarial twin (whose statistics it
+    moves); shared: both through the one BN, whose statistics the clean one alone moves."""
+    if batchnorm == "auxiliary":
+        x_adv = pgd(view(stale_model, "adversarial"), x, y, epsilon, "linf")
+        loss = (1 - weight) * loss_fn(view(model, "main")(x), y) + weight * loss_fn(view(model, "adversarial")(x_adv), y)
+        loss.backward()
+        return loss
     x_adv = pgd(stale_model, x, y, epsilon, "linf")
     clean = loss_fn(model(x), y)
     saved = [b.clone() for b in model.buffers()]
@@ -132,19 +153,21 @@ def hand_written_step(model, stale_model, x, y, epsilon, weight):
     return loss
 
 
+@pytest.mark.parametrize("batchnorm", ["auxiliary", "shared"])
 @pytest.mark.parametrize("optimizer_class", [torch.optim.SGD, LAMB])
 @pytest.mark.parametrize("staleness", [0, 1, 2])
-def test_training_equals_the_hand_written_loop_bit_for_bit(optimizer_class, staleness):
-    models = [make_model(3), make_model(3)]
+def test_training_equals_the_hand_written_loop_bit_for_bit(optimizer_class, staleness, batchnorm):
+    build = make_model if batchnorm == "auxiliary" else plain_model
+    models = [build(3), build(3)]
     optimizers = [optimizer_class(m.parameters(), lr=0.05) for m in models]
-    conadv = ConAdv(models[0], loss_fn, epsilon=0.2, staleness=staleness, adversarial_weight=0.3)
+    conadv = ConAdv(models[0], loss_fn, epsilon=0.2, staleness=staleness, adversarial_weight=0.3, batchnorm=batchnorm)
     snapshots = []
     for t, (x, y) in enumerate(batches(6)):
         snapshots.append(copy.deepcopy(models[1]))
         for opt in optimizers:
             opt.zero_grad()
         got = conadv.backward(x, y).loss
-        expected = hand_written_step(models[1], snapshots[max(t - staleness, 0)], x, y, 0.2, 0.3)
+        expected = hand_written_step(models[1], snapshots[max(t - staleness, 0)], x, y, 0.2, 0.3, batchnorm)
         assert torch.equal(got, expected.detach())
         for opt in optimizers:
             opt.step()
@@ -152,11 +175,11 @@ def test_training_equals_the_hand_written_loop_bit_for_bit(optimizer_class, stal
         assert torch.equal(a, b)
 
 
-def test_adversarial_pass_leaves_batchnorm_statistics_unless_asked():
+def test_shared_batchnorm_statistics_come_from_clean_batches_unless_asked():
     (x, y), = batches(1)
     for updates in (False, True):
-        model, reference = make_model(), make_model()
-        ConAdv(model, loss_fn, epsilon=0.2, staleness=0, adversarial_updates_buffers=updates).backward(x, y)
+        model, reference = plain_model(), plain_model()
+        ConAdv(model, loss_fn, epsilon=0.2, staleness=0, batchnorm="shared", adversarial_updates_buffers=updates).backward(x, y)
         x_adv = pgd(reference, x, y, 0.2, "linf")
         with torch.no_grad():
             reference(x)
@@ -166,13 +189,66 @@ def test_adversarial_pass_leaves_batchnorm_statistics_unless_asked():
             assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("updates", [None, False])
+def test_auxiliary_batchnorm_keeps_each_twin_to_its_own_batches(updates):
+    """Main BN: clean batches' statistics and the clean loss's gradient only; the adversarial twin:
+    the adversarial batch's (its running statistics only if the adversarial pass may update buffers)."""
+    (x, y), = batches(1)
+    model, reference = make_model(), make_model()
+    ConAdv(model, loss_fn, epsilon=0.2, staleness=0, adversarial_weight=0.5, adversarial_updates_buffers=updates).backward(x, y)
+    x_adv = pgd(view(reference, "adversarial"), x, y, 0.2, "linf")
+    clean = loss_fn(view(reference, "main")(x), y)
+    saved = [b.clone() for b in reference[1].adversarial.buffers()]
+    (0.5 * clean + 0.5 * loss_fn(view(reference, "adversarial")(x_adv), y)).backward()
+    if updates is False:
+        with torch.no_grad():
+            for b, s in zip(reference[1].adversarial.buffers(), saved):
+                b.copy_(s)
+    else:
+        assert not torch.equal(reference[1].adversarial.running_mean, saved[0])  # the twin's statistics moved
+    for (name, a), b in zip(model.state_dict().items(), reference.state_dict().values()):
+        assert torch.equal(a, b), name
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-7, msg=name)
+    assert not torch.equal(model[1].main.weight.grad, model[1].adversarial.weight.grad)
+    assert not model[1].adversarial_active  # evaluation and plain steps use the main BN again
+
+
+def test_converted_model_computes_what_the_original_did():
+    original, (x, _) = plain_model(), batches(1)[0]
+    converted = convert_to_auxiliary_batchnorm(copy.deepcopy(original))
+    assert isinstance(converted[1], AuxiliaryBatchNorm) and converted[1].main is not converted[1].adversarial
+    assert torch.equal(converted[1].adversarial.weight, original[1].weight)
+    for mode in ("train", "eval"):
+        getattr(original, mode)(), getattr(converted, mode)()
+        assert torch.equal(converted(x), original(x))
+    assert convert_to_auxiliary_batchnorm(converted) is converted and isinstance(converted[1].main, nn.BatchNorm1d)
+    assert isinstance(convert_to_auxiliary_batchnorm(nn.BatchNorm1d(3)), AuxiliaryBatchNorm)
+
+
+def test_a_failing_adversarial_pass_leaves_the_main_batchnorm_routed():
+    model, (x, y) = make_model(), batches(1)[0]
+    calls = []
+
+    def failing_on_the_adversarial_pass(output, target):
+        calls.append(model[1].adversarial_active)
+        if len(calls) == 3:  # perturbation, clean, adversarial
+            raise RuntimeError("boom")
+        return loss_fn(output, target)
+
+    with pytest.raises(RuntimeError, match="boom"):
+        ConAdv(model, failing_on_the_adversarial_pass, epsilon=0.1, staleness=0).backward(x, y)
+    assert calls == [True, False, True] and not model[1].adversarial_active
+
+
 def test_adversarial_weight_1_trains_on_adversarial_examples_only():
     model, (x, y) = make_model(), batches(1)[0]
     losses = ConAdv(model, loss_fn, epsilon=0.2, staleness=0, adversarial_weight=1.0).backward(x, y)
     assert losses.clean is None and torch.equal(losses.loss, losses.adversarial)
-    reference = make_model()
+    reference = view(make_model(), "adversarial")
     loss_fn(reference(pgd(reference, x, y, 0.2, "linf")), y).backward()
-    for p, q in zip(model.parameters(), reference.parameters()):
+    assert model[1].main.weight.grad is None  # the main BN saw no batch
+    for p, q in zip([p for p in model.parameters() if p.grad is not None], reference.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-7)
 
 
@@ -332,11 +408,25 @@ def test_runs_under_bfloat16_autocast():
         ({"input_range": (1.0, 0.0)}, "input_range"),
         ({"input_range": (0.0, 1.0, 2.0)}, "input_range"),
         ({"input_range": ("a", 1.0)}, "input_range"),
+        ({"batchnorm": "ghost"}, "batchnorm"),
+        ({"adversarial_updates_buffers": 1}, "adversarial_updates_buffers"),
     ],
 )
 def test_bad_arguments_raise_naming_them(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ConAdv(make_model(), loss_fn, **{"epsilon": 0.1, **kwargs})
+
+
+def test_batchnorm_mode_and_model_must_agree():
+    with pytest.raises(ValueError, match=r"without an adversarial twin: \['1'\].*convert_to_auxiliary_batchnorm"):
+        ConAdv(plain_model(), loss_fn, epsilon=0.1)
+    with pytest.raises(ValueError, match="AuxiliaryBatchNorm"):
+        ConAdv(make_model(), loss_fn, epsilon=0.1, batchnorm="shared")
+    with pytest.raises(ValueError, match="BatchNorm module"):
+        AuxiliaryBatchNorm(nn.Linear(2, 2))
+    # Without BatchNorm both modes are the same step.
+    for mode in ("auxiliary", "shared"):
+        ConAdv(plain_model(batchnorm=False), loss_fn, epsilon=0.1, batchnorm=mode)
 
 
 def test_a_model_in_eval_mode_raises_and_takes_no_step():

@@ -1,4 +1,5 @@
-"""DDP: ConAdv on 2 gloo ranks, each perturbing its own shard, equals one process on the whole batch."""
+"""DDP: ConAdv on 2 gloo ranks, each perturbing its own shard, equals one process on the whole batch;
+with auxiliary BatchNorm, the adversarial twins' gradients are all-reduced too."""
 
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_
 from torch.nn.parallel import DistributedDataParallel
 
 from largebatch import LAMB
-from largebatch.adversarial import ConAdv
+from largebatch.adversarial import ConAdv, convert_to_auxiliary_batchnorm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "batching"))
 from _gloo import init_process_group, spawn  # noqa: E402  tests/batching/_gloo.py
@@ -42,6 +43,26 @@ def train(model: nn.Module, conadv_model: nn.Module, batches) -> None:
         optimizer.step()
 
 
+def batchnorm_model() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 3)).double()
+    return convert_to_auxiliary_batchnorm(model)
+
+
+def check_auxiliary_batchnorm_stays_in_sync(rank: int) -> None:
+    """Per-rank batch statistics differ, but every weight, the adversarial twin's included, gets the
+    all-reduced gradient: both ranks hold the same weights after the steps."""
+    model = batchnorm_model()
+    start = model[1].adversarial.weight.detach().clone()
+    shards = [(x.chunk(WORLD_SIZE)[rank], y.chunk(WORLD_SIZE)[rank]) for x, y in data()]
+    train(model, DistributedDataParallel(model), shards)
+    weights = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    gathered = [torch.empty_like(weights) for _ in range(WORLD_SIZE)]
+    dist.all_gather(gathered, weights)
+    assert torch.equal(gathered[0], gathered[1])
+    assert not torch.equal(model[1].adversarial.weight, start)  # the twin was trained
+
+
 def worker(rank: int, store: str) -> None:
     init_process_group(rank, WORLD_SIZE, store, timeout_s=60)
     try:
@@ -62,6 +83,7 @@ def worker(rank: int, store: str) -> None:
         train(reference, reference, data())
         for p, q in zip(model.parameters(), reference.parameters()):
             torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12)
+        check_auxiliary_batchnorm_stays_in_sync(rank)
         dist.barrier()  # no rank tears its gloo pairs down while the other still uses them
     finally:
         dist.destroy_process_group()
