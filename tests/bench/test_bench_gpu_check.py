@@ -16,7 +16,7 @@ import torch
 
 from bench import gpu_check, report
 from bench.isolated import REPO_ROOT, Job
-from bench.rows import FAILED, ReportFile, environment, environment_job, markdown, run
+from bench.rows import ReportFile, environment, environment_job, markdown, run
 from bench.timm_optim import TimmNotInstalled, timm_optimizer
 
 HERE = Path(__file__).resolve().parent

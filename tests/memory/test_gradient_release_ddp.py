@@ -3,7 +3,6 @@ gradients after the post-accumulate-grad hooks fire, so a released step would us
 local gradient."""
 
 import pytest
-import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
