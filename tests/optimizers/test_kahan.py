@@ -18,7 +18,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from _cases import ADAN_CASE, IGNORE_NO_ADAPTATION_WARNING, LAMB_CASE, LARS_CASE, make_grads, make_param, shape_specs
+from _cases import ADAN_CASE, IGNORE_NO_ADAPTATION_WARNING, LAMB_CASE, LARS_CASE, make_grads, make_param
+from _kahan_cases import STEPS, assert_kahan_close, kahan_runs, run_steps
 from largebatch import LAMB, LARS, AdaGradNorm, Adan
 from largebatch.memory import prepare_for_gradient_release
 from largebatch.optimizers.lamb import lamb
@@ -27,7 +28,6 @@ from memory.test_gradient_release import _assert_identical, _train, runs
 pytestmark = pytest.mark.filterwarnings(IGNORE_NO_ADAPTATION_WARNING)
 
 KAHAN_CASES = [LAMB_CASE, LARS_CASE, ADAN_CASE]
-STEPS = 5
 
 # ---------------------------------------------------------------- compensation pays
 
@@ -73,62 +73,13 @@ def test_compensation_pays(name):
 # ---------------------------------------------------------------- foreach == per-tensor
 
 
-def _run(case, hyper, params, grad_steps, **options):
-    """STEPS steps of `case` on copies of `params`; returns the optimizer and its parameters."""
-    copies = [p.clone().requires_grad_() for p in params]
-    optimizer = case.cls(copies, **case.to_kwargs(hyper), **options)
-    for grads in grad_steps:
-        for p, g in zip(copies, grads):
-            p.grad = torch.from_numpy(g).to(p.dtype)
-        optimizer.step()
-    return optimizer, copies
-
-
-def _compensated(optimizer, param):
-    comp = optimizer.state[param].get("kahan_comp")
-    return param.detach().float() if comp is None else param.detach().float() + comp.float()
-
-
-def assert_kahan_close(actual, expected):
-    """(optimizer, params) pairs of two paths agree: each parameter to a few ulps of its dtype
-    (the repo's bf16 bound: the paths round differently, and an ulp apart carries on), its
-    compensated value p + c to 1/8 ulp of the tensor's largest element (the buffers take up what
-    the rounding differed by), and both have buffers exactly for the bf16/fp16 parameters."""
-    (opt_a, params_a), (opt_e, params_e) = actual, expected
-    for a, e in zip(params_a, params_e):
-        assert a.dtype == e.dtype
-        low_precision = e.dtype in (torch.bfloat16, torch.float16)
-        assert ("kahan_comp" in opt_a.state[a]) == ("kahan_comp" in opt_e.state[e]) == low_precision
-        eps = torch.finfo(e.dtype).eps
-        # (NaN: fp16 Adan with eps below fp16's smallest subnormal divides 0 by 0 on every path)
-        scale = float(e.detach().float().nan_to_num(0.0).abs().max()) if e.numel() else 0.0
-        torch.testing.assert_close(a.detach(), e.detach(), rtol=4 * eps, atol=2 * eps * scale + 1e-6, equal_nan=True)
-        if low_precision:
-            torch.testing.assert_close(
-                _compensated(opt_a, a), _compensated(opt_e, e), rtol=0, atol=eps * scale / 8 + 1e-6, equal_nan=True
-            )
-
-
-@st.composite
-def kahan_runs(draw, case):
-    """Hyper-parameters with a small lr (where compensation matters), bf16/fp16 parameters and
-    the odd fp32 one in the same group, and STEPS steps of gradients."""
-    hyper = draw(case.hyper)
-    hyper["lr"] = draw(st.sampled_from([1e-4, 1e-3, 0.01]))
-    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
-    dtype = draw(st.sampled_from([torch.bfloat16, torch.float16]))
-    specs = draw(st.lists(st.tuples(shape_specs, st.booleans()), min_size=1, max_size=4))
-    params = [make_param(kind, shape, rng, torch.float32 if fp32 else dtype) for (kind, shape), fp32 in specs]
-    return hyper, params, make_grads(params, STEPS, rng)
-
-
 @pytest.mark.parametrize("case", KAHAN_CASES, ids=lambda c: c.name)
 @settings(max_examples=10)
 @given(data=st.data())
 def test_foreach_equals_per_tensor(case, data):
     hyper, params, grad_steps = data.draw(kahan_runs(case))
-    reference = _run(case, hyper, params, grad_steps, foreach=False)
-    assert_kahan_close(_run(case, hyper, params, grad_steps, foreach=True), reference)
+    reference = run_steps(case, hyper, params, grad_steps, foreach=False)
+    assert_kahan_close(run_steps(case, hyper, params, grad_steps, foreach=True), reference, params)
 
 
 # ---------------------------------------------------------------- the default
@@ -143,7 +94,7 @@ def test_fp32_parameters_step_bit_identically_whatever_kahan_sum(case, data):
     params = [make_param("matrix", (3, 4), rng, torch.float32), make_param("vector", (5,), rng, torch.float32)]
     grad_steps = make_grads(params, STEPS, rng)
     foreach = data.draw(st.booleans())
-    runs_ = [_run(case, hyper, params, grad_steps, foreach=foreach, kahan_sum=k) for k in (None, True, False)]
+    runs_ = [run_steps(case, hyper, params, grad_steps, foreach=foreach, kahan_sum=k) for k in (None, True, False)]
     for optimizer, copies in runs_:
         assert all("kahan_comp" not in optimizer.state[p] for p in copies)
         for p, q in zip(copies, runs_[2][1]):
