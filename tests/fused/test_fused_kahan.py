@@ -69,9 +69,9 @@ def test_functional_fused_step_skips_on_found_inf_and_compensates_otherwise(name
 
 @pytest.mark.parametrize("cls", [LAMB, LARS, Adan])
 def test_fused_checkpoints_round_trip_and_old_ones_start_at_zero(cls):
-    """A fused optimizer's buffers survive state_dict bit for bit (into a per-tensor optimizer,
-    which then continues as the fused one did not: the paths agree to rounding only); a state
-    without buffers loads into a fused optimizer, whose plans then take the new buffers."""
+    """A fused optimizer's buffers survive state_dict bit for bit, and the resumed optimizer steps
+    as the original goes on; a state without buffers loads into a fused optimizer, whose plans
+    then take the new (zero) buffers."""
     torch.manual_seed(0)
     params = [torch.randn(5, 7).to(DEVICE, torch.bfloat16).requires_grad_(), torch.randn(3, device=DEVICE).requires_grad_()]
     optimizer = cls(params, lr=1e-3, fused=True)
@@ -109,18 +109,44 @@ def test_fused_checkpoints_round_trip_and_old_ones_start_at_zero(cls):
 
 def test_a_group_switched_off_steps_without_its_buffers():
     """kahan_sum set to False on a live group: the next fused step takes the plain kernels (a
-    plan of its own), as a per-tensor step does, and leaves the buffers as they were."""
+    plan of its own) and leaves the buffers as they were, as a per-tensor step does."""
     rng = np.random.default_rng(0)
-    params = [torch.from_numpy(rng.standard_normal(20)).to(DEVICE, torch.bfloat16).requires_grad_()]
-    fused, plain = LAMB(params, lr=1e-3, fused=True), None
-    for kahan in (None, False):
-        fused.param_groups[0]["kahan_sum"] = kahan
-        params[0].grad = torch.ones_like(params[0])
-        comp = fused.state[params[0]].get("kahan_comp")
-        kept = None if comp is None else comp.clone()
-        expected = params[0].detach().clone()
-        fused.step()
-        if kept is not None:
-            assert torch.equal(fused.state[params[0]]["kahan_comp"], kept)
-            plain = expected
-    assert plain is not None and not torch.equal(params[0], plain)
+    params = [torch.from_numpy(rng.standard_normal(40)).to(DEVICE, torch.bfloat16).requires_grad_()]
+    fused = LAMB(params, lr=1e-3, fused=True)
+    params[0].grad = torch.ones_like(params[0])
+    fused.step()
+    kept = fused.state[params[0]]["kahan_comp"].clone()
+    copies = [params[0].detach().cpu().clone().requires_grad_()]
+    per_tensor = LAMB(copies, lr=1e-3)
+    per_tensor.load_state_dict(copy.deepcopy(fused.state_dict()))
+    for optimizer in (fused, per_tensor):
+        optimizer.param_groups[0]["kahan_sum"] = False
+    params[0].grad, copies[0].grad = -torch.ones_like(params[0]), -torch.ones_like(copies[0])
+    fused.step()
+    per_tensor.step()
+    assert torch.equal(fused.state[params[0]]["kahan_comp"], kept)
+    assert torch.equal(per_tensor.state[copies[0]]["kahan_comp"], kept.cpu())
+    eps = torch.finfo(torch.bfloat16).eps
+    torch.testing.assert_close(params[0].detach().cpu(), copies[0].detach(), rtol=4 * eps, atol=0)
+
+
+@pytest.mark.parametrize("cls", [LAMB, LARS, Adan])
+def test_fused_gradient_release_with_kahan_is_bit_identical(cls):
+    from largebatch.memory import prepare_for_gradient_release
+
+    def train(release):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 1)).to(DEVICE, torch.bfloat16)
+        optimizer = cls(model.parameters(), lr=1e-3, fused=True)
+        handle = prepare_for_gradient_release(model, optimizer) if release else None
+        for step in range(3):
+            model(torch.full((4, 6), 0.5 + step, device=DEVICE, dtype=torch.bfloat16)).square().sum().backward()
+            if handle is None:
+                optimizer.step()
+                optimizer.zero_grad()
+        return list(model.parameters()), optimizer
+
+    (plain, plain_opt), (released, released_opt) = train(False), train(True)
+    for p, q in zip(plain, released):
+        assert torch.equal(p, q)
+        assert torch.equal(plain_opt.state[p]["kahan_comp"], released_opt.state[q]["kahan_comp"])
