@@ -2,8 +2,8 @@
 
 A compensated parameter's bucket has one more elementwise list, its buffers, placed after the
 other elementwise lists (so the plan walks them in chunks like the states); the kernels take
-them as a `comp_ptrs` row after the step counters' (None for a bucket without buffers, which
-the kernels' `comp_ptrs is not None` specialises away). A group that mixes compensated (bf16,
+them as a `comp_ptrs` row after the step counters' (None for a bucket without buffers) and a
+KAHAN constexpr that compiles the compensation in or out. A group that mixes compensated (bf16,
 fp16) and plain (fp32) parameters gets buckets of each kind; the plans of both live in the
 same PlanCache, under different names.
 """
