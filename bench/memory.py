@@ -5,10 +5,12 @@ without gradient release.
 
 Bytes per parameter. "measured" rows are read from real optimizers after one step: the bytes of
 every state tensor (step counters included) over the number of parameters, plus the parameters'
-own bytes and their gradients'. "definition" rows are configurations planned by issue 17 (Kahan
-compensation, bf16 and 8-bit states) that do not exist yet: their bytes are computed from what
-they are defined to hold, with the number of full-size state tensors taken from the real fp32
-optimizer (LAMB 2, LARS 1 with momentum, Adan 4, AdaGrad-Norm 0).
+own bytes and their gradients'; a Kahan compensation buffer (``kahan_sum``, state
+``kahan_comp``) is counted with the weights, as its measured bytes. "definition" rows are
+configurations planned by issue 17 (fp32 states under bf16 parameters, 8-bit states) that do not
+exist yet: their bytes are computed from what they are defined to hold, with the number of
+full-size state tensors taken from the real fp32 optimizer (LAMB 2, LARS 1 with momentum, Adan 4,
+AdaGrad-Norm 0). AdaGrad-Norm has no Kahan option: "n/a" in the Kahan rows.
 
 Peak memory of one training step (forward, backward, step, zero_grad), fp32, on a multilayer
 perceptron, after one warm-up step (so the optimizer states exist before the measured one):
@@ -89,6 +91,9 @@ class Config:
     #: measured rows: the dtype of the parameters the real optimizer's states are read from;
     #: definition rows: the bytes of each element of a full-size state tensor
     states: torch.dtype | float
+    #: with a Kahan compensation buffer: measured rows run the optimizers with kahan_sum=True (the
+    #: buffers' measured bytes join `weights`); optimizers without the option are "n/a"
+    kahan_sum: bool = False
 
 
 # 8-bit states as issue 17 defines them: one byte per element and one fp32 scale per block; the
@@ -96,43 +101,59 @@ class Config:
 BLOCK = 256
 CONFIGS = [
     Config("fp32", "measured", 4, 4, torch.float32),
-    Config("bf16 params, states in bf16 (today's default for bf16 parameters)", "measured", 2, 2, torch.bfloat16),
+    Config("bf16 params, bf16 states, kahan_sum=False", "measured", 2, 2, torch.bfloat16),
     Config("bf16 params + fp32 master (optimizer over fp32 copies)", "measured", 2 + 4, 2 + 4, torch.float32),
-    Config("bf16 + Kahan (bf16 compensation), fp32 states", "definition", 2 + 2, 2, 4),
-    Config("bf16 + Kahan, bf16 states", "definition", 2 + 2, 2, 2),
-    Config(f"bf16 + Kahan, 8-bit states (fp32 scale per {BLOCK})", "definition", 2 + 2, 2, 1 + 4 / BLOCK),
+    Config(
+        "bf16 + Kahan (bf16 compensation), bf16 states: the default for bf16 parameters",
+        "measured", 2, 2, torch.bfloat16, kahan_sum=True,
+    ),  # fmt: skip
+    Config("bf16 + Kahan (bf16 compensation), fp32 states", "definition", 2 + 2, 2, 4, kahan_sum=True),
+    Config(f"bf16 + Kahan, 8-bit states (fp32 scale per {BLOCK})", "definition", 2 + 2, 2, 1 + 4 / BLOCK, kahan_sum=True),
 ]
 
 
-def measured_state_bytes(name: str, dtype: torch.dtype, width: int, depth: int) -> tuple[float, int]:
-    """State bytes per parameter of optimizer `name` after one step on the MLP in `dtype`, and
-    how many state tensors of the parameter's size each parameter has."""
+def measured_state_bytes(name: str, dtype: torch.dtype, width: int, depth: int, kahan_sum: bool) -> tuple[float, int, float] | None:
+    """After one step of optimizer `name` on the MLP in `dtype` with `kahan_sum`: the bytes per
+    parameter of its states, how many state tensors of the parameter's size each parameter has
+    (both without the compensation buffers), and the buffers' bytes per parameter. None where
+    the optimizer has no kahan_sum and it is asked for."""
     model = mlp(width, depth).to(dtype)
     optimizer = OPTIMIZERS[name]([{"params": list(model.parameters())}])
+    if "kahan_sum" not in optimizer.defaults:
+        if kahan_sum:
+            return None
+    else:
+        optimizer.param_groups[0]["kahan_sum"] = kahan_sum
     model(torch.ones(2, width, dtype=dtype)).sum().backward()
     optimizer.step()
     numel = sum(p.numel() for p in model.parameters())
     first = next(iter(model.parameters()))
+    comps = [state.pop("kahan_comp") for state in optimizer.state.values() if "kahan_comp" in state]
     full = sum(1 for v in optimizer.state[first].values() if torch.is_tensor(v) and v.shape == first.shape)
-    return state_bytes(optimizer) / numel, full
+    return state_bytes(optimizer) / numel, full, storage_bytes(comps) / numel
 
 
 def bytes_per_parameter(width: int, depth: int) -> list[dict]:
     """Per configuration and optimizer: weights + states (persistent) and the gradient's bytes."""
     measured = {
-        (name, dtype): measured_state_bytes(name, dtype, width, depth)
+        (name, dtype, kahan_sum): measured_state_bytes(name, dtype, width, depth, kahan_sum)
         for name in OPTIMIZERS
-        for dtype in (torch.float32, torch.bfloat16)
+        for dtype, kahan_sum in ((torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True))
     }
     rows = []
     for config in CONFIGS:
         row = {"config": config.name, "source": config.source, "weights": config.weights, "grad": config.grad}
+        measured_row = isinstance(config.states, torch.dtype)
+        if measured_row and config.kahan_sum:  # the buffers' measured bytes (alike for every optimizer with them)
+            row["weights"] += measured["LAMB", config.states, True][2]
         for name in OPTIMIZERS:
-            if isinstance(config.states, torch.dtype):
-                states = measured[name, config.states][0]
+            if config.kahan_sum and measured[name, torch.bfloat16, True] is None:
+                row[name] = None  # no kahan_sum option
+            elif measured_row:
+                found = measured[name, config.states, config.kahan_sum]
+                row[name] = config.weights + found[2] + found[0]
             else:  # the fp32 optimizer's full-size state tensors, at the defined bytes per element
-                states = measured[name, torch.float32][1] * config.states
-            row[name] = config.weights + states
+                row[name] = config.weights + measured[name, torch.float32, False][1] * config.states
         rows.append(row)
     return rows
 
@@ -197,7 +218,7 @@ def main(argv: list[str] | None = None) -> None:
     print("| configuration | source | weights B | grad B | " + " | ".join(f"{n} B" for n in names) + " |")
     print("|---|---|---:|---:|" + "---:|" * len(names))
     for row in bytes_per_parameter(args.width, args.depth):
-        cells = " | ".join(f"{row[n]:.2f}" for n in names)
+        cells = " | ".join("n/a" if row[n] is None else f"{row[n]:.2f}" for n in names)
         print(f"| {row['config']} | {row['source']} | {row['weights']:g} | {row['grad']:g} | {cells} |")
     print("\n(optimizer columns: weights + optimizer states per parameter; add the grad column unless released)\n")
     print("| optimizer | path | release | params + states MiB | gradients MiB | peak above MiB | peak MiB | release / plain | bit-identical |")

@@ -12,6 +12,10 @@ Per (device, dtypes) group, a per-tensor pass counts the step and writes each te
 1 − β1^t, β2 / (1 − β2^t), 1 − β3^t and [t > 1] to a table (once per tensor, not in every
 program); then one pass over the chunks reads x, g, g_prev, m, d, n and writes x, g_prev, m, d,
 n: 44 bytes per fp32 parameter.
+
+With Kahan compensation buffers c (bf16/fp16 parameters, `kahan_sum`), x is p + c and the
+step u = x_new − x (prox: −lr·(η + λ·x) / (1 + lr·λ); no_prox: −lr·(η + λ·x)) is Kahan-added to
+p (see `_compensated.store_compensated`).
 """
 
 from __future__ import annotations
@@ -35,7 +39,8 @@ from ._engine import (
     scalar_on,
     tensor_pointer,
 )
-from ._plan import Bucket, planned_buckets
+from ._compensated import compensated_buckets, kernel_pointers, load_compensation, store_compensated
+from ._plan import Bucket
 
 __all__ = ["ADAN_LAYOUT", "fused_adan"]
 
@@ -63,12 +68,12 @@ def _count_kernel(n_tensors, step_ptrs, corrections, found_inf, beta2, log_beta1
 
 @triton.jit
 def _adan_chunk(
-    param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_diff_ptrs, exp_avg_sq_ptrs, prev_grad_ptrs, tensor, offsets, numel,
+    param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_diff_ptrs, exp_avg_sq_ptrs, prev_grad_ptrs, comp_ptrs, tensor, offsets, numel,
     grad_multiplier, has_previous, lr, beta1, one_minus_beta1, beta2, one_minus_beta2, beta3, one_minus_beta3,
     bc1, diff_scale, bc3, eps, weight_decay,
     PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr, EXP_AVG_DTYPE: tl.constexpr,
     EXP_AVG_DIFF_DTYPE: tl.constexpr, EXP_AVG_SQ_DTYPE: tl.constexpr, PREV_GRAD_DTYPE: tl.constexpr,
-    NO_PROX: tl.constexpr, ALIGNED: tl.constexpr, MASKED: tl.constexpr,
+    NO_PROX: tl.constexpr, KAHAN: tl.constexpr, ALIGNED: tl.constexpr, MASKED: tl.constexpr,
 ):  # fmt: skip
     param = tensor_pointer(param_ptrs, tensor, PARAM_DTYPE, ALIGNED)
     grad = tensor_pointer(grad_ptrs, tensor, GRAD_DTYPE, ALIGNED)
@@ -79,6 +84,10 @@ def _adan_chunk(
     mask = offsets < numel if MASKED else None
     other = 0.0 if MASKED else None
     x = tl.load(param + offsets, mask=mask, other=other).to(tl.float32)
+    if KAHAN:
+        stored = x
+        comp = load_compensation(comp_ptrs, tensor, offsets, mask, other, PARAM_DTYPE, ALIGNED)
+        x = stored + comp
     g = tl.load(grad + offsets, mask=mask, other=other).to(tl.float32) * grad_multiplier
     diff = (g - tl.load(prev_grad + offsets, mask=mask, other=other).to(tl.float32)) * has_previous
     m = beta1 * tl.load(exp_avg + offsets, mask=mask, other=other).to(tl.float32) + one_minus_beta1 * g
@@ -96,22 +105,28 @@ def _adan_chunk(
     tl.store(prev_grad + offsets, g.to(PREV_GRAD_DTYPE), mask=mask)
 
     update = (m.to(tl.float32) / bc1 + d.to(tl.float32) * diff_scale) / (tl.sqrt(n.to(tl.float32) / bc3) + eps)
-    if NO_PROX:
-        x = x * (1.0 - lr * weight_decay) - lr * update
+    if KAHAN:
+        step = -lr * update - (lr * weight_decay) * x
+        if not NO_PROX:
+            step = step / (1.0 + lr * weight_decay)
+        store_compensated(param_ptrs, comp_ptrs, tensor, offsets, mask, stored, comp, step, PARAM_DTYPE, ALIGNED)
     else:
-        x = (x - lr * update) / (1.0 + lr * weight_decay)
-    tl.store(param + offsets, x.to(PARAM_DTYPE), mask=mask)
+        if NO_PROX:
+            x = x * (1.0 - lr * weight_decay) - lr * update
+        else:
+            x = (x - lr * update) / (1.0 + lr * weight_decay)
+        tl.store(param + offsets, x.to(PARAM_DTYPE), mask=mask)
 
 
 @triton.jit
 def _adan_kernel(
     n_chunks, chunk_tensors, numels, first_chunks, aligned,
-    param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_diff_ptrs, exp_avg_sq_ptrs, prev_grad_ptrs, step_ptrs,
+    param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_diff_ptrs, exp_avg_sq_ptrs, prev_grad_ptrs, step_ptrs, comp_ptrs,
     corrections, lr_tensor, grad_scale, found_inf, clip_coef,
     lr, beta1, one_minus_beta1, beta2, one_minus_beta2, beta3, one_minus_beta3, eps, weight_decay,
     PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr, EXP_AVG_DTYPE: tl.constexpr,
     EXP_AVG_DIFF_DTYPE: tl.constexpr, EXP_AVG_SQ_DTYPE: tl.constexpr, PREV_GRAD_DTYPE: tl.constexpr,
-    MAXIMIZE: tl.constexpr, NO_PROX: tl.constexpr,
+    MAXIMIZE: tl.constexpr, NO_PROX: tl.constexpr, KAHAN: tl.constexpr,
     CHUNK_SIZE: tl.constexpr, CHUNKS_PER_PROGRAM: tl.constexpr,
 ):  # fmt: skip
     if found_inf is not None:
@@ -133,27 +148,27 @@ def _adan_kernel(
             if full_chunk:
                 if vector_aligned:
                     _adan_chunk(
-                        param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_diff_ptrs, exp_avg_sq_ptrs, prev_grad_ptrs, tensor,
+                        param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_diff_ptrs, exp_avg_sq_ptrs, prev_grad_ptrs, comp_ptrs, tensor,
                         offsets, numel, grad_multiplier, has_previous, lr, beta1, one_minus_beta1, beta2,
                         one_minus_beta2, beta3, one_minus_beta3, bc1, diff_scale, bc3, eps, weight_decay,
                         PARAM_DTYPE, GRAD_DTYPE, EXP_AVG_DTYPE, EXP_AVG_DIFF_DTYPE, EXP_AVG_SQ_DTYPE, PREV_GRAD_DTYPE,
-                        NO_PROX, True, False,
+                        NO_PROX, KAHAN, True, False,
                     )  # fmt: skip
                 else:
                     _adan_chunk(
-                        param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_diff_ptrs, exp_avg_sq_ptrs, prev_grad_ptrs, tensor,
+                        param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_diff_ptrs, exp_avg_sq_ptrs, prev_grad_ptrs, comp_ptrs, tensor,
                         offsets, numel, grad_multiplier, has_previous, lr, beta1, one_minus_beta1, beta2,
                         one_minus_beta2, beta3, one_minus_beta3, bc1, diff_scale, bc3, eps, weight_decay,
                         PARAM_DTYPE, GRAD_DTYPE, EXP_AVG_DTYPE, EXP_AVG_DIFF_DTYPE, EXP_AVG_SQ_DTYPE, PREV_GRAD_DTYPE,
-                        NO_PROX, False, False,
+                        NO_PROX, KAHAN, False, False,
                     )  # fmt: skip
             else:
                 _adan_chunk(
-                    param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_diff_ptrs, exp_avg_sq_ptrs, prev_grad_ptrs, tensor,
+                    param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_diff_ptrs, exp_avg_sq_ptrs, prev_grad_ptrs, comp_ptrs, tensor,
                     offsets, numel, grad_multiplier, has_previous, lr, beta1, one_minus_beta1, beta2,
                     one_minus_beta2, beta3, one_minus_beta3, bc1, diff_scale, bc3, eps, weight_decay,
                     PARAM_DTYPE, GRAD_DTYPE, EXP_AVG_DTYPE, EXP_AVG_DIFF_DTYPE, EXP_AVG_SQ_DTYPE, PREV_GRAD_DTYPE,
-                    NO_PROX, False, True,
+                    NO_PROX, KAHAN, False, True,
                 )  # fmt: skip
 
 
@@ -165,6 +180,7 @@ def fused_adan(
     exp_avg_sqs: list[Tensor],
     prev_grads: list[Tensor],
     state_steps: list[Tensor],
+    kahan_comps: list[Tensor | None] | None = None,
     *,
     lr: float | Tensor,
     beta1: float,
@@ -182,16 +198,17 @@ def fused_adan(
     """One Adan step over the given tensors, in place (see the module docstring).
 
     The caller's gradients are read, never written. With `found_inf` nonzero nothing changes,
-    step counters included; nothing here synchronises with the host. `buckets`: see
-    `fused_lamb`.
+    step counters included; nothing here synchronises with the host. `buckets`, `kahan_comps`:
+    see `fused_lamb`.
     """
     if buckets is None:
         lists = [params, grads, exp_avgs, exp_avg_diffs, exp_avg_sqs, prev_grads, state_steps]
-        buckets = planned_buckets("adan", lists, **ADAN_LAYOUT, plans=None)
+        buckets = compensated_buckets("adan", lists, kahan_comps, **ADAN_LAYOUT, plans=None)
     for device, dtypes, lists, table in buckets:
+        pointers = kernel_pointers(table, **ADAN_LAYOUT)
         device_found_inf = scalar_on(found_inf, device)
         corrections = table.scratch("adan bias corrections", "tensor", _CORRECTIONS.value)
-        launch_per_tensor(_count_kernel, table, table.pointers[6], corrections, device_found_inf, beta2,
+        launch_per_tensor(_count_kernel, table, pointers[6], corrections, device_found_inf, beta2,
                           log_beta(beta1), log_beta(beta2), log_beta(beta3))  # fmt: skip
         mark_written(lists[0])
         lr_tensor, lr_float = lr_arguments(lr, device)
@@ -212,7 +229,9 @@ def fused_adan(
             1.0 - beta3,
             eps,
             weight_decay,
+            pointers=pointers,
             MAXIMIZE=maximize,
             NO_PROX=no_prox,
+            KAHAN=pointers[-1] is not None,
             **dtype_constexprs(("PARAM", "GRAD", "EXP_AVG", "EXP_AVG_DIFF", "EXP_AVG_SQ", "PREV_GRAD"), dtypes),
         )

@@ -18,6 +18,9 @@ Passes per (device, dtypes) group, each one launch:
 
 Bytes per fp32 parameter with adaptation: read x, g, m, v and write m, v; read x, m, v and write
 x: 40, the minimum without keeping u in memory.
+
+With Kahan compensation buffers c (bf16/fp16 parameters, `kahan_sum`), x is p + c in both
+passes and the last one Kahan-adds −lr·r·u to p (see `_compensated.store_compensated`).
 """
 
 from __future__ import annotations
@@ -43,8 +46,9 @@ from ._engine import (
     scalar_on,
     tensor_pointer,
 )
+from ._compensated import compensated_buckets, kernel_pointers, load_compensation, store_compensated
 from ._norms import segment_sums
-from ._plan import Bucket, planned_buckets
+from ._plan import Bucket
 
 __all__ = ["LAMB_LAYOUT", "fused_lamb"]
 
@@ -79,10 +83,10 @@ def _bias_corrections(corrections, tensor, BIAS_CORRECTION: tl.constexpr):
 
 @triton.jit
 def _moments_chunk(
-    param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_sq_ptrs, tensor, partial, offsets, numel,
+    param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_sq_ptrs, comp_ptrs, tensor, partial, offsets, numel,
     grad_multiplier, lr, beta1, grad_weight, beta2, one_minus_beta2, bc1, bc2, eps, weight_decay,
     PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr, EXP_AVG_DTYPE: tl.constexpr, EXP_AVG_SQ_DTYPE: tl.constexpr,
-    ADAPT: tl.constexpr, ALIGNED: tl.constexpr, MASKED: tl.constexpr,
+    ADAPT: tl.constexpr, KAHAN: tl.constexpr, ALIGNED: tl.constexpr, MASKED: tl.constexpr,
 ):  # fmt: skip
     param = tensor_pointer(param_ptrs, tensor, PARAM_DTYPE, ALIGNED)
     grad = tensor_pointer(grad_ptrs, tensor, GRAD_DTYPE, ALIGNED)
@@ -90,7 +94,11 @@ def _moments_chunk(
     exp_avg_sq = tensor_pointer(exp_avg_sq_ptrs, tensor, EXP_AVG_SQ_DTYPE, ALIGNED)
     mask = offsets < numel if MASKED else None
     other = 0.0 if MASKED else None
-    x = tl.load(param + offsets, mask=mask, other=other).to(tl.float32)
+    stored = tl.load(param + offsets, mask=mask, other=other).to(tl.float32)
+    x = stored
+    if KAHAN:
+        comp = load_compensation(comp_ptrs, tensor, offsets, mask, other, PARAM_DTYPE, ALIGNED)
+        x = stored + comp
     g = tl.load(grad + offsets, mask=mask, other=other).to(tl.float32) * grad_multiplier
     m = beta1 * tl.load(exp_avg + offsets, mask=mask, other=other).to(tl.float32) + grad_weight * g
     v = beta2 * tl.load(exp_avg_sq + offsets, mask=mask, other=other).to(tl.float32) + one_minus_beta2 * (g * g)
@@ -105,6 +113,8 @@ def _moments_chunk(
             update = tl.where(mask, update, 0.0)  # 0/0 past the end when eps = 0
         tl.store(partial, tl.sum(x * x, axis=0))
         tl.store(partial + 1, tl.sum(update * update, axis=0))
+    elif KAHAN:
+        store_compensated(param_ptrs, comp_ptrs, tensor, offsets, mask, stored, comp, -lr * update, PARAM_DTYPE, ALIGNED)
     else:
         tl.store(param + offsets, (x - lr * update).to(PARAM_DTYPE), mask=mask)
 
@@ -112,11 +122,11 @@ def _moments_chunk(
 @triton.jit
 def _moments_kernel(
     n_chunks, chunk_tensors, numels, first_chunks, aligned,
-    param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_sq_ptrs, step_ptrs,
+    param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_sq_ptrs, step_ptrs, comp_ptrs,
     partials, corrections, lr_tensor, grad_scale, found_inf, clip_coef,
     lr, beta1, grad_weight, beta2, one_minus_beta2, eps, weight_decay,
     PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr, EXP_AVG_DTYPE: tl.constexpr, EXP_AVG_SQ_DTYPE: tl.constexpr,
-    MAXIMIZE: tl.constexpr, BIAS_CORRECTION: tl.constexpr, ADAPT: tl.constexpr,
+    MAXIMIZE: tl.constexpr, BIAS_CORRECTION: tl.constexpr, ADAPT: tl.constexpr, KAHAN: tl.constexpr,
     CHUNK_SIZE: tl.constexpr, CHUNKS_PER_PROGRAM: tl.constexpr,
 ):  # fmt: skip
     """Pass 1. With ADAPT, partials[c] = (Σx², Σu²) of chunk c; without, x is updated here."""
@@ -136,50 +146,59 @@ def _moments_kernel(
             if full_chunk:
                 if vector_aligned:
                     _moments_chunk(
-                        param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_sq_ptrs, tensor, partial, offsets, numel,
+                        param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_sq_ptrs, comp_ptrs, tensor, partial, offsets, numel,
                         grad_multiplier, lr, beta1, grad_weight, beta2, one_minus_beta2, bc1, bc2, eps, weight_decay,
-                        PARAM_DTYPE, GRAD_DTYPE, EXP_AVG_DTYPE, EXP_AVG_SQ_DTYPE, ADAPT, True, False,
+                        PARAM_DTYPE, GRAD_DTYPE, EXP_AVG_DTYPE, EXP_AVG_SQ_DTYPE, ADAPT, KAHAN, True, False,
                     )  # fmt: skip
                 else:
                     _moments_chunk(
-                        param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_sq_ptrs, tensor, partial, offsets, numel,
+                        param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_sq_ptrs, comp_ptrs, tensor, partial, offsets, numel,
                         grad_multiplier, lr, beta1, grad_weight, beta2, one_minus_beta2, bc1, bc2, eps, weight_decay,
-                        PARAM_DTYPE, GRAD_DTYPE, EXP_AVG_DTYPE, EXP_AVG_SQ_DTYPE, ADAPT, False, False,
+                        PARAM_DTYPE, GRAD_DTYPE, EXP_AVG_DTYPE, EXP_AVG_SQ_DTYPE, ADAPT, KAHAN, False, False,
                     )  # fmt: skip
             else:
                 _moments_chunk(
-                    param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_sq_ptrs, tensor, partial, offsets, numel,
+                    param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_sq_ptrs, comp_ptrs, tensor, partial, offsets, numel,
                     grad_multiplier, lr, beta1, grad_weight, beta2, one_minus_beta2, bc1, bc2, eps, weight_decay,
-                    PARAM_DTYPE, GRAD_DTYPE, EXP_AVG_DTYPE, EXP_AVG_SQ_DTYPE, ADAPT, False, True,
+                    PARAM_DTYPE, GRAD_DTYPE, EXP_AVG_DTYPE, EXP_AVG_SQ_DTYPE, ADAPT, KAHAN, False, True,
                 )  # fmt: skip
 
 
 @triton.jit
 def _apply_chunk(
-    param_ptrs, exp_avg_ptrs, exp_avg_sq_ptrs, tensor, offsets, numel, step_size, bc1, bc2, eps, weight_decay,
+    param_ptrs, exp_avg_ptrs, exp_avg_sq_ptrs, comp_ptrs, tensor, offsets, numel, step_size, bc1, bc2, eps, weight_decay,
     PARAM_DTYPE: tl.constexpr, EXP_AVG_DTYPE: tl.constexpr, EXP_AVG_SQ_DTYPE: tl.constexpr,
-    ALIGNED: tl.constexpr, MASKED: tl.constexpr,
+    KAHAN: tl.constexpr, ALIGNED: tl.constexpr, MASKED: tl.constexpr,
 ):  # fmt: skip
     param = tensor_pointer(param_ptrs, tensor, PARAM_DTYPE, ALIGNED)
     exp_avg = tensor_pointer(exp_avg_ptrs, tensor, EXP_AVG_DTYPE, ALIGNED)
     exp_avg_sq = tensor_pointer(exp_avg_sq_ptrs, tensor, EXP_AVG_SQ_DTYPE, ALIGNED)
     mask = offsets < numel if MASKED else None
     other = 0.0 if MASKED else None
-    x = tl.load(param + offsets, mask=mask, other=other).to(tl.float32)
+    stored = tl.load(param + offsets, mask=mask, other=other).to(tl.float32)
+    x = stored
+    if KAHAN:
+        comp = load_compensation(comp_ptrs, tensor, offsets, mask, other, PARAM_DTYPE, ALIGNED)
+        x = stored + comp
     m = tl.load(exp_avg + offsets, mask=mask, other=other).to(tl.float32)
     v = tl.load(exp_avg_sq + offsets, mask=mask, other=other).to(tl.float32)
     update = (m / bc1) / (tl.sqrt(v / bc2) + eps) + weight_decay * x
-    tl.store(param + offsets, (x - step_size * update).to(PARAM_DTYPE), mask=mask)
+    if KAHAN:
+        store_compensated(
+            param_ptrs, comp_ptrs, tensor, offsets, mask, stored, comp, -step_size * update, PARAM_DTYPE, ALIGNED
+        )
+    else:
+        tl.store(param + offsets, (x - step_size * update).to(PARAM_DTYPE), mask=mask)
 
 
 @triton.jit
 def _apply_kernel(
     n_chunks, chunk_tensors, numels, first_chunks, aligned,
-    param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_sq_ptrs, step_ptrs,
+    param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_sq_ptrs, step_ptrs, comp_ptrs,
     norms_sq, corrections, lr_tensor, found_inf,
     lr, eps, weight_decay, trust_clip,
     PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr, EXP_AVG_DTYPE: tl.constexpr, EXP_AVG_SQ_DTYPE: tl.constexpr,
-    BIAS_CORRECTION: tl.constexpr, TRUST_CLIP: tl.constexpr,
+    BIAS_CORRECTION: tl.constexpr, TRUST_CLIP: tl.constexpr, KAHAN: tl.constexpr,
     CHUNK_SIZE: tl.constexpr, CHUNKS_PER_PROGRAM: tl.constexpr,
 ):  # fmt: skip
     """Pass 3: x ← x − lr·r·u with r from the per-tensor norms_sq[i] = (‖x‖², ‖u‖²)."""
@@ -204,18 +223,18 @@ def _apply_kernel(
             if full_chunk:
                 if vector_aligned:
                     _apply_chunk(
-                        param_ptrs, exp_avg_ptrs, exp_avg_sq_ptrs, tensor, offsets, numel, step_size, bc1, bc2, eps,
-                        weight_decay, PARAM_DTYPE, EXP_AVG_DTYPE, EXP_AVG_SQ_DTYPE, True, False,
+                        param_ptrs, exp_avg_ptrs, exp_avg_sq_ptrs, comp_ptrs, tensor, offsets, numel, step_size, bc1, bc2, eps,
+                        weight_decay, PARAM_DTYPE, EXP_AVG_DTYPE, EXP_AVG_SQ_DTYPE, KAHAN, True, False,
                     )  # fmt: skip
                 else:
                     _apply_chunk(
-                        param_ptrs, exp_avg_ptrs, exp_avg_sq_ptrs, tensor, offsets, numel, step_size, bc1, bc2, eps,
-                        weight_decay, PARAM_DTYPE, EXP_AVG_DTYPE, EXP_AVG_SQ_DTYPE, False, False,
+                        param_ptrs, exp_avg_ptrs, exp_avg_sq_ptrs, comp_ptrs, tensor, offsets, numel, step_size, bc1, bc2, eps,
+                        weight_decay, PARAM_DTYPE, EXP_AVG_DTYPE, EXP_AVG_SQ_DTYPE, KAHAN, False, False,
                     )  # fmt: skip
             else:
                 _apply_chunk(
-                    param_ptrs, exp_avg_ptrs, exp_avg_sq_ptrs, tensor, offsets, numel, step_size, bc1, bc2, eps,
-                    weight_decay, PARAM_DTYPE, EXP_AVG_DTYPE, EXP_AVG_SQ_DTYPE, False, True,
+                    param_ptrs, exp_avg_ptrs, exp_avg_sq_ptrs, comp_ptrs, tensor, offsets, numel, step_size, bc1, bc2, eps,
+                    weight_decay, PARAM_DTYPE, EXP_AVG_DTYPE, EXP_AVG_SQ_DTYPE, KAHAN, False, True,
                 )  # fmt: skip
 
 
@@ -225,6 +244,7 @@ def fused_lamb(
     exp_avgs: list[Tensor],
     exp_avg_sqs: list[Tensor],
     state_steps: list[Tensor],
+    kahan_comps: list[Tensor | None] | None = None,
     *,
     lr: float | Tensor,
     beta1: float,
@@ -249,16 +269,19 @@ def fused_lamb(
     shards. With `found_inf` nonzero nothing changes, step counters included; nothing here
     synchronises with the host. `buckets` are the lists' buckets with their step plans already
     made current (an optimizer prepares every group, with the plans it keeps, before stepping
-    any); without them the plans are built for this call.
+    any); without them the plans are built for this call. `kahan_comps`: per tensor its
+    compensation buffer or None (see `_compensated`); with `buckets`, the buckets carry them.
     Every tensor is checked before anything changes: a refused step raises and leaves tensors and
     counters as they were.
     """
     if buckets is None:
-        buckets = planned_buckets("lamb", [params, grads, exp_avgs, exp_avg_sqs, state_steps], **LAMB_LAYOUT, plans=None)
+        lists = [params, grads, exp_avgs, exp_avg_sqs, state_steps]
+        buckets = compensated_buckets("lamb", lists, kahan_comps, **LAMB_LAYOUT, plans=None)
     for device, dtypes, lists, table in buckets:
+        pointers = kernel_pointers(table, **LAMB_LAYOUT)
         device_found_inf = scalar_on(found_inf, device)
         corrections = table.scratch("lamb bias corrections", "tensor", 2)
-        launch_per_tensor(_count_kernel, table, table.pointers[4], corrections, device_found_inf,
+        launch_per_tensor(_count_kernel, table, pointers[4], corrections, device_found_inf,
                           log_beta(beta1), log_beta(beta2), BIAS_CORRECTION=bias_correction)  # fmt: skip
         mark_written(lists[0])
         lr_tensor, lr_float = lr_arguments(lr, device)
@@ -280,9 +303,11 @@ def fused_lamb(
             1.0 - beta2,
             eps,
             weight_decay,
+            pointers=pointers,
             MAXIMIZE=maximize,
             BIAS_CORRECTION=bias_correction,
             ADAPT=adapt,
+            KAHAN=pointers[-1] is not None,
             **dtype_args,
         )
         if not adapt:
@@ -298,7 +323,9 @@ def fused_lamb(
             eps,
             weight_decay,
             0.0 if trust_clip is None else trust_clip,
+            pointers=pointers,
             BIAS_CORRECTION=bias_correction,
             TRUST_CLIP=trust_clip is not None,
+            KAHAN=pointers[-1] is not None,
             **dtype_args,
         )

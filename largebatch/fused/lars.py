@@ -17,6 +17,9 @@ The update never reads the step counter, but it still counts it (the program of 
 first chunk adds 1, found_inf permitting), in the update pass rather than a launch of its own:
 the per-tensor path counts it too, so fused and non-fused optimizers keep identical state_dicts
 (a checkpoint moves between them), and `step` is the count torch.optim's states carry.
+
+With Kahan compensation buffers c (bf16/fp16 parameters, `kahan_sum`), x is p + c in both
+passes and the update Kahan-adds −lr·step to p (see `_compensated.store_compensated`).
 """
 
 from __future__ import annotations
@@ -39,8 +42,9 @@ from ._engine import (
     scalar_on,
     tensor_pointer,
 )
+from ._compensated import compensated_buckets, kernel_pointers, load_compensation, store_compensated
 from ._norms import segment_sums
-from ._plan import Bucket, planned_buckets
+from ._plan import Bucket
 
 __all__ = ["fused_lars", "lars_layout"]
 
@@ -54,14 +58,17 @@ def lars_layout(has_momentum: bool) -> dict[str, int]:
 
 @triton.jit
 def _norms_chunk(
-    param_ptrs, grad_ptrs, tensor, partial, offsets, numel, inv_scale,
-    PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr, ALIGNED: tl.constexpr, MASKED: tl.constexpr,
+    param_ptrs, grad_ptrs, comp_ptrs, tensor, partial, offsets, numel, inv_scale,
+    PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr, KAHAN: tl.constexpr, ALIGNED: tl.constexpr,
+    MASKED: tl.constexpr,
 ):  # fmt: skip
     param = tensor_pointer(param_ptrs, tensor, PARAM_DTYPE, ALIGNED)
     grad = tensor_pointer(grad_ptrs, tensor, GRAD_DTYPE, ALIGNED)
     mask = offsets < numel if MASKED else None
     other = 0.0 if MASKED else None
     x = tl.load(param + offsets, mask=mask, other=other).to(tl.float32)
+    if KAHAN:
+        x = x + load_compensation(comp_ptrs, tensor, offsets, mask, other, PARAM_DTYPE, ALIGNED)
     g = tl.load(grad + offsets, mask=mask, other=other).to(tl.float32) * inv_scale
     tl.store(partial, tl.sum(x * x, axis=0))
     tl.store(partial + 1, tl.sum(g * g, axis=0))
@@ -69,9 +76,9 @@ def _norms_chunk(
 
 @triton.jit
 def _norms_kernel(
-    n_chunks, chunk_tensors, numels, first_chunks, aligned, param_ptrs, grad_ptrs, buf_ptrs, step_ptrs,
+    n_chunks, chunk_tensors, numels, first_chunks, aligned, param_ptrs, grad_ptrs, buf_ptrs, step_ptrs, comp_ptrs,
     partials, grad_scale, found_inf,
-    PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr,
+    PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr, KAHAN: tl.constexpr,
     CHUNK_SIZE: tl.constexpr, CHUNKS_PER_PROGRAM: tl.constexpr,
 ):  # fmt: skip
     """Pass 1: partials[c] = (Σx², Σ(g / grad_scale)²) of chunk c."""
@@ -90,29 +97,33 @@ def _norms_kernel(
             partial = partials + 2 * chunk
             if full_chunk:
                 if vector_aligned:
-                    _norms_chunk(param_ptrs, grad_ptrs, tensor, partial, offsets, numel, inv_scale,
-                                 PARAM_DTYPE, GRAD_DTYPE, True, False)  # fmt: skip
+                    _norms_chunk(param_ptrs, grad_ptrs, comp_ptrs, tensor, partial, offsets, numel, inv_scale,
+                                 PARAM_DTYPE, GRAD_DTYPE, KAHAN, True, False)  # fmt: skip
                 else:
-                    _norms_chunk(param_ptrs, grad_ptrs, tensor, partial, offsets, numel, inv_scale,
-                                 PARAM_DTYPE, GRAD_DTYPE, False, False)  # fmt: skip
+                    _norms_chunk(param_ptrs, grad_ptrs, comp_ptrs, tensor, partial, offsets, numel, inv_scale,
+                                 PARAM_DTYPE, GRAD_DTYPE, KAHAN, False, False)  # fmt: skip
             else:
-                _norms_chunk(param_ptrs, grad_ptrs, tensor, partial, offsets, numel, inv_scale,
-                             PARAM_DTYPE, GRAD_DTYPE, False, True)  # fmt: skip
+                _norms_chunk(param_ptrs, grad_ptrs, comp_ptrs, tensor, partial, offsets, numel, inv_scale,
+                             PARAM_DTYPE, GRAD_DTYPE, KAHAN, False, True)  # fmt: skip
 
 
 @triton.jit
 def _update_chunk(
-    param_ptrs, grad_ptrs, buf_ptrs, tensor, offsets, numel,
+    param_ptrs, grad_ptrs, buf_ptrs, comp_ptrs, tensor, offsets, numel,
     grad_multiplier, direction_scale, lr, momentum, dampening_complement, weight_decay,
     PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr, BUF_DTYPE: tl.constexpr,
-    MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, LR_IN_MOMENTUM: tl.constexpr,
+    MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, LR_IN_MOMENTUM: tl.constexpr, KAHAN: tl.constexpr,
     ALIGNED: tl.constexpr, MASKED: tl.constexpr,
 ):  # fmt: skip
     param = tensor_pointer(param_ptrs, tensor, PARAM_DTYPE, ALIGNED)
     grad = tensor_pointer(grad_ptrs, tensor, GRAD_DTYPE, ALIGNED)
     mask = offsets < numel if MASKED else None
     other = 0.0 if MASKED else None
-    x = tl.load(param + offsets, mask=mask, other=other).to(tl.float32)
+    stored = tl.load(param + offsets, mask=mask, other=other).to(tl.float32)
+    x = stored
+    if KAHAN:
+        comp = load_compensation(comp_ptrs, tensor, offsets, mask, other, PARAM_DTYPE, ALIGNED)
+        x = stored + comp
     g = tl.load(grad + offsets, mask=mask, other=other).to(tl.float32) * grad_multiplier
     direction = (g + weight_decay * x) * direction_scale
     if MOMENTUM:
@@ -128,17 +139,20 @@ def _update_chunk(
         step = direction
     if not LR_IN_MOMENTUM:
         step = lr * step
-    tl.store(param + offsets, (x - step).to(PARAM_DTYPE), mask=mask)
+    if KAHAN:
+        store_compensated(param_ptrs, comp_ptrs, tensor, offsets, mask, stored, comp, -step, PARAM_DTYPE, ALIGNED)
+    else:
+        tl.store(param + offsets, (x - step).to(PARAM_DTYPE), mask=mask)
 
 
 @triton.jit
 def _update_kernel(
-    n_chunks, chunk_tensors, numels, first_chunks, aligned, param_ptrs, grad_ptrs, buf_ptrs, step_ptrs,
+    n_chunks, chunk_tensors, numels, first_chunks, aligned, param_ptrs, grad_ptrs, buf_ptrs, step_ptrs, comp_ptrs,
     norms_sq, lr_tensor, grad_scale, found_inf,
     lr, momentum, dampening_complement, weight_decay, trust_coefficient, eps,
     PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr, BUF_DTYPE: tl.constexpr,
     MAXIMIZE: tl.constexpr, ADAPT: tl.constexpr, TRUST_CLIP: tl.constexpr,
-    MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, LR_IN_MOMENTUM: tl.constexpr,
+    MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, LR_IN_MOMENTUM: tl.constexpr, KAHAN: tl.constexpr,
     CHUNK_SIZE: tl.constexpr, CHUNKS_PER_PROGRAM: tl.constexpr,
 ):  # fmt: skip
     """The update, with the local rate from norms_sq[i] = (‖x‖², ‖g'‖²) when ADAPT; counts the
@@ -171,21 +185,21 @@ def _update_kernel(
             if full_chunk:
                 if vector_aligned:
                     _update_chunk(
-                        param_ptrs, grad_ptrs, buf_ptrs, tensor, offsets, numel,
+                        param_ptrs, grad_ptrs, buf_ptrs, comp_ptrs, tensor, offsets, numel,
                         grad_multiplier, direction_scale, lr, momentum, dampening_complement, weight_decay,
-                        PARAM_DTYPE, GRAD_DTYPE, BUF_DTYPE, MOMENTUM, NESTEROV, LR_IN_MOMENTUM, True, False,
+                        PARAM_DTYPE, GRAD_DTYPE, BUF_DTYPE, MOMENTUM, NESTEROV, LR_IN_MOMENTUM, KAHAN, True, False,
                     )  # fmt: skip
                 else:
                     _update_chunk(
-                        param_ptrs, grad_ptrs, buf_ptrs, tensor, offsets, numel,
+                        param_ptrs, grad_ptrs, buf_ptrs, comp_ptrs, tensor, offsets, numel,
                         grad_multiplier, direction_scale, lr, momentum, dampening_complement, weight_decay,
-                        PARAM_DTYPE, GRAD_DTYPE, BUF_DTYPE, MOMENTUM, NESTEROV, LR_IN_MOMENTUM, False, False,
+                        PARAM_DTYPE, GRAD_DTYPE, BUF_DTYPE, MOMENTUM, NESTEROV, LR_IN_MOMENTUM, KAHAN, False, False,
                     )  # fmt: skip
             else:
                 _update_chunk(
-                    param_ptrs, grad_ptrs, buf_ptrs, tensor, offsets, numel,
+                    param_ptrs, grad_ptrs, buf_ptrs, comp_ptrs, tensor, offsets, numel,
                     grad_multiplier, direction_scale, lr, momentum, dampening_complement, weight_decay,
-                    PARAM_DTYPE, GRAD_DTYPE, BUF_DTYPE, MOMENTUM, NESTEROV, LR_IN_MOMENTUM, False, True,
+                    PARAM_DTYPE, GRAD_DTYPE, BUF_DTYPE, MOMENTUM, NESTEROV, LR_IN_MOMENTUM, KAHAN, False, True,
                 )  # fmt: skip
 
 
@@ -194,6 +208,7 @@ def fused_lars(
     grads: list[Tensor],
     momentum_buffers: list[Tensor] | None,
     state_steps: list[Tensor],
+    kahan_comps: list[Tensor | None] | None = None,
     *,
     lr: float | Tensor,
     momentum: float,
@@ -218,21 +233,24 @@ def fused_lars(
     all-reduce per (device, dtype) group) when the tensors are local shards. With `found_inf`
     nonzero nothing changes, step counters included. `buckets`: see `fused_lamb`. The kernels
     never read the step counters; the update pass still counts them, so that the state matches
-    the per-tensor implementation's (see the module docstring).
+    the per-tensor implementation's (see the module docstring). `kahan_comps`: see `fused_lamb`.
     """
     has_momentum = momentum_buffers is not None
     if has_momentum == (momentum == 0):
         raise ValueError("momentum_buffers must be given exactly when momentum != 0")
     if buckets is None:
         lists = [params, grads, *([momentum_buffers] if has_momentum else []), state_steps]
-        buckets = planned_buckets("lars", lists, **lars_layout(has_momentum), plans=None)
+        buckets = compensated_buckets("lars", lists, kahan_comps, **lars_layout(has_momentum), plans=None)
     for device, dtypes, lists, table in buckets:
         device_found_inf = scalar_on(found_inf, device)
         device_grad_scale = scalar_on(grad_scale, device)
         mark_written(lists[0])
         # The kernels take a buffer row in any case: without momentum it is None, never read, and
         # typed like the params.
-        pointers = table.pointers if has_momentum else (*table.pointers[:2], None, table.pointers[2])
+        pointers = kernel_pointers(table, **lars_layout(has_momentum))
+        if not has_momentum:
+            pointers = (*pointers[:2], None, *pointers[2:])
+        kahan = pointers[-1] is not None
         buffer_dtype = dtypes[2] if has_momentum else dtypes[0]
         dtype_args = dtype_constexprs(("PARAM", "GRAD", "BUF"), (dtypes[0], dtypes[1], buffer_dtype))
         norms_sq = None
@@ -247,6 +265,7 @@ def fused_lars(
                 pointers=pointers,
                 PARAM_DTYPE=dtype_args["PARAM_DTYPE"],
                 GRAD_DTYPE=dtype_args["GRAD_DTYPE"],
+                KAHAN=kahan,
             )
             norms_sq = complete_squares(segment_sums(partials, table, "lars norms"), shard_reduction)
         lr_tensor, lr_float = lr_arguments(lr, device)
@@ -271,4 +290,5 @@ def fused_lars(
             MOMENTUM=has_momentum,
             NESTEROV=nesterov,
             LR_IN_MOMENTUM=lr_in_momentum,
+            KAHAN=kahan,
         )

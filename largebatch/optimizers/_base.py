@@ -27,6 +27,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT, _default_to_fused_or_foreach, _use_grad_for_differentiable
 
+from ._kahan import COMPENSATED_DTYPES, KAHAN_KEY, check_kahan_sum
 from ._sharding import ShardReduction, complete_squares, locals_of, shard_reduction, to_local
 
 __all__ = [
@@ -249,12 +250,15 @@ FOREIGN_STATES = (
 class PreparedGroup(NamedTuple):
     """One group's step inputs: its parameters with a gradient, [params, grads, *states, steps]
     as local shards (what the functional form takes), how its norms are completed across shard
-    ranks, and (fused groups) its buckets with current step plans."""
+    ranks, (fused groups) its buckets with current step plans, and the parameters' Kahan
+    compensation buffers (None entries for parameters without one; None when the group
+    compensates none: see `_kahan_comps`)."""
 
     params: list[Tensor]
     lists: list[list[Tensor]]
     reduction: ShardReduction | None
     buckets: list[Any] | None
+    kahan_comps: list[Tensor | None] | None = None
 
 
 class LargeBatchOptimizer(Optimizer):
@@ -273,6 +277,12 @@ class LargeBatchOptimizer(Optimizer):
     _name: str = "optimizer"
     #: fused kernels exist for this optimizer (the largebatch.fused engine)
     _has_fused: bool = False
+    #: the `kahan_sum` option exists (a KAHAN_KEY state for bf16/fp16 parameters; see `_kahan.py`)
+    _has_kahan: bool = False
+    #: Group keys added after checkpoints were first written: a checkpoint's group without one
+    #: loads with the live group's value (a state saved before `kahan_sum` existed keeps the
+    #: constructor's choice, and its parameters start with zero compensation).
+    _NEWER_GROUP_KEYS: tuple[str, ...] = ("kahan_sum",)
 
     #: The per-parameter state `_step_group` creates: keys every non-empty state holds, keys it may
     #: hold, keys that are 0-dim (the others have the parameter's shape), and keys that are sums of
@@ -360,6 +370,8 @@ class LargeBatchOptimizer(Optimizer):
         for every group of a checkpoint being loaded.
         """
         check_lr(group["lr"])
+        if self._has_kahan:
+            check_kahan_sum(group["kahan_sum"])
         for flag in ("maximize", "capturable", "differentiable"):
             check_bool(flag, group[flag])
         for flag in ("foreach", "fused"):
@@ -511,13 +523,19 @@ class LargeBatchOptimizer(Optimizer):
             raise ValueError(
                 f"{where} has {len(saved['params'])} parameters, this {self._name}'s group {len(live['params'])}"
             )
-        missing = [key for key in self.defaults if key not in saved and key not in self._LIVE_GROUP_KEYS]
+        missing = [
+            key for key in self.defaults
+            if key not in saved and key not in self._LIVE_GROUP_KEYS and key not in self._NEWER_GROUP_KEYS
+        ]  # fmt: skip
         if missing:
             raise ValueError(
                 f"{where} has no {', '.join(map(repr, missing))}: it was not saved by {self._name}. {FOREIGN_STATES}"
             )
         group = {k: copy.deepcopy(v) for k, v in saved.items() if k != "params" and k not in self._LIVE_GROUP_KEYS}
         group.update({key: live[key] for key in self._LIVE_GROUP_KEYS}, params=live["params"])
+        for key in self._NEWER_GROUP_KEYS:
+            if key in self.defaults and key not in saved:
+                group[key] = live[key]
         if "param_names" in live and "param_names" not in group:
             group["param_names"] = live["param_names"]
         try:
@@ -565,7 +583,7 @@ class LargeBatchOptimizer(Optimizer):
         return value.to(device=param.device, dtype=dtype, copy=True)
 
     def _setstate_defaults(self) -> dict[str, Any]:
-        return {
+        defaults = {
             "shard_group": None,
             "maximize": False,
             "foreach": None,
@@ -573,6 +591,9 @@ class LargeBatchOptimizer(Optimizer):
             "differentiable": False,
             "fused": None,
         }
+        if self._has_kahan:
+            defaults["kahan_sum"] = None
+        return defaults
 
     def _new_step(self, param: Tensor, group: dict[str, Any]) -> Tensor:
         """A fresh step counter: on the parameter's device when capturable or fused, else on the CPU."""
@@ -601,12 +622,11 @@ class LargeBatchOptimizer(Optimizer):
         if any(dtype.is_complex for dtype in set(map(_DTYPE, params))):
             raise RuntimeError(f"{self._name} does not support complex parameters")
 
-    def _planned_lists(
-        self, group: dict[str, Any], plans: Any
-    ) -> tuple[list[Tensor], list[list[Tensor]], list[Any] | None] | None:
-        """(params, lists, buckets) of a group's parameters with a gradient (None when it has
-        none): `_group_lists`, and for a fused group its buckets with their step plans made
-        current (every tensor checked; `plans` the owner's PlanCache, None to plan for this call).
+    def _prepared(self, group: dict[str, Any], plans: Any) -> PreparedGroup | None:
+        """The PreparedGroup of `group`'s parameters with a gradient (None when it has none):
+        `_group_lists`, the Kahan buffers and, for a fused group, its buckets with their step
+        plans made current (every tensor checked; `plans` the owner's PlanCache, None to plan
+        for this call only).
 
         A fused group's plan checks every tensor's dtype and layout, and refuses a sparse gradient
         (no data pointer) or a complex parameter (no kernel dtype), so their passes run only
@@ -616,16 +636,19 @@ class LargeBatchOptimizer(Optimizer):
         params, grads = self._params_with_grad(group, check=not fused)
         if not params:
             return None
-        if not fused:
-            return params, self._group_lists(group, params, grads), None
-        from largebatch.fused._plan import planned_buckets
-
         try:
             lists = self._group_lists(group, params, grads)
-            return params, lists, planned_buckets(self._name, lists, **self._fused_layout(group), plans=plans)
+            comps = self._kahan_comps(params, group)
+            buckets = None
+            if fused:
+                from largebatch.fused._compensated import compensated_buckets
+
+                buckets = compensated_buckets(self._name, lists, comps, **self._fused_layout(group), plans=plans)
         except Exception:
-            self._check_params_and_grads(params, grads)
+            if fused:
+                self._check_params_and_grads(params, grads)
             raise
+        return PreparedGroup(params, lists, shard_reduction(params, group["shard_group"]), buckets, comps)
 
     def _state_lists(self, params: Sequence[Tensor], group: dict[str, Any], keys: Sequence[str]) -> list[list[Tensor]]:
         """Per key, the state tensors of `params` in order, each parameter's missing entries
@@ -635,22 +658,53 @@ class LargeBatchOptimizer(Optimizer):
         try:
             return [list(map(itemgetter(key), states)) for key in keys]
         except KeyError:
-            for p, state in zip(params, states):
-                before = set(state)
-                self._init_state(p, state, group)
-                journal = getattr(self, "_new_state_entries", None)  # set while _prepare_groups runs
-                if journal is not None and len(state) != len(before):
-                    journal.append((p, state, set(state) - before))
+            self._fill_states(params, states, group)
             return [list(map(itemgetter(key), states)) for key in keys]
+
+    def _fill_states(self, params: Sequence[Tensor], states: Sequence[dict[str, Any]], group: dict[str, Any]) -> None:
+        """`_init_state` for each parameter, the entries it creates noted in the journal of
+        `_prepare_groups` (taken back if the step is refused)."""
+        journal = getattr(self, "_new_state_entries", None)  # set while _prepare_groups runs
+        for p, state in zip(params, states):
+            before = set(state)
+            self._init_state(p, state, group)
+            if journal is not None and len(state) != len(before):
+                journal.append((p, state, set(state) - before))
+
+    def _compensates(self, param: Tensor, group: dict[str, Any]) -> bool:
+        """Whether `param` has a Kahan compensation buffer: a bf16/fp16 parameter of a group whose
+        kahan_sum is not False (see largebatch.optimizers._kahan)."""
+        return self._has_kahan and group["kahan_sum"] is not False and param.dtype in COMPENSATED_DTYPES
 
     def _init_state(self, param: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
         """Create the entries of `param`'s state that are missing (lazily, at its first step):
-        here the step counter and, for every other key of `_STATE_KEYS`, zeros like the parameter."""
+        here the step counter and, for every other key of `_STATE_KEYS`, zeros like the parameter;
+        and its zero compensation buffer where it has one (`_compensates`)."""
         if "step" not in state:
             state["step"] = self._new_step(param, group)
         for key in self._STATE_KEYS:
             if key not in state:
                 state[key] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        if KAHAN_KEY not in state and self._compensates(param, group):
+            state[KAHAN_KEY] = torch.zeros_like(param, memory_format=torch.preserve_format)
+
+    def _kahan_comps(self, params: list[Tensor], group: dict[str, Any]) -> list[Tensor | None] | None:
+        """Per parameter its compensation buffer (local shard), None for those without one; None
+        when the group compensates no parameter. Missing buffers are created (zeros: a state
+        loaded from a checkpoint saved before kahan_sum existed starts uncompensated)."""
+        if not self._has_kahan or group["kahan_sum"] is False:
+            return None
+        dtypes = set(map(_DTYPE, params))
+        if dtypes.isdisjoint(COMPENSATED_DTYPES):
+            return None
+        states = list(map(self.state.__getitem__, params))
+        if dtypes.issubset(COMPENSATED_DTYPES):
+            try:
+                return to_local(list(map(itemgetter(KAHAN_KEY), states)))
+            except KeyError:
+                pass
+        self._fill_states(params, states, group)
+        return to_local([state.get(KAHAN_KEY) if p.dtype in COMPENSATED_DTYPES else None for p, state in zip(params, states)])
 
     def _grad_clip_coefficients(self, prepared: Sequence[PreparedGroup | None]) -> list[Tensor | None]:
         """Per group, the global-norm clipping multiplier (None where the group sets no max_grad_norm).
@@ -725,11 +779,7 @@ class LargeBatchOptimizer(Optimizer):
         """Group `index`'s lists and shard reduction and, fused, its buckets with their step plans
         made current (every tensor checked). None when no parameter of the group has a gradient."""
         group = self.param_groups[index]
-        planned = self._planned_lists(group, self._fused_plans(index) if group["fused"] else None)
-        if planned is None:
-            return None
-        params, lists, buckets = planned
-        return PreparedGroup(params, lists, shard_reduction(params, group["shard_group"]), buckets)
+        return self._prepared(group, self._fused_plans(index) if group["fused"] else None)
 
     def _group_lists(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> list[list[Tensor]]:
         """[params, grads, *states, steps] of a group's parameters with gradients, as local shards
@@ -786,9 +836,8 @@ class LargeBatchOptimizer(Optimizer):
         caller refuses the rest (no clipping coefficient is passed).
         """
         alone = {**self.param_groups[index], "params": [param]}
-        planned = self._planned_lists(alone, plans)
-        if planned is None:
+        prepared = self._prepared(alone, plans)
+        if prepared is None:
             return False
-        params, lists, buckets = planned
-        self._step_group(alone, PreparedGroup(params, lists, shard_reduction(params, alone["shard_group"]), buckets), None)
+        self._step_group(alone, prepared, None)
         return True

@@ -60,7 +60,8 @@ class AdaGradNorm(LargeBatchOptimizer):
         weight_decay: λ, L2 penalty added to the gradient (default 0).
         maximize, foreach, differentiable: as in torch.optim.Adagrad. ``capturable`` is accepted
             for symmetry (the update has no step-dependent scalar to capture) and ``fused`` is
-            not implemented for AdaGrad-Norm (raises).
+            not implemented for AdaGrad-Norm (raises). There is no ``kahan_sum`` option: bf16/fp16
+            parameters step uncompensated (LAMB, LARS and Adan have it).
     """
 
     _name = "AdaGradNorm"

@@ -19,7 +19,17 @@ from ._base import (
     resolve_foreach,
     scalar_lr,
 )
-from ._inplace import add_quotient_, cache_chunks, foreach_add_quotients_, foreach_sqrt_denominators, reusable, sqrt_denominator, step_values
+from ._inplace import (
+    add_quotient_,
+    add_scaled_,
+    cache_chunks,
+    foreach_add_quotients_,
+    foreach_sqrt_denominators,
+    reusable,
+    sqrt_denominator,
+    step_values,
+)
+from ._kahan import KAHAN_KEY, check_kahan_comps, compensated, foreach_compensated, foreach_kahan_add_, fp32_combination, kahan_add_
 from ._sharding import locals_of
 
 if TYPE_CHECKING:
@@ -48,6 +58,13 @@ class Adan(LargeBatchOptimizer):
     optional global clipping (``max_grad_norm``), and that clipped gradient is what is kept as
     g_prev, as the official code does.
 
+    ``kahan_sum`` (bf16/fp16 parameters): x is the compensated value x̃ = p + c of the stored
+    parameter p and its compensation buffer c (in float32), and the whole step, decay included,
+    u = x_new − x̃ (prox: u = −lr·(η + λ·x̃) / (1 + lr·λ); no_prox: u = −lr·(η + λ·x̃)), is
+    added to p with Kahan summation (see `largebatch.optimizers._kahan`): y = u + c,
+    t = round(p + y), c ← y − (t − p), p ← t. (A separate decay multiply would round away in
+    bf16 as the small steps do.)
+
     Args:
         params: tensors, named parameters, or param-group dicts (every option can be set per group).
         lr: learning rate, a float or a one-element tensor (default 1e-3).
@@ -57,11 +74,16 @@ class Adan(LargeBatchOptimizer):
         no_prox: decoupled decay x·(1 − lr·λ) instead of the proximal division (default False).
         max_grad_norm: clip the global gradient norm (over all groups) first (default None).
         maximize, foreach, capturable, differentiable, fused: as in torch.optim.AdamW.
+        kahan_sum: compensate the updates of bf16/fp16 parameters (state ``"kahan_comp"``, see
+            above). None (default) and True: on for bf16/fp16 parameters, while fp32/fp64 ones
+            have no buffer and step exactly as without the option; False: off.
     """
 
     _name = "Adan"
     _has_fused = True
+    _has_kahan = True
     _STATE_KEYS = ("step", "exp_avg", "exp_avg_diff", "exp_avg_sq", "prev_grad")
+    _OPTIONAL_STATE_KEYS = (KAHAN_KEY,)
     _SQUARED_STATE_KEYS = ("exp_avg_sq",)
 
     def __init__(
@@ -79,6 +101,7 @@ class Adan(LargeBatchOptimizer):
         capturable: bool = False,
         differentiable: bool = False,
         fused: bool | None = None,
+        kahan_sum: bool | None = None,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -92,6 +115,7 @@ class Adan(LargeBatchOptimizer):
             capturable=capturable,
             differentiable=differentiable,
             fused=fused,
+            kahan_sum=kahan_sum,
         )
         super().__init__(params, defaults)
 
@@ -125,6 +149,7 @@ class Adan(LargeBatchOptimizer):
         # clipping norm, the one whole-model quantity, is completed in _grad_clip_coefficients).
         adan(
             *prepared.lists,
+            prepared.kahan_comps,
             foreach=group["foreach"],
             fused=group["fused"],
             fused_buckets=prepared.buckets,
@@ -151,6 +176,7 @@ def adan(
     exp_avg_sqs: list[Tensor],
     prev_grads: list[Tensor],
     state_steps: list[Tensor],
+    kahan_comps: list[Tensor | None] | None = None,
     *,
     foreach: bool | None = None,
     fused: bool | None = None,
@@ -160,6 +186,7 @@ def adan(
     grad_clip_coef: Tensor | None = None,
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
+    kahan_sum: bool | None = None,
     lr: float | Tensor,
     beta1: float,
     beta2: float,
@@ -172,9 +199,10 @@ def adan(
     """Functional Adan: one step over the given tensors, in place. See :class:`Adan`.
 
     ``grad_scale``/``found_inf`` (GradScaler's protocol) are supported by the fused path only.
+    ``kahan_comps``/``kahan_sum``: see :func:`largebatch.optimizers.lamb.lamb`.
 
     Raises:
-        ValueError: the tensor lists differ in length.
+        ValueError: the tensor lists differ in length, or ``kahan_comps`` does not fit.
     """
     check_same_lengths(
         params=params,
@@ -185,6 +213,8 @@ def adan(
         prev_grads=prev_grads,
         state_steps=state_steps,
     )
+    if not check_kahan_comps(params, kahan_comps, kahan_sum):
+        kahan_comps = None
     hyper = dict(
         lr=scalar_lr(lr),
         beta1=beta1,
@@ -196,7 +226,7 @@ def adan(
         maximize=maximize,
         grad_clip_coef=grad_clip_coef,
     )
-    tensors = (params, grads, exp_avgs, exp_avg_diffs, exp_avg_sqs, prev_grads, state_steps)
+    tensors = (params, grads, exp_avgs, exp_avg_diffs, exp_avg_sqs, prev_grads, state_steps, kahan_comps)
     if fused:
         from largebatch.fused import fused_adan
 
@@ -218,6 +248,7 @@ def _single_tensor_adan(
     exp_avg_sqs: list[Tensor],
     prev_grads: list[Tensor],
     state_steps: list[Tensor],
+    kahan_comps: list[Tensor | None] | None,
     *,
     capturable: bool,
     grad_clip_coef: Tensor | None,
@@ -234,10 +265,12 @@ def _single_tensor_adan(
 
     The moving averages are lerps (β·a + (1−β)·b); g + β2·Δ is kept as (g + β2·Δ) / (1 + β2), a
     lerp of Δ towards g, its factor moved into n's coefficient; the bias corrections are scalars
-    (see `sqrt_denominator`). The step counter is read once per tensor (not capturable).
+    (see `sqrt_denominator`). The step counter is read once per tensor (not capturable). With a
+    compensation buffer the step is one Kahan add (see `_kahan_step`).
     """
-    tensors = zip(params, grads, exp_avgs, exp_avg_diffs, exp_avg_sqs, prev_grads, state_steps)
-    for param, grad, exp_avg, exp_avg_diff, exp_avg_sq, prev_grad, step_t in tensors:
+    comps = kahan_comps if kahan_comps is not None else [None] * len(params)
+    tensors = zip(params, grads, exp_avgs, exp_avg_diffs, exp_avg_sqs, prev_grads, state_steps, comps)
+    for param, grad, exp_avg, exp_avg_diff, exp_avg_sq, prev_grad, step_t, comp in tensors:
         grad = -grad if maximize else grad
         if grad_clip_coef is not None:
             grad = grad * grad_clip_coef.to(grad.device, grad.dtype)
@@ -257,12 +290,26 @@ def _single_tensor_adan(
 
         # η = (m / bc1 + β2 · d / bc2) / (√(n / bc3) + ε) = sqrt_bc3 · (m / bc1 + β2 · d / bc2) / denom
         denom, sqrt_bc3 = sqrt_denominator(exp_avg_sq, 1 - beta3**step, eps, out=reusable(nesterov))
+        m_coef, d_coef = -lr * sqrt_bc3 / (1 - beta1**step), -lr * sqrt_bc3 * beta2 / (1 - beta2**step)
+        if comp is not None:
+            update = fp32_combination((exp_avg / denom, m_coef), (exp_avg_diff / denom, d_coef))
+            kahan_add_(param, comp, _decayed(update, compensated(param, comp), lr, weight_decay, no_prox))
+            continue
         if no_prox:
             param.mul_(1 - lr * weight_decay)
-        add_quotient_(param, exp_avg, denom, -lr * sqrt_bc3 / (1 - beta1**step))
-        add_quotient_(param, exp_avg_diff, denom, -lr * sqrt_bc3 * beta2 / (1 - beta2**step))
+        add_quotient_(param, exp_avg, denom, m_coef)
+        add_quotient_(param, exp_avg_diff, denom, d_coef)
         if not no_prox and weight_decay != 0:
             param.div_(1 + lr * weight_decay)
+
+
+def _decayed(update: Tensor, value: Tensor, lr: float | Tensor, weight_decay: float, no_prox: bool) -> Tensor:
+    """The compensated step u = x_new − x̃ from −lr·η (`update`, float32, overwritten) and x̃
+    (`value`): −lr·(η + λ·x̃), divided by 1 + lr·λ unless no_prox (see the Adan docstring)."""
+    if weight_decay == 0:
+        return update
+    add_scaled_(update, value, -lr * weight_decay)
+    return update if no_prox else update.div_(1 + lr * weight_decay)
 
 
 def _multi_tensor_adan(
@@ -273,6 +320,7 @@ def _multi_tensor_adan(
     exp_avg_sqs: list[Tensor],
     prev_grads: list[Tensor],
     state_steps: list[Tensor],
+    kahan_comps: list[Tensor | None] | None,
     *,
     capturable: bool,
     grad_clip_coef: Tensor | None,
@@ -288,12 +336,14 @@ def _multi_tensor_adan(
     """torch._foreach implementation of the reference's update, each op over a chunk of a
     (device, dtype) group (cache-sized on the CPU, the whole group elsewhere: see `cache_chunks`);
     no host sync (CPU step counters are read once per chunk, not once per tensor)."""
-    grouped = Optimizer._group_tensors_by_device_and_dtype(
-        [params, grads, exp_avgs, exp_avg_diffs, exp_avg_sqs, prev_grads, state_steps]  # type: ignore[list-item]
-    )
+    lists = [params, grads, exp_avgs, exp_avg_diffs, exp_avg_sqs, prev_grads, state_steps]
+    if kahan_comps is not None:
+        lists.append(kahan_comps)  # type: ignore[arg-type]
+    grouped = Optimizer._group_tensors_by_device_and_dtype(lists)  # type: ignore[arg-type]
     for (device, dtype), (device_lists, _) in grouped.items():
         for chunk in cache_chunks(device_lists):
-            d_params, d_grads, d_exp_avgs, d_exp_avg_diffs, d_exp_avg_sqs, d_prev_grads, d_steps = chunk
+            d_params, d_grads, d_exp_avgs, d_exp_avg_diffs, d_exp_avg_sqs, d_prev_grads, d_steps, *rest = chunk
+            d_comps = rest[0] if rest and rest[0][0] is not None else None
             if maximize:
                 d_grads = torch._foreach_neg(d_grads)  # a new list: the caller's .grad tensors are never modified
             if grad_clip_coef is not None:
@@ -315,10 +365,17 @@ def _multi_tensor_adan(
 
             bc3s = [1 - beta3**step for step in steps]
             denoms, sqrt_bc3s = foreach_sqrt_denominators(d_exp_avg_sqs, bc3s, eps, outs=diffs)  # diffs are dead
-            if no_prox:
-                torch._foreach_mul_(d_params, 1 - lr * weight_decay)
             m_coefs = [-lr * s / (1 - beta1**step) for s, step in zip(sqrt_bc3s, steps)]
             d_coefs = [-lr * s * beta2 / (1 - beta2**step) for s, step in zip(sqrt_bc3s, steps)]
+            if d_comps is not None:
+                m_quotients, d_quotients = torch._foreach_div(d_exp_avgs, denoms), torch._foreach_div(d_exp_avg_diffs, denoms)
+                terms = zip(zip(m_quotients, m_coefs), zip(d_quotients, d_coefs))
+                values = foreach_compensated(d_params, d_comps)
+                updates = [_decayed(fp32_combination(*t), x, lr, weight_decay, no_prox) for t, x in zip(terms, values)]
+                foreach_kahan_add_(d_params, d_comps, updates)
+                continue
+            if no_prox:
+                torch._foreach_mul_(d_params, 1 - lr * weight_decay)
             foreach_add_quotients_(d_params, d_exp_avgs, denoms, m_coefs)
             foreach_add_quotients_(d_params, d_exp_avg_diffs, denoms, d_coefs)
             if not no_prox and weight_decay != 0:

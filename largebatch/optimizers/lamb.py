@@ -33,6 +33,7 @@ from ._inplace import (
     sqrt_denominator,
     step_values,
 )
+from ._kahan import KAHAN_KEY, apply_update_, check_kahan_comps, compensated, foreach_apply_updates_, foreach_compensated
 from ._sharding import ShardReduction, complete_norms, locals_of
 from ._trust import trust_ratio
 
@@ -57,6 +58,14 @@ class LAMB(LargeBatchOptimizer):
         x &\leftarrow x - \text{lr} \cdot r \cdot u
 
     Norms and r are computed in float32 whatever the parameter dtype.
+
+    ``kahan_sum`` (bf16/fp16 parameters): x is the compensated value x̃ = p + c of the stored
+    parameter p and its compensation buffer c (in float32), in λx and in ‖x‖ alike, and the step
+    −lr·r·u is added to p with Kahan summation (see `largebatch.optimizers._kahan`):
+
+    .. math::
+        y = -\text{lr} \cdot r \cdot u + c, \quad t = \operatorname{round}(p + y), \quad
+        c \leftarrow y - (t - p), \quad p \leftarrow t
 
     Which tensors are adapted (r computed) and which use r = 1:
 
@@ -86,11 +95,17 @@ class LAMB(LargeBatchOptimizer):
         capturable: keep the step counter on the device so the step can be CUDA-graph captured.
         differentiable: let autograd run through the step (per-tensor implementation only).
         fused: use the Triton multi-tensor kernels of ``largebatch.fused``.
+        kahan_sum: compensate the updates of bf16/fp16 parameters with a buffer of their dtype
+            (state ``"kahan_comp"``, 2 bytes per parameter; see above). None (default) and True:
+            on for bf16/fp16 parameters, while fp32/fp64 parameters of the group have no buffer
+            and step exactly as without the option; False: off.
     """
 
     _name = "LAMB"
     _has_fused = True
+    _has_kahan = True
     _STATE_KEYS = ("step", "exp_avg", "exp_avg_sq")
+    _OPTIONAL_STATE_KEYS = (KAHAN_KEY,)
     _SQUARED_STATE_KEYS = ("exp_avg_sq",)
     _NO_ADAPTATION_ADVICE = (
         "every group has weight_decay=0 with always_adapt=False (or layer_adaptation=False), so the "
@@ -118,6 +133,7 @@ class LAMB(LargeBatchOptimizer):
         capturable: bool = False,
         differentiable: bool = False,
         fused: bool | None = None,
+        kahan_sum: bool | None = None,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -135,6 +151,7 @@ class LAMB(LargeBatchOptimizer):
             capturable=capturable,
             differentiable=differentiable,
             fused=fused,
+            kahan_sum=kahan_sum,
         )
         super().__init__(params, defaults)
 
@@ -179,6 +196,7 @@ class LAMB(LargeBatchOptimizer):
         beta1, beta2 = group["betas"]
         lamb(
             *prepared.lists,
+            prepared.kahan_comps,
             shard_reduction=prepared.reduction,
             foreach=group["foreach"],
             fused=group["fused"],
@@ -211,6 +229,7 @@ def lamb(
     exp_avgs: list[Tensor],
     exp_avg_sqs: list[Tensor],
     state_steps: list[Tensor],
+    kahan_comps: list[Tensor | None] | None = None,
     *,
     foreach: bool | None = None,
     fused: bool | None = None,
@@ -221,6 +240,7 @@ def lamb(
     shard_reduction: ShardReduction | None = None,
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
+    kahan_sum: bool | None = None,
     lr: float | Tensor,
     beta1: float,
     beta2: float,
@@ -238,13 +258,17 @@ def lamb(
     ``always_adapt`` and ``weight_decay``); ``grad_clip_coef`` is the global clipping multiplier;
     ``shard_reduction`` completes the norms across ranks when the tensors are local shards.
     ``grad_scale``/``found_inf`` (GradScaler's protocol) are supported by the fused path only.
+    ``kahan_comps``: per parameter its compensation buffer (bf16/fp16 parameters) or None; given,
+    the updates are compensated (``kahan_sum`` None or True; see `check_kahan_comps`).
 
     Raises:
-        ValueError: the tensor lists differ in length.
+        ValueError: the tensor lists differ in length, or ``kahan_comps`` does not fit.
     """
     check_same_lengths(
         params=params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs, state_steps=state_steps
     )
+    if not check_kahan_comps(params, kahan_comps, kahan_sum):
+        kahan_comps = None
     hyper = dict(
         lr=scalar_lr(lr),
         beta1=beta1,
@@ -267,6 +291,7 @@ def lamb(
             exp_avgs,
             exp_avg_sqs,
             state_steps,
+            kahan_comps,
             grad_scale=grad_scale,
             found_inf=found_inf,
             shard_reduction=shard_reduction,
@@ -286,6 +311,7 @@ def lamb(
         exp_avgs,
         exp_avg_sqs,
         state_steps,
+        kahan_comps,
         capturable=capturable,
         shard_reduction=shard_reduction,
         **hyper,
@@ -298,6 +324,7 @@ def _single_tensor_lamb(
     exp_avgs: list[Tensor],
     exp_avg_sqs: list[Tensor],
     state_steps: list[Tensor],
+    kahan_comps: list[Tensor | None] | None,
     *,
     capturable: bool,
     grad_clip_coef: Tensor | None,
@@ -317,10 +344,12 @@ def _single_tensor_lamb(
 
     The update is held as scale · update (see `sqrt_denominator`): the bias corrections and the
     decay's factor are scalars, not passes. Each tensor is finished while it is in cache; only a sharded
-    group keeps its updates until one all-reduce has completed their norms.
+    group keeps its updates until one all-reduce has completed their norms. With a compensation
+    buffer, x is the compensated value p + c (float32) and the step is a Kahan add.
     """
     kept = []
-    for param, grad, exp_avg, exp_avg_sq, step_t in zip(params, grads, exp_avgs, exp_avg_sqs, state_steps):
+    comps = kahan_comps if kahan_comps is not None else [None] * len(params)
+    for param, grad, exp_avg, exp_avg_sq, step_t, comp in zip(params, grads, exp_avgs, exp_avg_sqs, state_steps, comps):
         grad = -grad if maximize else grad
         if grad_clip_coef is not None:
             grad = grad * grad_clip_coef.to(grad.device, grad.dtype)
@@ -339,23 +368,24 @@ def _single_tensor_lamb(
         # m̂ / (√v̂ + ε) = scale · update: the bias corrections are scalars, not passes.
         denom, sqrt_bc2 = sqrt_denominator(exp_avg_sq, bc2, eps)
         update, scale = torch.div(exp_avg, denom, out=reusable(denom)), sqrt_bc2 / bc1
+        value = compensated(param, comp)  # x (x̃ = p + c with a buffer)
         if weight_decay != 0:
-            add_scaled_(update, param, weight_decay / scale)  # u = scale · (q + λ/scale · x)
+            add_scaled_(update, value, weight_decay / scale)  # u = scale · (q + λ/scale · x)
 
         if not adapt:
-            add_scaled_(param, update, -lr * scale)
+            apply_update_(param, update, -lr * scale, comp)
         elif shard_reduction is not None:
-            kept.append((param, update, scale))
+            kept.append((param, update, scale, comp, value))
         else:
-            ratio = trust_ratio(param_norm(param), fp32_norm(update) * scale, max_ratio=trust_clip)
-            param.addcmul_(update, ratio * (-lr * scale))
+            ratio = trust_ratio(param_norm(value), fp32_norm(update) * scale, max_ratio=trust_clip)
+            apply_update_(param, update, ratio * (-lr * scale), comp)
     if not kept:
         return
-    norms = [param_norm(p) for p, _, _ in kept] + [fp32_norm(u) * s for _, u, s in kept]
+    norms = [param_norm(x) for *_, x in kept] + [fp32_norm(u) * s for _, u, s, *_ in kept]
     norms = complete_norms(norms, shard_reduction)
-    for (param, update, scale), p_norm, u_norm in zip(kept, norms[: len(kept)], norms[len(kept) :]):
+    for (param, update, scale, comp, _), p_norm, u_norm in zip(kept, norms[: len(kept)], norms[len(kept) :]):
         ratio = trust_ratio(p_norm, u_norm, max_ratio=trust_clip)
-        param.addcmul_(update, ratio * (-lr * scale))
+        apply_update_(param, update, ratio * (-lr * scale), comp)
 
 
 def _multi_tensor_lamb(
@@ -364,6 +394,7 @@ def _multi_tensor_lamb(
     exp_avgs: list[Tensor],
     exp_avg_sqs: list[Tensor],
     state_steps: list[Tensor],
+    kahan_comps: list[Tensor | None] | None,
     *,
     capturable: bool,
     grad_clip_coef: Tensor | None,
@@ -384,13 +415,17 @@ def _multi_tensor_lamb(
     no host sync (CPU step counters are read once per chunk).
 
     A sharded group keeps its updates until one all-reduce has completed all chunks' norms.
+    A (device, dtype) group of bf16/fp16 parameters with buffers steps as the reference does
+    with them.
     """
-    grouped = Optimizer._group_tensors_by_device_and_dtype(
-        [params, grads, exp_avgs, exp_avg_sqs, state_steps]  # type: ignore[list-item]
-    )
+    lists = [params, grads, exp_avgs, exp_avg_sqs, state_steps]
+    if kahan_comps is not None:
+        lists.append(kahan_comps)  # type: ignore[arg-type]
+    grouped = Optimizer._group_tensors_by_device_and_dtype(lists)  # type: ignore[arg-type]
     kept = []
     for (device, dtype), (device_lists, _) in grouped.items():
-        for d_params, d_grads, d_exp_avgs, d_exp_avg_sqs, d_steps in cache_chunks(device_lists):
+        for d_params, d_grads, d_exp_avgs, d_exp_avg_sqs, d_steps, *rest in cache_chunks(device_lists):
+            d_comps = rest[0] if rest and rest[0][0] is not None else None
             # New lists: the caller's .grad tensors are never modified.
             if maximize:
                 d_grads = torch._foreach_neg(d_grads)
@@ -415,21 +450,23 @@ def _multi_tensor_lamb(
             denoms, sqrt_bc2s = foreach_sqrt_denominators(d_exp_avg_sqs, bc2s, eps)
             updates = foreach_into(torch.div, torch._foreach_div, [d_exp_avgs, denoms], denoms)
             scales = [s / bc1 for s, bc1 in zip(sqrt_bc2s, bc1s)]
+            values = foreach_compensated(d_params, d_comps)  # x (x̃ = p + c with buffers)
             if weight_decay != 0:
-                foreach_add_scaled_(updates, d_params, [weight_decay / s for s in scales])
+                foreach_add_scaled_(updates, values, [weight_decay / s for s in scales])
 
             if not adapt:
-                foreach_add_scaled_(d_params, updates, [-lr * s for s in scales])
+                foreach_apply_updates_(d_params, updates, [-lr * s for s in scales], d_comps)
             elif shard_reduction is not None:
-                kept.append((d_params, updates, scales))
+                kept.append((d_params, updates, scales, d_comps, values))
             else:
-                _apply_trust_ratios(d_params, updates, scales, foreach_fp32_norms(d_params), foreach_fp32_norms(updates), lr, trust_clip)
+                norms = (foreach_fp32_norms(values), foreach_fp32_norms(updates))
+                _apply_trust_ratios(d_params, updates, scales, *norms, lr, trust_clip, d_comps)
     if not kept:
         return
-    norms = [norm for d_params, updates, _ in kept for norm in (foreach_fp32_norms(d_params), foreach_fp32_norms(updates))]
+    norms = [norm for _, updates, _, _, values in kept for norm in (foreach_fp32_norms(values), foreach_fp32_norms(updates))]
     norms = complete_norms(norms, shard_reduction)
-    for (d_params, updates, scales), p_norms, u_norms in zip(kept, norms[::2], norms[1::2]):
-        _apply_trust_ratios(d_params, updates, scales, p_norms, u_norms, lr, trust_clip)
+    for (d_params, updates, scales, d_comps, _), p_norms, u_norms in zip(kept, norms[::2], norms[1::2]):
+        _apply_trust_ratios(d_params, updates, scales, p_norms, u_norms, lr, trust_clip, d_comps)
 
 
 def _apply_trust_ratios(
@@ -440,9 +477,15 @@ def _apply_trust_ratios(
     update_norms: Tensor,
     lr: float | Tensor,
     trust_clip: float | None,
+    comps: list[Tensor] | None,
 ) -> None:
-    """x ← x − lr · r · s · q for a foreach chunk, r from the norms of x and of s · q (vectors)."""
+    """x ← x − lr · r · s · q for a foreach chunk, r from the norms of x and of s · q (vectors);
+    a Kahan add where the chunk has compensation buffers."""
     scales_t = torch.stack(scales) if isinstance(scales[0], Tensor) else torch.tensor(scales, dtype=update_norms.dtype)
     scales_t = scales_t.to(update_norms.device)
     ratios = trust_ratio(param_norms, update_norms * scales_t, max_ratio=trust_clip)
-    torch._foreach_addcmul_(params, updates, (ratios * (-lr * scales_t)).unbind())
+    coefficients = (ratios * (-lr * scales_t)).unbind()
+    if comps is None:
+        torch._foreach_addcmul_(params, updates, coefficients)
+    else:
+        foreach_apply_updates_(params, updates, coefficients, comps)

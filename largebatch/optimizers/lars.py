@@ -22,6 +22,17 @@ from ._base import (
     scalar_lr,
 )
 from ._inplace import add_scaled_, cache_chunks, foreach_add_scaled_
+from ._kahan import (
+    KAHAN_KEY,
+    apply_update_,
+    check_kahan_comps,
+    compensated,
+    foreach_apply_updates_,
+    foreach_compensated,
+    foreach_kahan_add_,
+    fp32_combination,
+    kahan_add_,
+)
 from ._sharding import ShardReduction, complete_norms, locals_of
 from ._trust import trust_ratio
 
@@ -43,6 +54,11 @@ class LARS(LargeBatchOptimizer):
         \text{buf} &\leftarrow \mu \, \text{buf} + (1 - \text{dampening}) \, d \\
         w &\leftarrow w - \text{lr} \cdot \text{buf}
             \qquad (\text{nesterov: } w \leftarrow w - \text{lr} \cdot (d + \mu \, \text{buf}))
+
+    ``kahan_sum`` (bf16/fp16 parameters): w is the compensated value w̃ = p + c of the stored
+    parameter p and its compensation buffer c (in float32), in λw and in ‖w‖ alike, and the step
+    u = −lr·buf (−lr·(d + μ·buf) with Nesterov) is added to p with Kahan summation (see
+    `largebatch.optimizers._kahan`): y = u + c, t = round(p + y), c ← y − (t − p), p ← t.
 
     Norms and the local rate are computed in float32 whatever the parameter dtype. Momentum
     buffers start at zero (so with dampening ≠ 0 the first step differs from torch.optim.SGD,
@@ -72,11 +88,15 @@ class LARS(LargeBatchOptimizer):
         layer_adaptation: compute the local rate for this group (default True).
         lr_in_momentum: the paper's momentum form, see above (default False).
         maximize, foreach, capturable, differentiable, fused: as in torch.optim.SGD / AdamW.
+        kahan_sum: compensate the updates of bf16/fp16 parameters (state ``"kahan_comp"``, see
+            above). None (default) and True: on for bf16/fp16 parameters, while fp32/fp64 ones
+            have no buffer and step exactly as without the option; False: off.
     """
 
     _name = "LARS"
     _has_fused = True
-    _OPTIONAL_STATE_KEYS = ("momentum_buffer",)
+    _has_kahan = True
+    _OPTIONAL_STATE_KEYS = ("momentum_buffer", KAHAN_KEY)
     _NO_ADAPTATION_ADVICE = (
         "every group has layer_adaptation=False, so the local rate is 1 everywhere and this LARS is "
         "SGD with momentum. Set layer_adaptation=True on the weight groups (it is the default)."
@@ -101,6 +121,7 @@ class LARS(LargeBatchOptimizer):
         capturable: bool = False,
         differentiable: bool = False,
         fused: bool | None = None,
+        kahan_sum: bool | None = None,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -118,6 +139,7 @@ class LARS(LargeBatchOptimizer):
             capturable=capturable,
             differentiable=differentiable,
             fused=fused,
+            kahan_sum=kahan_sum,
         )
         super().__init__(params, defaults)
 
@@ -146,8 +168,7 @@ class LARS(LargeBatchOptimizer):
         return group["layer_adaptation"]
 
     def _init_state(self, param: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
-        if "step" not in state:
-            state["step"] = self._new_step(param, group)
+        super()._init_state(param, state, group)
         if group["momentum"] != 0 and "momentum_buffer" not in state:
             state["momentum_buffer"] = torch.zeros_like(param, memory_format=torch.preserve_format)
 
@@ -168,6 +189,7 @@ class LARS(LargeBatchOptimizer):
             grads,
             buffers[0] if buffers else None,
             steps,
+            prepared.kahan_comps,
             shard_reduction=prepared.reduction,
             foreach=group["foreach"],
             fused=group["fused"],
@@ -193,6 +215,7 @@ def lars(
     grads: list[Tensor],
     momentum_buffers: list[Tensor] | None,
     state_steps: list[Tensor],
+    kahan_comps: list[Tensor | None] | None = None,
     *,
     foreach: bool | None = None,
     fused: bool | None = None,
@@ -201,6 +224,7 @@ def lars(
     shard_reduction: ShardReduction | None = None,
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
+    kahan_sum: bool | None = None,
     lr: float | Tensor,
     momentum: float,
     dampening: float,
@@ -218,12 +242,15 @@ def lars(
     ``momentum_buffers`` is None when ``momentum`` is 0; ``adapt`` is the group's
     ``layer_adaptation``; ``shard_reduction`` completes the norms across ranks when the tensors
     are local shards. ``grad_scale``/``found_inf`` are supported by the fused path only.
+    ``kahan_comps``/``kahan_sum``: see :func:`largebatch.optimizers.lamb.lamb`.
 
     Raises:
-        ValueError: the tensor lists differ in length, or ``momentum_buffers`` is given with
-            momentum 0 (or missing with momentum != 0).
+        ValueError: the tensor lists differ in length, ``momentum_buffers`` is given with
+            momentum 0 (or missing with momentum != 0), or ``kahan_comps`` does not fit.
     """
     check_same_lengths(params=params, grads=grads, momentum_buffers=momentum_buffers, state_steps=state_steps)
+    if not check_kahan_comps(params, kahan_comps, kahan_sum):
+        kahan_comps = None
     hyper = dict(
         lr=scalar_lr(lr),
         momentum=momentum,
@@ -247,6 +274,7 @@ def lars(
             grads,
             momentum_buffers,
             state_steps,
+            kahan_comps,
             grad_scale=grad_scale,
             found_inf=found_inf,
             shard_reduction=shard_reduction,
@@ -257,9 +285,10 @@ def lars(
     if grad_scale is not None or found_inf is not None:
         raise RuntimeError("grad_scale/found_inf are only supported with fused=True")
     if resolve_foreach(params, foreach, differentiable):
-        _multi_tensor_lars(params, grads, momentum_buffers, state_steps, shard_reduction=shard_reduction, **hyper)
+        impl: Any = _multi_tensor_lars
     else:
-        _single_tensor_lars(params, grads, momentum_buffers, state_steps, shard_reduction=shard_reduction, **hyper)
+        impl = _single_tensor_lars
+    impl(params, grads, momentum_buffers, state_steps, kahan_comps, shard_reduction=shard_reduction, **hyper)
 
 
 def _single_tensor_lars(
@@ -267,6 +296,7 @@ def _single_tensor_lars(
     grads: list[Tensor],
     momentum_buffers: list[Tensor] | None,
     state_steps: list[Tensor],
+    kahan_comps: list[Tensor | None] | None,
     *,
     lr: float | Tensor,
     momentum: float,
@@ -286,27 +316,33 @@ def _single_tensor_lars(
     d = local · (g + λw) is folded into the coefficients of in-place adds (with momentum and
     without Nesterov it is never materialised: buf ← μ·buf + c·g + c·λ·w). Each tensor is
     finished while it is in cache; a sharded group takes all its norms first, for one all-reduce.
+    With a compensation buffer, w is the compensated value p + c (float32) and the step a Kahan add.
     """
     buffers = momentum_buffers if momentum_buffers is not None else [None] * len(params)
+    comps = kahan_comps if kahan_comps is not None else [None] * len(params)
     if adapt and shard_reduction is not None:
-        norms = complete_norms([param_norm(p) for p in params] + [fp32_norm(g) for g in grads], shard_reduction)
-    for i, (param, grad, buf, step_t) in enumerate(zip(params, grads, buffers, state_steps)):
+        values = [compensated(p, c) for p, c in zip(params, comps)]
+        norms = complete_norms([param_norm(x) for x in values] + [fp32_norm(g) for g in grads], shard_reduction)
+    for i, (param, grad, buf, step_t, comp) in enumerate(zip(params, grads, buffers, state_steps, comps)):
         step_t += 1
         grad = -grad if maximize else grad
+        value = compensated(param, comp)  # w (w̃ = p + c with a buffer)
         local: float | Tensor = 1.0
         if adapt:
             if shard_reduction is not None:
                 p_norm, g_norm = norms[i], norms[len(params) + i]
             else:
-                p_norm, g_norm = param_norm(param), fp32_norm(grad)
+                p_norm, g_norm = param_norm(value), fp32_norm(grad)
             local = trust_ratio(p_norm, g_norm, coefficient=trust_coefficient, weight_decay=weight_decay, eps=eps)
             if trust_clip:
                 local = torch.clamp(local / lr, max=1.0)
-        _lars_update_(param, grad, buf, local, lr, momentum, dampening, nesterov, weight_decay, lr_in_momentum)
+        _lars_update_(param, comp, value, grad, buf, local, lr, momentum, dampening, nesterov, weight_decay, lr_in_momentum)
 
 
 def _lars_update_(
     param: Tensor,
+    comp: Tensor | None,
+    value: Tensor,
     grad: Tensor,
     buf: Tensor | None,
     local: float | Tensor,
@@ -317,7 +353,8 @@ def _lars_update_(
     weight_decay: float,
     lr_in_momentum: bool,
 ) -> None:
-    """One tensor's momentum and step, d = local · (g + λw) (see the LARS docstring), in place."""
+    """One tensor's momentum and step, d = local · (g + λw) (see the LARS docstring), in place;
+    w is `value` (the parameter, or p + c with the compensation buffer `comp`)."""
     # What multiplies g + λw in the buffer, and what multiplies the buffer in the step.
     rate, step_lr = (local * lr, 1.0) if lr_in_momentum else (local, lr)
     if buf is not None and not nesterov:
@@ -325,15 +362,18 @@ def _lars_update_(
         buf.mul_(momentum)
         add_scaled_(buf, grad, damped)
         if weight_decay != 0:
-            add_scaled_(buf, param, damped * weight_decay)
-        add_scaled_(param, buf, -step_lr)
+            add_scaled_(buf, value, damped * weight_decay)
+        apply_update_(param, buf, -step_lr, comp)
         return
-    direction = grad.add(param, alpha=weight_decay) if weight_decay != 0 else grad
+    direction = grad.add(value, alpha=weight_decay) if weight_decay != 0 else grad
     if buf is None:
-        add_scaled_(param, direction, -local * lr)
+        apply_update_(param, direction, -local * lr, comp)
         return
     buf.mul_(momentum)  # nesterov: dampening is 0
     add_scaled_(buf, direction, rate)
+    if comp is not None:
+        kahan_add_(param, comp, fp32_combination((direction, -rate * step_lr), (buf, -step_lr * momentum)))
+        return
     add_scaled_(param, direction, -rate * step_lr)
     add_scaled_(param, buf, -step_lr * momentum)
 
@@ -343,6 +383,7 @@ def _multi_tensor_lars(
     grads: list[Tensor],
     momentum_buffers: list[Tensor] | None,
     state_steps: list[Tensor],
+    kahan_comps: list[Tensor | None] | None,
     *,
     lr: float | Tensor,
     momentum: float,
@@ -359,19 +400,22 @@ def _multi_tensor_lars(
 ) -> None:
     """torch._foreach implementation of the reference's update, each op over a chunk of a
     (device, dtype) group (cache-sized on the CPU, the whole group elsewhere: see `cache_chunks`);
-    no host sync. A sharded group takes all chunks' norms first, for one all-reduce."""
-    lists: list[list[Tensor]] = [params, grads, state_steps]
-    if momentum_buffers is not None:
-        lists.append(momentum_buffers)
+    no host sync. A sharded group takes all chunks' norms first, for one all-reduce. A (device,
+    dtype) group of bf16/fp16 parameters with buffers steps as the reference does with them."""
+    none = [None] * len(params)
+    lists = [params, grads, state_steps, momentum_buffers or none, kahan_comps or none]
     grouped = Optimizer._group_tensors_by_device_and_dtype(lists)  # type: ignore[arg-type]
     chunks = [chunk for device_lists, _ in grouped.values() for chunk in cache_chunks(device_lists)]
+    # Per chunk: its buffers and compensation buffers (None where it has none), and w.
+    buffers, comps = ([chunk[i] if chunk[i][0] is not None else None for chunk in chunks] for i in (3, 4))
+    values = [foreach_compensated(chunk[0], chunk_comps) for chunk, chunk_comps in zip(chunks, comps)]
     if adapt and shard_reduction is not None:
         norms = complete_norms(
-            [norm for d_params, d_grads, *_ in chunks for norm in (foreach_fp32_norms(d_params), foreach_fp32_norms(d_grads))],
+            [norm for x, (_, d_grads, *_) in zip(values, chunks) for norm in (foreach_fp32_norms(x), foreach_fp32_norms(d_grads))],
             shard_reduction,
         )
-    for index, (d_params, d_grads, d_steps, *rest) in enumerate(chunks):
-        d_buffers = rest[0] if rest else None
+    for index, (d_params, d_grads, d_steps, *_) in enumerate(chunks):
+        d_buffers, d_comps, d_values = buffers[index], comps[index], values[index]
         torch._foreach_add_(d_steps, 1)
         if maximize:
             d_grads = torch._foreach_neg(d_grads)  # a new list: the caller's .grad tensors are never modified
@@ -381,7 +425,7 @@ def _multi_tensor_lars(
             if shard_reduction is not None:
                 p_norms, g_norms = norms[2 * index], norms[2 * index + 1]
             else:
-                p_norms, g_norms = foreach_fp32_norms(d_params), foreach_fp32_norms(d_grads)
+                p_norms, g_norms = foreach_fp32_norms(d_values), foreach_fp32_norms(d_grads)
             local = trust_ratio(p_norms, g_norms, coefficient=trust_coefficient, weight_decay=weight_decay, eps=eps)
             if trust_clip:
                 local = torch.clamp(local / lr, max=1.0)
@@ -395,14 +439,19 @@ def _multi_tensor_lars(
             torch._foreach_mul_(d_buffers, momentum)
             foreach_add_scaled_(d_buffers, d_grads, per_tensor(damped))
             if weight_decay != 0:
-                foreach_add_scaled_(d_buffers, d_params, per_tensor(damped * weight_decay))
-            foreach_add_scaled_(d_params, d_buffers, per_tensor(-step_lr))
+                foreach_add_scaled_(d_buffers, d_values, per_tensor(damped * weight_decay))
+            foreach_apply_updates_(d_params, d_buffers, per_tensor(-step_lr), d_comps)
             continue
-        directions = torch._foreach_add(d_grads, d_params, alpha=weight_decay) if weight_decay != 0 else d_grads
+        directions = torch._foreach_add(d_grads, d_values, alpha=weight_decay) if weight_decay != 0 else d_grads
         if d_buffers is None:
-            foreach_add_scaled_(d_params, directions, per_tensor(-local * lr))
+            foreach_apply_updates_(d_params, directions, per_tensor(-local * lr), d_comps)
             continue
         torch._foreach_mul_(d_buffers, momentum)
         foreach_add_scaled_(d_buffers, directions, per_tensor(rate))
-        foreach_add_scaled_(d_params, directions, per_tensor(-rate * step_lr))
-        foreach_add_scaled_(d_params, d_buffers, per_tensor(-step_lr * momentum))
+        direction_coefs, buffer_coefs = per_tensor(-rate * step_lr), per_tensor(-step_lr * momentum)
+        if d_comps is not None:
+            updates = [fp32_combination(*terms) for terms in zip(zip(directions, direction_coefs), zip(d_buffers, buffer_coefs))]
+            foreach_kahan_add_(d_params, d_comps, updates)
+            continue
+        foreach_add_scaled_(d_params, directions, direction_coefs)
+        foreach_add_scaled_(d_params, d_buffers, buffer_coefs)

@@ -55,6 +55,11 @@ def compile_variant(kernel, arguments: dict[str, object], num_warps: int) -> str
     return triton.compile(source, target=TARGET, options={"num_warps": num_warps}).asm["ptx"]
 
 
+def _kahan(on: bool) -> dict[str, object]:
+    """The compensation buffers' row (kahan_sum) and its constexpr: a row, or None."""
+    return {"comp_ptrs": INDEX if on else None, "KAHAN": on}
+
+
 def variants():
     warps = PRODUCTION_CHUNKING.num_warps
     amp = {"grad_scale": FLOAT, "found_inf": FLOAT}
@@ -75,35 +80,43 @@ def variants():
         **per_tensor, "found_inf": None, **_scalars("beta2 log_beta1 log_beta2 log_beta3")}, 4  # fmt: skip
 
     lamb_rows = _table("param_ptrs", "grad_ptrs", "exp_avg_ptrs", "exp_avg_sq_ptrs", "step_ptrs")
-    for adapt, dtype in ((True, tl.float32), (False, tl.bfloat16)):
-        yield f"lamb moments adapt={adapt} {dtype}", lamb._moments_kernel, {
-            **lamb_rows, "partials": FLOAT, "corrections": FLOAT, "lr_tensor": FLOAT, **amp, "clip_coef": FLOAT,
-            **_scalars("lr beta1 grad_weight beta2 one_minus_beta2 eps weight_decay"),
+    for adapt, dtype, kahan in ((True, tl.float32, False), (False, tl.bfloat16, False), (True, tl.bfloat16, True),
+                                (False, tl.bfloat16, True)):  # fmt: skip
+        yield f"lamb moments adapt={adapt} {dtype} kahan={kahan}", lamb._moments_kernel, {
+            **lamb_rows, **_kahan(kahan), "partials": FLOAT, "corrections": FLOAT, "lr_tensor": FLOAT, **amp,
+            "clip_coef": FLOAT, **_scalars("lr beta1 grad_weight beta2 one_minus_beta2 eps weight_decay"),
             "PARAM_DTYPE": dtype, "GRAD_DTYPE": dtype, "EXP_AVG_DTYPE": tl.float32, "EXP_AVG_SQ_DTYPE": tl.float32,
             "MAXIMIZE": True, "BIAS_CORRECTION": True, "ADAPT": adapt, **CHUNK}, warps  # fmt: skip
-    yield "lamb apply", lamb._apply_kernel, {
-        **lamb_rows, "norms_sq": FLOAT, "corrections": FLOAT, "lr_tensor": None, "found_inf": None,
-        **_scalars("lr eps weight_decay trust_clip"),
-        "PARAM_DTYPE": tl.float16, "GRAD_DTYPE": tl.float16, "EXP_AVG_DTYPE": tl.float16, "EXP_AVG_SQ_DTYPE": tl.float16,
-        "BIAS_CORRECTION": False, "TRUST_CLIP": True, **CHUNK}, warps  # fmt: skip
+    for dtype, kahan in ((tl.float16, False), (tl.bfloat16, True)):
+        yield f"lamb apply {dtype} kahan={kahan}", lamb._apply_kernel, {
+            **lamb_rows, **_kahan(kahan), "norms_sq": FLOAT, "corrections": FLOAT, "lr_tensor": None, "found_inf": None,
+            **_scalars("lr eps weight_decay trust_clip"),
+            "PARAM_DTYPE": dtype, "GRAD_DTYPE": dtype, "EXP_AVG_DTYPE": dtype, "EXP_AVG_SQ_DTYPE": dtype,
+            "BIAS_CORRECTION": False, "TRUST_CLIP": True, **CHUNK}, warps  # fmt: skip
 
-    yield "lars norms", lars._norms_kernel, {
-        **_table("param_ptrs", "grad_ptrs", "buf_ptrs", "step_ptrs"), "partials": FLOAT, **amp,
-        "PARAM_DTYPE": tl.float32, "GRAD_DTYPE": tl.float32, **CHUNK}, warps  # fmt: skip
-    for momentum, nesterov, lr_in_momentum in ((True, True, False), (True, False, True), (False, False, False)):
-        yield f"lars update momentum={momentum} nesterov={nesterov} lr_in_momentum={lr_in_momentum}", lars._update_kernel, {
+    for dtype, kahan in ((tl.float32, False), (tl.bfloat16, True)):
+        yield f"lars norms {dtype} kahan={kahan}", lars._norms_kernel, {
+            **_table("param_ptrs", "grad_ptrs", "buf_ptrs", "step_ptrs"), **_kahan(kahan), "partials": FLOAT, **amp,
+            "PARAM_DTYPE": dtype, "GRAD_DTYPE": dtype, **CHUNK}, warps  # fmt: skip
+    for momentum, nesterov, lr_in_momentum, kahan in (
+        (True, True, False, False), (True, False, True, False), (False, False, False, False),
+        (True, True, False, True), (True, False, False, True), (False, False, False, True),
+    ):  # fmt: skip
+        dtype = tl.bfloat16 if kahan else tl.float32
+        yield f"lars update momentum={momentum} nesterov={nesterov} lr_in_momentum={lr_in_momentum} kahan={kahan}", lars._update_kernel, {
             **_table("param_ptrs", "grad_ptrs"), "buf_ptrs": INDEX if momentum else None, "step_ptrs": INDEX,
-            "norms_sq": FLOAT if momentum else None, "lr_tensor": FLOAT, **amp,
+            **_kahan(kahan), "norms_sq": FLOAT if momentum else None, "lr_tensor": FLOAT, **amp,
             **_scalars("lr momentum dampening_complement weight_decay trust_coefficient eps"),
-            "PARAM_DTYPE": tl.float32, "GRAD_DTYPE": tl.float32, "BUF_DTYPE": tl.float32, "MAXIMIZE": False,
+            "PARAM_DTYPE": dtype, "GRAD_DTYPE": dtype, "BUF_DTYPE": tl.float32, "MAXIMIZE": False,
             "ADAPT": momentum, "TRUST_CLIP": momentum, "MOMENTUM": momentum, "NESTEROV": nesterov,
             "LR_IN_MOMENTUM": lr_in_momentum, **CHUNK}, warps  # fmt: skip
 
-    for no_prox, dtype in ((False, tl.float32), (True, tl.float16)):
-        yield f"adan no_prox={no_prox} {dtype}", adan._adan_kernel, {
+    for no_prox, dtype, kahan in ((False, tl.float32, False), (True, tl.float16, False), (False, tl.bfloat16, True),
+                                  (True, tl.bfloat16, True)):  # fmt: skip
+        yield f"adan no_prox={no_prox} {dtype} kahan={kahan}", adan._adan_kernel, {
             **_table("param_ptrs", "grad_ptrs", "exp_avg_ptrs", "exp_avg_diff_ptrs", "exp_avg_sq_ptrs", "prev_grad_ptrs",
                      "step_ptrs"),
-            "corrections": FLOAT, "lr_tensor": None, **amp, "clip_coef": FLOAT,
+            **_kahan(kahan), "corrections": FLOAT, "lr_tensor": None, **amp, "clip_coef": FLOAT,
             **_scalars("lr beta1 one_minus_beta1 beta2 one_minus_beta2 beta3 one_minus_beta3 eps weight_decay"),
             "PARAM_DTYPE": dtype, "GRAD_DTYPE": dtype, "EXP_AVG_DTYPE": tl.float32, "EXP_AVG_DIFF_DTYPE": tl.float32,
             "EXP_AVG_SQ_DTYPE": tl.float32, "PREV_GRAD_DTYPE": dtype, "MAXIMIZE": False, "NO_PROX": no_prox,

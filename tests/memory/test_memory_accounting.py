@@ -35,8 +35,14 @@ def test_measured_bytes_per_parameter_match_the_states_definitions():
         assert fp32[name] == pytest.approx(4 + 4 * full_states + counters, rel=1e-12)
     # AdaGrad-Norm: a counter and a 0-dim b² per (one-tensor) group
     assert fp32["AdaGrad-Norm (per tensor)"] == pytest.approx(4 + 2 * counters, rel=1e-12)
-    bf16 = rows["bf16 params, states in bf16 (today's default for bf16 parameters)"]
+    bf16 = rows["bf16 params, bf16 states, kahan_sum=False"]
     assert bf16["LAMB"] == pytest.approx(2 + 2 * 2 + counters, rel=1e-12)
+    # kahan_sum (the default for bf16): a bf16 buffer per parameter, counted with the weights
+    kahan = rows["bf16 + Kahan (bf16 compensation), bf16 states: the default for bf16 parameters"]
+    assert kahan["weights"] == 2 + 2
+    for name, full_states in {"LAMB": 2, "LARS": 1, "Adan": 4}.items():
+        assert kahan[name] == pytest.approx(2 + 2 + 2 * full_states + counters, rel=1e-12)
+    assert kahan["AdaGrad-Norm (per tensor)"] is None  # it has no kahan_sum
 
 
 @pytest.mark.parametrize("foreach", [False, True], ids=["per_tensor", "foreach"])
