@@ -23,6 +23,7 @@ from ._base import (
 )
 from ._inplace import add_scaled_, cache_chunks, foreach_add_scaled_
 from ._sharding import ShardReduction, complete_norms, locals_of
+from ._state_precision import foreach_store_, foreach_widened, new_state, store_, widened
 from ._trust import trust_ratio
 
 if TYPE_CHECKING:
@@ -72,11 +73,19 @@ class LARS(LargeBatchOptimizer):
         layer_adaptation: compute the local rate for this group (default True).
         lr_in_momentum: the paper's momentum form, see above (default False).
         maximize, foreach, capturable, differentiable, fused: as in torch.optim.SGD / AdamW.
+        state_dtype: the momentum buffer's dtype: None (default) like the parameter,
+            ``torch.float32`` or ``torch.bfloat16`` (or their names) whatever the parameter's.
+            Arithmetic is fp32; a narrower buffer is written back rounded to nearest each step
+            and the parameter steps with the stored value (see
+            ``largebatch.optimizers._state_precision``). load_state_dict converts a
+            checkpoint's buffers to this optimizer's option.
     """
 
     _name = "LARS"
     _has_fused = True
     _OPTIONAL_STATE_KEYS = ("momentum_buffer",)
+    _PRECISION_STATE_KEYS = ("momentum_buffer",)
+    _LIVE_GROUP_KEYS = (*LargeBatchOptimizer._LIVE_GROUP_KEYS, "state_dtype")
     _NO_ADAPTATION_ADVICE = (
         "every group has layer_adaptation=False, so the local rate is 1 everywhere and this LARS is "
         "SGD with momentum. Set layer_adaptation=True on the weight groups (it is the default)."
@@ -101,6 +110,7 @@ class LARS(LargeBatchOptimizer):
         capturable: bool = False,
         differentiable: bool = False,
         fused: bool | None = None,
+        state_dtype: torch.dtype | str | None = None,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -118,6 +128,7 @@ class LARS(LargeBatchOptimizer):
             capturable=capturable,
             differentiable=differentiable,
             fused=fused,
+            state_dtype=state_dtype,
         )
         super().__init__(params, defaults)
 
@@ -140,6 +151,7 @@ class LARS(LargeBatchOptimizer):
             "trust_clip": False,
             "layer_adaptation": True,
             "lr_in_momentum": False,
+            "state_dtype": None,
         }
 
     def _group_adapts(self, group: dict[str, Any]) -> bool:
@@ -149,7 +161,7 @@ class LARS(LargeBatchOptimizer):
         if "step" not in state:
             state["step"] = self._new_step(param, group)
         if group["momentum"] != 0 and "momentum_buffer" not in state:
-            state["momentum_buffer"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            state["momentum_buffer"] = new_state(param, group)
 
     def _group_lists(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> list[list[Tensor]]:
         has_momentum = group["momentum"] != 0
@@ -320,12 +332,16 @@ def _lars_update_(
     """One tensor's momentum and step, d = local · (g + λw) (see the LARS docstring), in place."""
     # What multiplies g + λw in the buffer, and what multiplies the buffer in the step.
     rate, step_lr = (local * lr, 1.0) if lr_in_momentum else (local, lr)
+    if buf is not None:  # a buffer of another dtype than the gradient: updated in the wider one, stored rounded
+        stored_buf, buf = buf, widened(buf, grad)
+        grad = widened(grad, buf)
     if buf is not None and not nesterov:
         damped = rate if dampening == 0 else rate * (1 - dampening)
         buf.mul_(momentum)
         add_scaled_(buf, grad, damped)
         if weight_decay != 0:
             add_scaled_(buf, param, damped * weight_decay)
+        buf = store_(stored_buf, buf)
         add_scaled_(param, buf, -step_lr)
         return
     direction = grad.add(param, alpha=weight_decay) if weight_decay != 0 else grad
@@ -334,6 +350,7 @@ def _lars_update_(
         return
     buf.mul_(momentum)  # nesterov: dampening is 0
     add_scaled_(buf, direction, rate)
+    buf = store_(stored_buf, buf)
     add_scaled_(param, direction, -rate * step_lr)
     add_scaled_(param, buf, -step_lr * momentum)
 
@@ -373,6 +390,9 @@ def _multi_tensor_lars(
     for index, (d_params, d_grads, d_steps, *rest) in enumerate(chunks):
         d_buffers = rest[0] if rest else None
         torch._foreach_add_(d_steps, 1)
+        if d_buffers is not None:  # buffers of another dtype than the gradients: updated in the wider one, stored rounded
+            stored_buffers = d_buffers
+            d_grads, (d_buffers,) = foreach_widened(d_grads, d_buffers)
         if maximize:
             d_grads = torch._foreach_neg(d_grads)  # a new list: the caller's .grad tensors are never modified
         count = len(d_params)
@@ -396,6 +416,7 @@ def _multi_tensor_lars(
             foreach_add_scaled_(d_buffers, d_grads, per_tensor(damped))
             if weight_decay != 0:
                 foreach_add_scaled_(d_buffers, d_params, per_tensor(damped * weight_decay))
+            d_buffers = foreach_store_(stored_buffers, d_buffers)
             foreach_add_scaled_(d_params, d_buffers, per_tensor(-step_lr))
             continue
         directions = torch._foreach_add(d_grads, d_params, alpha=weight_decay) if weight_decay != 0 else d_grads
@@ -404,5 +425,6 @@ def _multi_tensor_lars(
             continue
         torch._foreach_mul_(d_buffers, momentum)
         foreach_add_scaled_(d_buffers, directions, per_tensor(rate))
+        d_buffers = foreach_store_(stored_buffers, d_buffers)
         foreach_add_scaled_(d_params, directions, per_tensor(-rate * step_lr))
         foreach_add_scaled_(d_params, d_buffers, per_tensor(-step_lr * momentum))

@@ -1,0 +1,120 @@
+"""States of another dtype than their parameters (the ``state_dtype`` option: fp32 params + bf16
+states, bf16 params + fp32 states): the fused kernels, the per-tensor reference and the foreach
+path each == the float64 oracle, which computes in float64 and rounds every stored tensor to its
+own dtype at the same points.
+
+The oracle rounds bf16 as the path under test does: the Triton interpreter truncates fp32 to
+bf16, compiled kernels and torch round to nearest even. States are compared in their dtype's
+ulps (`assert_matches`); fp32 parameters also get 2⁻⁶ of their total displacement, since a state
+that rounds one bf16 ulp apart from the oracle's (fp32 against float64 arithmetic near a rounding
+boundary) moves the next steps by ~2⁻⁸ of their size.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import _oracle as oracle
+from _fused_cases import DEVICE, STEPS, TensorSpec, assert_matches, random_tensors, requires_kernels, step_counters, stored, zeros
+from largebatch.fused._engine import INTERPRETED
+from largebatch.optimizers.functional import adan, lamb, lars
+
+pytestmark = requires_kernels
+
+PATHS = ["per-tensor", "foreach", "fused"]
+MIXED = [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)]
+shapes = st.one_of(st.just(()), st.integers(1, 53).map(lambda n: (n,)), st.tuples(st.integers(1, 6), st.integers(1, 6)))
+
+
+@st.composite
+def mixed_specs(draw: st.DrawFn) -> list[TensorSpec]:
+    dtype, state_dtype = draw(st.sampled_from(MIXED))
+    return [TensorSpec(shape, dtype, state_dtype) for shape in draw(st.lists(shapes, min_size=1, max_size=8))]
+
+
+def _path_args(path: str) -> dict[str, bool]:
+    return {"fused": path == "fused", "foreach": path == "foreach"}
+
+
+def _run(path, specs, seed, n_states, step, oracle_step):
+    """STEPS steps of `step` (the library) and `oracle_step` from the same tensors; compare."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(oracle, "BF16_TRUNCATES", INTERPRETED and path == "fused")
+        _run_and_compare(path, specs, seed, n_states, step, oracle_step)
+
+
+def _run_and_compare(path, specs, seed, n_states, step, oracle_step):
+    generator = torch.Generator().manual_seed(seed)
+    params = random_tensors(specs, generator)
+    states = [zeros(specs) for _ in range(n_states)]
+    steps = step_counters(specs) if path == "fused" else [torch.zeros(()) for _ in specs]
+    o_params, o_states, o_steps = stored(params), [stored(s) for s in states], [0] * len(specs)
+    initial = [p.double().cpu() for p in params]
+    for _ in range(STEPS):
+        grads = random_tensors(specs, generator)
+        step(params, grads, states, steps, **_path_args(path))
+        oracle_step(o_params, [g.cpu() for g in grads], o_states, o_steps)
+    for index, (state, o_state) in enumerate(zip(states, o_states)):
+        assert [s.dtype for s in state] == [spec.state_dtype for spec in specs]
+        assert_matches(state, o_state, f"state {index}")
+    for i, (p, o, start) in enumerate(zip(params, o_params, initial)):
+        assert p.dtype == o.dtype
+        displacement = float((o.value - start).abs().max()) if p.numel() else 0.0
+        slack = 2**-6 * displacement if p.dtype == torch.float32 else 0.0
+        try:
+            assert_matches([p], [o], "param")
+        except AssertionError:
+            error = float((p.cpu().double() - o.value).abs().max())
+            assert error <= slack + 64 * torch.finfo(torch.float32).eps * float(o.value.abs().max()), (i, error, slack)
+    assert [int(s) for s in steps] == o_steps
+
+
+LAMB_HYPER = dict(beta1=0.9, beta2=0.999, eps=1e-6, weight_decay=0.01, bias_correction=True, grad_averaging=True,
+                  trust_clip=None, maximize=False)  # fmt: skip
+
+
+@pytest.mark.parametrize("path", PATHS)
+@settings(max_examples=3, deadline=None)
+@given(specs=mixed_specs(), seed=st.integers(0, 2**31 - 1), adapt=st.booleans(), lr=st.floats(1e-3, 0.05))
+def test_lamb(path, specs, seed, adapt, lr):
+    def step(params, grads, states, steps, **path_args):
+        lamb(params, grads, *states, steps, lr=lr, adapt=adapt, **LAMB_HYPER, **path_args)
+
+    def oracle_step(params, grads, states, steps):
+        oracle.lamb(params, grads, *states, steps, lr=lr, adapt=adapt, clip=None, grad_scale=None, **LAMB_HYPER)
+
+    _run(path, specs, seed, 2, step, oracle_step)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@settings(max_examples=3, deadline=None)
+@given(specs=mixed_specs(), seed=st.integers(0, 2**31 - 1), nesterov=st.booleans(), weight_decay=st.sampled_from([0.0, 1e-3]))
+def test_lars(path, specs, seed, nesterov, weight_decay):
+    hyper = dict(lr=0.5, momentum=0.9, dampening=0.0, nesterov=nesterov, weight_decay=weight_decay,
+                 trust_coefficient=0.02, eps=1e-8, trust_clip=False, adapt=True, lr_in_momentum=False, maximize=False)  # fmt: skip
+
+    def step(params, grads, states, steps, **path_args):
+        lars(params, grads, states[0], steps, **hyper, **path_args)
+
+    def oracle_step(params, grads, states, steps):
+        oracle.lars(params, grads, states[0], steps, grad_scale=None, **hyper)
+
+    _run(path, specs, seed, 1, step, oracle_step)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@settings(max_examples=3, deadline=None)
+@given(specs=mixed_specs(), seed=st.integers(0, 2**31 - 1), no_prox=st.booleans())
+def test_adan(path, specs, seed, no_prox):
+    hyper = dict(lr=0.01, beta1=0.98, beta2=0.92, beta3=0.99, eps=1e-8, weight_decay=0.02, no_prox=no_prox, maximize=False)
+
+    def step(params, grads, states, steps, **path_args):
+        adan(params, grads, *states, steps, **hyper, **path_args)
+
+    def oracle_step(params, grads, states, steps):
+        oracle.adan(params, grads, *states, steps, clip=None, grad_scale=None, **hyper)
+
+    _run(path, specs, seed, 4, step, oracle_step)
