@@ -5,7 +5,8 @@ own dtype at the same points.
 
 The oracle rounds bf16 as the path under test does: the Triton interpreter truncates fp32 to
 bf16, compiled kernels and torch round to nearest even. States are compared in their dtype's
-ulps (`assert_matches`); fp32 parameters also get 2⁻⁶ of their total displacement, since a state
+ulps (`assert_matches`), fp32 states of bf16 parameters within 2⁻⁴ of the list's largest
+(see `_run_and_compare`); fp32 parameters also get 2⁻⁶ of their total displacement, since a state
 that rounds one bf16 ulp apart from the oracle's (fp32 against float64 arithmetic near a rounding
 boundary) moves the next steps by ~2⁻⁸ of their size.
 """
@@ -59,7 +60,16 @@ def _run_and_compare(path, specs, seed, n_states, step, oracle_step):
         oracle_step(o_params, [g.cpu() for g in grads], o_states, o_steps)
     for index, (state, o_state) in enumerate(zip(states, o_states)):
         assert [s.dtype for s in state] == [spec.state_dtype for spec in specs]
-        assert_matches(state, o_state, f"state {index}")
+        if specs[0].dtype == torch.float32:
+            assert_matches(state, o_state, f"state {index}")
+            continue
+        # fp32 states of bf16 params: a param one bf16 ulp apart from the oracle's changes the
+        # next steps' inputs by 2⁻⁸, which the states carry, and cancellation (LARS's Nesterov
+        # buffer of steps of alternating sign) can make large relative to a small state.
+        scale = max(float(o.value.abs().max()) for o in o_state if o.value.numel())
+        for s, o in zip(state, o_state):
+            error = (s.double().cpu() - o.value).abs()
+            assert not s.numel() or float(error.max()) <= 2**-4 * scale, f"state {index}"
     for i, (p, o, start) in enumerate(zip(params, o_params, initial)):
         assert p.dtype == o.dtype
         displacement = float((o.value - start).abs().max()) if p.numel() else 0.0
