@@ -89,6 +89,9 @@ class Config:
     #: measured rows: the dtype of the parameters the real optimizer's states are read from;
     #: definition rows: the bytes of each element of a full-size state tensor
     states: torch.dtype | float
+    #: measured rows: the optimizers' ``state_dtype`` (None: like the parameters; AdaGrad-Norm,
+    #: whose state is two scalars per tensor, has no such option and is measured without it)
+    state_dtype: torch.dtype | None = None
 
 
 # 8-bit states as issue 17 defines them: one byte per element and one fp32 scale per block; the
@@ -98,17 +101,23 @@ CONFIGS = [
     Config("fp32", "measured", 4, 4, torch.float32),
     Config("bf16 params, states in bf16 (today's default for bf16 parameters)", "measured", 2, 2, torch.bfloat16),
     Config("bf16 params + fp32 master (optimizer over fp32 copies)", "measured", 2 + 4, 2 + 4, torch.float32),
+    Config("fp32 params, bf16 states (state_dtype=torch.bfloat16)", "measured", 4, 4, torch.float32, torch.bfloat16),
+    Config("bf16 params, fp32 states (state_dtype=torch.float32)", "measured", 2, 2, torch.bfloat16, torch.float32),
     Config("bf16 + Kahan (bf16 compensation), fp32 states", "definition", 2 + 2, 2, 4),
     Config("bf16 + Kahan, bf16 states", "definition", 2 + 2, 2, 2),
     Config(f"bf16 + Kahan, 8-bit states (fp32 scale per {BLOCK})", "definition", 2 + 2, 2, 1 + 4 / BLOCK),
 ]
 
 
-def measured_state_bytes(name: str, dtype: torch.dtype, width: int, depth: int) -> tuple[float, int]:
-    """State bytes per parameter of optimizer `name` after one step on the MLP in `dtype`, and
-    how many state tensors of the parameter's size each parameter has."""
+def measured_state_bytes(
+    name: str, dtype: torch.dtype, width: int, depth: int, state_dtype: torch.dtype | None = None
+) -> tuple[float, int]:
+    """State bytes per parameter of optimizer `name` after one step on the MLP in `dtype` (its
+    groups' ``state_dtype`` set when not None), and how many state tensors of the parameter's
+    size each parameter has."""
     model = mlp(width, depth).to(dtype)
-    optimizer = OPTIMIZERS[name]([{"params": list(model.parameters())}])
+    group = {"params": list(model.parameters())} | ({} if state_dtype is None else {"state_dtype": state_dtype})
+    optimizer = OPTIMIZERS[name]([group])
     model(torch.ones(2, width, dtype=dtype)).sum().backward()
     optimizer.step()
     numel = sum(p.numel() for p in model.parameters())
@@ -120,18 +129,21 @@ def measured_state_bytes(name: str, dtype: torch.dtype, width: int, depth: int) 
 def bytes_per_parameter(width: int, depth: int) -> list[dict]:
     """Per configuration and optimizer: weights + states (persistent) and the gradient's bytes."""
     measured = {
-        (name, dtype): measured_state_bytes(name, dtype, width, depth)
+        (name, config.states, config.state_dtype): measured_state_bytes(
+            name, config.states, width, depth, config.state_dtype
+        )
         for name in OPTIMIZERS
-        for dtype in (torch.float32, torch.bfloat16)
+        for config in CONFIGS
+        if config.source == "measured"
     }
     rows = []
     for config in CONFIGS:
         row = {"config": config.name, "source": config.source, "weights": config.weights, "grad": config.grad}
         for name in OPTIMIZERS:
             if isinstance(config.states, torch.dtype):
-                states = measured[name, config.states][0]
+                states = measured[name, config.states, config.state_dtype][0]
             else:  # the fp32 optimizer's full-size state tensors, at the defined bytes per element
-                states = measured[name, torch.float32][1] * config.states
+                states = measured[name, torch.float32, None][1] * config.states
             row[name] = config.weights + states
         rows.append(row)
     return rows
@@ -140,10 +152,14 @@ def bytes_per_parameter(width: int, depth: int) -> list[dict]:
 # --------------------------------------------------------------------------- peak of a step
 
 
-def peak_of_step(name: str, foreach: bool, release: bool, width: int, depth: int, batch: int) -> dict:
-    """One fp32 training step's peak, after a warm-up step; and the final parameters."""
+def peak_of_step(
+    name: str, foreach: bool, release: bool, width: int, depth: int, batch: int, state_dtype: torch.dtype | None = None
+) -> dict:
+    """One fp32 training step's peak, after a warm-up step (states in `state_dtype` when not
+    None); and the final parameters."""
     model = mlp(width, depth)
-    optimizer = OPTIMIZERS[name]([{"params": list(model.parameters()), "foreach": foreach}])
+    group = {"params": list(model.parameters()), "foreach": foreach}
+    optimizer = OPTIMIZERS[name]([group if state_dtype is None else {**group, "state_dtype": state_dtype}])
     handle = prepare_for_gradient_release(model, optimizer) if release else None
     x, y = torch.randn(batch, width, generator=torch.Generator().manual_seed(1)), torch.zeros(batch, 1)
 
@@ -159,7 +175,7 @@ def peak_of_step(name: str, foreach: bool, release: bool, width: int, depth: int
     if handle is not None:
         handle.remove()
     return {
-        "optimizer": name,
+        "optimizer": name if state_dtype is None else f"{name}, {str(state_dtype).removeprefix('torch.')} states",
         "path": "foreach" if foreach else "per-tensor",
         "release": release,
         "params_and_states": before,
@@ -170,11 +186,18 @@ def peak_of_step(name: str, foreach: bool, release: bool, width: int, depth: int
     }
 
 
+#: The peak rows: every optimizer with its states like the parameters, and those with the
+#: ``state_dtype`` option with bf16 states.
+PEAK_CASES = [(name, None) for name in OPTIMIZERS] + [(name, torch.bfloat16) for name in ("LAMB", "LARS", "Adan")]
+
+
 def peak_rows(width: int, depth: int, batch: int) -> list[dict]:
     rows = []
-    for name in OPTIMIZERS:
+    for name, state_dtype in PEAK_CASES:
         for foreach in (False, True):
-            plain, released = (peak_of_step(name, foreach, release, width, depth, batch) for release in (False, True))
+            plain, released = (
+                peak_of_step(name, foreach, release, width, depth, batch, state_dtype) for release in (False, True)
+            )
             released["identical"] = all(map(torch.equal, plain["params"], released["params"]))
             rows += [plain, released]
     return rows
