@@ -563,8 +563,8 @@ class LargeBatchOptimizer(Optimizer):
         """A checked state entry, copied where this optimizer keeps it: the step counter where
         `_new_step` puts it, other tensors on the parameter's device, in its dtype when it is
         floating-point (torch's policy; the moments of `_PRECISION_STATE_KEYS` in the group's
-        ``state_dtype``, which converts a checkpoint of another option). Never the checkpoint's own tensor: states are updated
-        in place."""
+        ``state_dtype``, which converts a checkpoint of another option). Never the checkpoint's
+        own tensor: states are updated in place."""
         if key == "step":
             step = self._placed_step(value, param, group)
             return step.clone() if step is value else step
@@ -654,12 +654,13 @@ class LargeBatchOptimizer(Optimizer):
 
     def _init_state(self, param: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
         """Create the entries of `param`'s state that are missing (lazily, at its first step):
-        here the step counter and, for every other key of `_STATE_KEYS`, zeros like the parameter."""
+        here the step counter and, for every other key of `_STATE_KEYS`, zeros like the parameter
+        (in the group's ``state_dtype`` for `_PRECISION_STATE_KEYS`)."""
         if "step" not in state:
             state["step"] = self._new_step(param, group)
         for key in self._STATE_KEYS:
             if key in self._PRECISION_STATE_KEYS and key not in state:
-                state[key] = new_state(param, group)  # in the group's state_dtype
+                state[key] = new_state(param, group)  # zeros in the group's state_dtype
             elif key not in state:
                 state[key] = torch.zeros_like(param, memory_format=torch.preserve_format)
 

@@ -332,7 +332,8 @@ def _multi_tensor_adan(
             torch._foreach_mul_(d_exp_avg_sqs, beta3)
             torch._foreach_addcmul_(d_exp_avg_sqs, diffs, diffs, value=(1 - beta3) * (1 + beta2) ** 2)
             torch._foreach_copy_(d_prev_grads, d_grads)
-            d_exp_avgs, d_exp_avg_diffs, d_exp_avg_sqs = map(foreach_store_, stored, (d_exp_avgs, d_exp_avg_diffs, d_exp_avg_sqs))
+            working = d_exp_avgs, d_exp_avg_diffs, d_exp_avg_sqs
+            d_exp_avgs, d_exp_avg_diffs, d_exp_avg_sqs = map(foreach_store_, stored, working)
 
             bc3s = [1 - beta3**step for step in steps]
             denoms, sqrt_bc3s = foreach_sqrt_denominators(d_exp_avg_sqs, bc3s, eps, outs=diffs)  # diffs are dead

@@ -332,7 +332,7 @@ def _lars_update_(
     """One tensor's momentum and step, d = local · (g + λw) (see the LARS docstring), in place."""
     # What multiplies g + λw in the buffer, and what multiplies the buffer in the step.
     rate, step_lr = (local * lr, 1.0) if lr_in_momentum else (local, lr)
-    if buf is not None:  # a buffer of another dtype than the gradient: updated in the wider one, stored rounded
+    if buf is not None:  # of another dtype than the gradient: updated in the wider one, stored rounded
         stored_buf, buf = buf, widened(buf, grad)
         grad = widened(grad, buf)
     if buf is not None and not nesterov:
@@ -390,7 +390,7 @@ def _multi_tensor_lars(
     for index, (d_params, d_grads, d_steps, *rest) in enumerate(chunks):
         d_buffers = rest[0] if rest else None
         torch._foreach_add_(d_steps, 1)
-        if d_buffers is not None:  # buffers of another dtype than the gradients: updated in the wider one, stored rounded
+        if d_buffers is not None:  # of another dtype than the gradients: updated in the wider one, stored rounded
             stored_buffers = d_buffers
             d_grads, (d_buffers,) = foreach_widened(d_grads, d_buffers)
         if maximize:
