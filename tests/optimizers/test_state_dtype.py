@@ -198,3 +198,21 @@ def test_a_refused_load_changes_nothing(name):
         optimizer.load_state_dict(broken)
     for key in keys:
         assert all(torch.equal(optimizer.state[p][key], b) and b.dtype == torch.bfloat16 for p, b in zip(params, before[key]))
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_the_option_is_per_group_and_a_refused_step_creates_no_state(name):
+    cls, hyper, keys = OPTIMIZERS[name]
+    first, second = _params(torch.float32), _params(torch.float32, seed=5)
+    optimizer = cls([{"params": first, "state_dtype": "bf16"}, {"params": second}], **hyper)
+    for p in first + second:
+        p.grad = torch.ones_like(p)
+    second[0].grad = torch.ones_like(second[0]).to_sparse()
+    with pytest.raises(RuntimeError, match="sparse"):
+        optimizer.step()
+    assert not optimizer.state
+    second[0].grad = torch.ones_like(second[0])
+    optimizer.step()
+    assert all(optimizer.state[p][key].dtype == torch.bfloat16 for p in first for key in keys)
+    assert all(optimizer.state[p][key].dtype == torch.float32 for p in second for key in keys)
+    assert [g["state_dtype"] for g in optimizer.param_groups] == [torch.bfloat16, None]
