@@ -94,6 +94,9 @@ class Config:
     #: with a Kahan compensation buffer: measured rows run the optimizers with kahan_sum=True (the
     #: buffers' measured bytes join `weights`); optimizers without the option are "n/a"
     kahan_sum: bool = False
+    #: measured rows: the optimizers' ``state_dtype`` (None: like the parameters; AdaGrad-Norm,
+    #: whose state is two scalars per tensor, has no such option and is measured without it)
+    state_dtype: torch.dtype | None = None
 
 
 # 8-bit states as issue 17 defines them: one byte per element and one fp32 scale per block; the
@@ -107,18 +110,31 @@ CONFIGS = [
         "bf16 + Kahan (bf16 compensation), bf16 states: the default for bf16 parameters",
         "measured", 2, 2, torch.bfloat16, kahan_sum=True,
     ),  # fmt: skip
-    Config("bf16 + Kahan (bf16 compensation), fp32 states", "definition", 2 + 2, 2, 4, kahan_sum=True),
+    Config("fp32 params, bf16 states (state_dtype=torch.bfloat16)", "measured", 4, 4, torch.float32, state_dtype=torch.bfloat16),
+    Config(
+        "bf16 params, fp32 states (state_dtype=torch.float32), kahan_sum=False",
+        "measured", 2, 2, torch.bfloat16, state_dtype=torch.float32,
+    ),  # fmt: skip
+    Config(
+        "bf16 + Kahan (bf16 compensation), fp32 states (state_dtype=torch.float32)",
+        "measured", 2, 2, torch.bfloat16, kahan_sum=True, state_dtype=torch.float32,
+    ),  # fmt: skip
     Config(f"bf16 + Kahan, 8-bit states (fp32 scale per {BLOCK})", "definition", 2 + 2, 2, 1 + 4 / BLOCK, kahan_sum=True),
 ]
 
 
-def measured_state_bytes(name: str, dtype: torch.dtype, width: int, depth: int, kahan_sum: bool) -> tuple[float, int, float] | None:
-    """After one step of optimizer `name` on the MLP in `dtype` with `kahan_sum`: the bytes per
-    parameter of its states, how many state tensors of the parameter's size each parameter has
-    (both without the compensation buffers), and the buffers' bytes per parameter. None where
-    the optimizer has no kahan_sum and it is asked for."""
+def measured_state_bytes(
+    name: str, dtype: torch.dtype, width: int, depth: int, kahan_sum: bool, state_dtype: torch.dtype | None = None
+) -> tuple[float, int, float] | None:
+    """After one step of optimizer `name` on the MLP in `dtype` with `kahan_sum` (and its groups'
+    ``state_dtype`` when not None): the bytes per parameter of its states, how many state tensors
+    of the parameter's size each parameter has (both without the compensation buffers), and the
+    buffers' bytes per parameter. None where the optimizer has no kahan_sum and it is asked for."""
     model = mlp(width, depth).to(dtype)
-    optimizer = OPTIMIZERS[name]([{"params": list(model.parameters())}])
+    group = {"params": list(model.parameters())} | ({} if state_dtype is None else {"state_dtype": state_dtype})
+    if name == "AdaGradNorm":  # two scalars per tensor: neither option
+        group.pop("state_dtype", None)
+    optimizer = OPTIMIZERS[name]([group])
     if "kahan_sum" not in optimizer.defaults:
         if kahan_sum:
             return None
@@ -136,24 +152,27 @@ def measured_state_bytes(name: str, dtype: torch.dtype, width: int, depth: int, 
 def bytes_per_parameter(width: int, depth: int) -> list[dict]:
     """Per configuration and optimizer: weights + states (persistent) and the gradient's bytes."""
     measured = {
-        (name, dtype, kahan_sum): measured_state_bytes(name, dtype, width, depth, kahan_sum)
+        (name, config.states, config.kahan_sum, config.state_dtype): measured_state_bytes(
+            name, config.states, width, depth, config.kahan_sum, config.state_dtype
+        )
         for name in OPTIMIZERS
-        for dtype, kahan_sum in ((torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True))
+        for config in CONFIGS
+        if config.source == "measured"
     }
     rows = []
     for config in CONFIGS:
         row = {"config": config.name, "source": config.source, "weights": config.weights, "grad": config.grad}
         measured_row = isinstance(config.states, torch.dtype)
         if measured_row and config.kahan_sum:  # the buffers' measured bytes (alike for every optimizer with them)
-            row["weights"] += measured["LAMB", config.states, True][2]
+            row["weights"] += measured["LAMB", config.states, True, config.state_dtype][2]
         for name in OPTIMIZERS:
-            if config.kahan_sum and measured[name, torch.bfloat16, True] is None:
+            if config.kahan_sum and measured[name, torch.bfloat16, True, None] is None:
                 row[name] = None  # no kahan_sum option
             elif measured_row:
-                found = measured[name, config.states, config.kahan_sum]
+                found = measured[name, config.states, config.kahan_sum, config.state_dtype]
                 row[name] = config.weights + found[2] + found[0]
             else:  # the fp32 optimizer's full-size state tensors, at the defined bytes per element
-                row[name] = config.weights + measured[name, torch.float32, False][1] * config.states
+                row[name] = config.weights + measured[name, torch.float32, False, None][1] * config.states
         rows.append(row)
     return rows
 
@@ -161,10 +180,14 @@ def bytes_per_parameter(width: int, depth: int) -> list[dict]:
 # --------------------------------------------------------------------------- peak of a step
 
 
-def peak_of_step(name: str, foreach: bool, release: bool, width: int, depth: int, batch: int) -> dict:
-    """One fp32 training step's peak, after a warm-up step; and the final parameters."""
+def peak_of_step(
+    name: str, foreach: bool, release: bool, width: int, depth: int, batch: int, state_dtype: torch.dtype | None = None
+) -> dict:
+    """One fp32 training step's peak, after a warm-up step (states in `state_dtype` when not
+    None); and the final parameters."""
     model = mlp(width, depth)
-    optimizer = OPTIMIZERS[name]([{"params": list(model.parameters()), "foreach": foreach}])
+    group = {"params": list(model.parameters()), "foreach": foreach}
+    optimizer = OPTIMIZERS[name]([group if state_dtype is None else {**group, "state_dtype": state_dtype}])
     handle = prepare_for_gradient_release(model, optimizer) if release else None
     x, y = torch.randn(batch, width, generator=torch.Generator().manual_seed(1)), torch.zeros(batch, 1)
 
@@ -180,7 +203,7 @@ def peak_of_step(name: str, foreach: bool, release: bool, width: int, depth: int
     if handle is not None:
         handle.remove()
     return {
-        "optimizer": name,
+        "optimizer": name if state_dtype is None else f"{name}, {str(state_dtype).removeprefix('torch.')} states",
         "path": "foreach" if foreach else "per-tensor",
         "release": release,
         "params_and_states": before,
@@ -191,11 +214,18 @@ def peak_of_step(name: str, foreach: bool, release: bool, width: int, depth: int
     }
 
 
+#: The peak rows: every optimizer with its states like the parameters, and those with the
+#: ``state_dtype`` option with bf16 states.
+PEAK_CASES = [(name, None) for name in OPTIMIZERS] + [(name, torch.bfloat16) for name in ("LAMB", "LARS", "Adan")]
+
+
 def peak_rows(width: int, depth: int, batch: int) -> list[dict]:
     rows = []
-    for name in OPTIMIZERS:
+    for name, state_dtype in PEAK_CASES:
         for foreach in (False, True):
-            plain, released = (peak_of_step(name, foreach, release, width, depth, batch) for release in (False, True))
+            plain, released = (
+                peak_of_step(name, foreach, release, width, depth, batch, state_dtype) for release in (False, True)
+            )
             released["identical"] = all(map(torch.equal, plain["params"], released["params"]))
             rows += [plain, released]
     return rows

@@ -29,6 +29,7 @@ from torch.optim.optimizer import Optimizer, ParamsT, _default_to_fused_or_forea
 
 from ._kahan import COMPENSATED_DTYPES, KAHAN_KEY, check_kahan_sum
 from ._sharding import ShardReduction, complete_squares, locals_of, shard_reduction, to_local
+from ._state_precision import check_state_dtype, loaded_state, new_state
 
 __all__ = [
     "LargeBatchOptimizer",
@@ -291,6 +292,9 @@ class LargeBatchOptimizer(Optimizer):
     _OPTIONAL_STATE_KEYS: tuple[str, ...] = ()
     _SCALAR_STATE_KEYS: tuple[str, ...] = ("step",)
     _SQUARED_STATE_KEYS: tuple[str, ...] = ()
+    #: The moment states kept in the group's ``state_dtype`` (see `_state_precision`); optimizers
+    #: that have the option list them, and their groups then hold a validated ``state_dtype``.
+    _PRECISION_STATE_KEYS: tuple[str, ...] = ()
     #: LAMB and LARS: why no group is adapted and what to do, when that is the case (warned once,
     #: at construction); None for optimizers without layer adaptation.
     _NO_ADAPTATION_ADVICE: str | None = None
@@ -382,6 +386,8 @@ class LargeBatchOptimizer(Optimizer):
                 f"Invalid max_grad_norm: {self._name} does not clip gradients (only LAMB and Adan do); "
                 "call torch.nn.utils.clip_grad_norm_ before step() instead"
             )
+        if self._PRECISION_STATE_KEYS:
+            group["state_dtype"] = check_state_dtype(group["state_dtype"])  # a name becomes its dtype
         shard_group = group["shard_group"]
         if shard_group is not None and not (dist.is_available() and isinstance(shard_group, dist.ProcessGroup)):
             raise ValueError(f"Invalid shard_group: {shard_group!r} (must be a torch.distributed ProcessGroup or None)")
@@ -574,11 +580,14 @@ class LargeBatchOptimizer(Optimizer):
     def _loaded_value(self, key: str, value: Any, param: Tensor, group: dict[str, Any]) -> Tensor:
         """A checked state entry, copied where this optimizer keeps it: the step counter where
         `_new_step` puts it, other tensors on the parameter's device, in its dtype when it is
-        floating-point (torch's policy). Never the checkpoint's own tensor: states are updated
-        in place."""
+        floating-point (torch's policy; the moments of `_PRECISION_STATE_KEYS` in the group's
+        ``state_dtype``, which converts a checkpoint of another option). Never the checkpoint's
+        own tensor: states are updated in place."""
         if key == "step":
             step = self._placed_step(value, param, group)
             return step.clone() if step is value else step
+        if key in self._PRECISION_STATE_KEYS:
+            return loaded_state(value, param, group)
         dtype = param.dtype if param.is_floating_point() else value.dtype
         return value.to(device=param.device, dtype=dtype, copy=True)
 
@@ -678,12 +687,15 @@ class LargeBatchOptimizer(Optimizer):
 
     def _init_state(self, param: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
         """Create the entries of `param`'s state that are missing (lazily, at its first step):
-        here the step counter and, for every other key of `_STATE_KEYS`, zeros like the parameter;
-        and its zero compensation buffer where it has one (`_compensates`)."""
+        here the step counter and, for every other key of `_STATE_KEYS`, zeros like the parameter
+        (in the group's ``state_dtype`` for `_PRECISION_STATE_KEYS`); and its zero compensation
+        buffer where it has one (`_compensates`)."""
         if "step" not in state:
             state["step"] = self._new_step(param, group)
         for key in self._STATE_KEYS:
-            if key not in state:
+            if key in self._PRECISION_STATE_KEYS and key not in state:
+                state[key] = new_state(param, group)  # zeros in the group's state_dtype
+            elif key not in state:
                 state[key] = torch.zeros_like(param, memory_format=torch.preserve_format)
         if KAHAN_KEY not in state and self._compensates(param, group):
             state[KAHAN_KEY] = torch.zeros_like(param, memory_format=torch.preserve_format)

@@ -31,6 +31,7 @@ from ._inplace import (
 )
 from ._kahan import KAHAN_KEY, check_kahan_comps, compensated, foreach_compensated, foreach_kahan_add_, fp32_combination, kahan_add_
 from ._sharding import locals_of
+from ._state_precision import foreach_store_, foreach_widened, store_, widened
 
 if TYPE_CHECKING:
     from largebatch.fused._plan import Bucket
@@ -77,6 +78,13 @@ class Adan(LargeBatchOptimizer):
         kahan_sum: compensate the updates of bf16/fp16 parameters (state ``"kahan_comp"``, see
             above). None (default) and True: on for bf16/fp16 parameters, while fp32/fp64 ones
             have no buffer and step exactly as without the option; False: off.
+        state_dtype: the dtype of m, d, n and g_prev: None (default) like the parameter,
+            ``torch.float32`` or ``torch.bfloat16`` (or their names) whatever the parameter's.
+            Arithmetic is fp32; a narrower state is written back rounded to nearest each step
+            (see ``largebatch.optimizers._state_precision``). g_prev follows the option too: it
+            costs as much memory as a moment, and rounding it perturbs Δ by at most 2⁻⁹·|g_prev|,
+            the same relative precision the bf16 moments keep. load_state_dict converts a
+            checkpoint's states to this optimizer's option.
     """
 
     _name = "Adan"
@@ -85,6 +93,8 @@ class Adan(LargeBatchOptimizer):
     _STATE_KEYS = ("step", "exp_avg", "exp_avg_diff", "exp_avg_sq", "prev_grad")
     _OPTIONAL_STATE_KEYS = (KAHAN_KEY,)
     _SQUARED_STATE_KEYS = ("exp_avg_sq",)
+    _PRECISION_STATE_KEYS = ("exp_avg", "exp_avg_diff", "exp_avg_sq", "prev_grad")
+    _LIVE_GROUP_KEYS = (*LargeBatchOptimizer._LIVE_GROUP_KEYS, "state_dtype")
 
     def __init__(
         self,
@@ -102,6 +112,7 @@ class Adan(LargeBatchOptimizer):
         differentiable: bool = False,
         fused: bool | None = None,
         kahan_sum: bool | None = None,
+        state_dtype: torch.dtype | str | None = None,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -116,6 +127,7 @@ class Adan(LargeBatchOptimizer):
             differentiable=differentiable,
             fused=fused,
             kahan_sum=kahan_sum,
+            state_dtype=state_dtype,
         )
         super().__init__(params, defaults)
 
@@ -132,7 +144,7 @@ class Adan(LargeBatchOptimizer):
         check_bool("no_prox", group["no_prox"])
 
     def _setstate_defaults(self) -> dict[str, Any]:
-        return {**super()._setstate_defaults(), "no_prox": False, "max_grad_norm": None}
+        return {**super()._setstate_defaults(), "no_prox": False, "max_grad_norm": None, "state_dtype": None}
 
     def _group_lists(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> list[list[Tensor]]:
         *buffers, steps = self._state_lists(params, group, (*self._STATE_KEYS[1:], "step"))
@@ -276,6 +288,10 @@ def _single_tensor_adan(
             grad = grad * grad_clip_coef.to(grad.device, grad.dtype)
         step_t += 1
         step = step_t if capturable else step_t.item()
+        # States of another dtype than the gradient: updated in the wider one, stored rounded.
+        stored = exp_avg, exp_avg_diff, exp_avg_sq
+        exp_avg, exp_avg_diff, exp_avg_sq = (widened(state, grad) for state in stored)
+        grad = widened(grad, exp_avg)
         # Δ = g − g_prev, 0 on the first step (there is no previous gradient).
         if capturable:
             diff = (grad - prev_grad).mul_((step > 1).to(grad.dtype))
@@ -287,6 +303,7 @@ def _single_tensor_adan(
         nesterov = diff.lerp_(grad, 1 / (1 + beta2))  # (g + β2·Δ) / (1 + β2)
         exp_avg_sq.mul_(beta3).addcmul_(nesterov, nesterov, value=(1 - beta3) * (1 + beta2) ** 2)
         prev_grad.copy_(grad)
+        exp_avg, exp_avg_diff, exp_avg_sq = map(store_, stored, (exp_avg, exp_avg_diff, exp_avg_sq))
 
         # η = (m / bc1 + β2 · d / bc2) / (√(n / bc3) + ε) = sqrt_bc3 · (m / bc1 + β2 · d / bc2) / denom
         denom, sqrt_bc3 = sqrt_denominator(exp_avg_sq, 1 - beta3**step, eps, out=reusable(nesterov))
@@ -349,6 +366,9 @@ def _multi_tensor_adan(
             if grad_clip_coef is not None:
                 d_grads = torch._foreach_mul(d_grads, grad_clip_coef.to(device, dtype))
             torch._foreach_add_(d_steps, 1)
+            # States of another dtype than the gradients: updated in the wider one, stored rounded.
+            stored = d_exp_avgs, d_exp_avg_diffs, d_exp_avg_sqs
+            d_grads, (d_exp_avgs, d_exp_avg_diffs, d_exp_avg_sqs) = foreach_widened(d_grads, *stored)
             steps: list[Any] = list(d_steps) if capturable else step_values(d_steps)
             diffs = torch._foreach_sub(d_grads, d_prev_grads)
             if capturable:
@@ -362,6 +382,8 @@ def _multi_tensor_adan(
             torch._foreach_mul_(d_exp_avg_sqs, beta3)
             torch._foreach_addcmul_(d_exp_avg_sqs, diffs, diffs, value=(1 - beta3) * (1 + beta2) ** 2)
             torch._foreach_copy_(d_prev_grads, d_grads)
+            working = d_exp_avgs, d_exp_avg_diffs, d_exp_avg_sqs
+            d_exp_avgs, d_exp_avg_diffs, d_exp_avg_sqs = map(foreach_store_, stored, working)
 
             bc3s = [1 - beta3**step for step in steps]
             denoms, sqrt_bc3s = foreach_sqrt_denominators(d_exp_avg_sqs, bc3s, eps, outs=diffs)  # diffs are dead

@@ -35,6 +35,7 @@ from ._inplace import (
 )
 from ._kahan import KAHAN_KEY, apply_update_, check_kahan_comps, compensated, foreach_apply_updates_, foreach_compensated
 from ._sharding import ShardReduction, complete_norms, locals_of
+from ._state_precision import foreach_store_, foreach_widened, store_, widened
 from ._trust import trust_ratio
 
 if TYPE_CHECKING:
@@ -99,6 +100,11 @@ class LAMB(LargeBatchOptimizer):
             (state ``"kahan_comp"``, 2 bytes per parameter; see above). None (default) and True:
             on for bf16/fp16 parameters, while fp32/fp64 parameters of the group have no buffer
             and step exactly as without the option; False: off.
+        state_dtype: the dtype of m and v: None (default) like the parameter, ``torch.float32``
+            or ``torch.bfloat16`` (or their names) whatever the parameter's. Arithmetic is fp32;
+            a narrower state is written back rounded to nearest each step (see
+            ``largebatch.optimizers._state_precision``). load_state_dict converts a checkpoint's
+            states to this optimizer's option.
     """
 
     _name = "LAMB"
@@ -107,6 +113,8 @@ class LAMB(LargeBatchOptimizer):
     _STATE_KEYS = ("step", "exp_avg", "exp_avg_sq")
     _OPTIONAL_STATE_KEYS = (KAHAN_KEY,)
     _SQUARED_STATE_KEYS = ("exp_avg_sq",)
+    _PRECISION_STATE_KEYS = ("exp_avg", "exp_avg_sq")
+    _LIVE_GROUP_KEYS = (*LargeBatchOptimizer._LIVE_GROUP_KEYS, "state_dtype")
     _NO_ADAPTATION_ADVICE = (
         "every group has weight_decay=0 with always_adapt=False (or layer_adaptation=False), so the "
         "trust ratio is 1 everywhere and this LAMB is exactly Adam. Hugging Face Trainer builds its groups "
@@ -134,6 +142,7 @@ class LAMB(LargeBatchOptimizer):
         differentiable: bool = False,
         fused: bool | None = None,
         kahan_sum: bool | None = None,
+        state_dtype: torch.dtype | str | None = None,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -152,6 +161,7 @@ class LAMB(LargeBatchOptimizer):
             differentiable=differentiable,
             fused=fused,
             kahan_sum=kahan_sum,
+            state_dtype=state_dtype,
         )
         super().__init__(params, defaults)
 
@@ -178,6 +188,7 @@ class LAMB(LargeBatchOptimizer):
             "always_adapt": False,
             "layer_adaptation": True,
             "max_grad_norm": None,
+            "state_dtype": None,
         }
 
     def _group_adapts(self, group: dict[str, Any]) -> bool:
@@ -354,12 +365,16 @@ def _single_tensor_lamb(
         if grad_clip_coef is not None:
             grad = grad * grad_clip_coef.to(grad.device, grad.dtype)
         step_t += 1
+        # States of another dtype than the gradient: updated in the wider one, stored rounded.
+        stored_avg, stored_avg_sq = exp_avg, exp_avg_sq
+        exp_avg, exp_avg_sq, grad = widened(exp_avg, grad), widened(exp_avg_sq, grad), widened(grad, exp_avg)
 
         if grad_averaging:
             exp_avg.lerp_(grad, 1 - beta1)
         else:
             exp_avg.mul_(beta1).add_(grad)
         exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        exp_avg, exp_avg_sq = store_(stored_avg, exp_avg), store_(stored_avg_sq, exp_avg_sq)
         if bias_correction:
             step = step_t if capturable else step_t.item()  # a CPU counter: no device sync
             bc1, bc2 = 1 - beta1**step, 1 - beta2**step
@@ -432,6 +447,9 @@ def _multi_tensor_lamb(
             if grad_clip_coef is not None:
                 d_grads = torch._foreach_mul(d_grads, grad_clip_coef.to(device, dtype))
             torch._foreach_add_(d_steps, 1)
+            # States of another dtype than the gradients: updated in the wider one, stored rounded.
+            stored = d_exp_avgs, d_exp_avg_sqs
+            d_grads, (d_exp_avgs, d_exp_avg_sqs) = foreach_widened(d_grads, d_exp_avgs, d_exp_avg_sqs)
 
             if grad_averaging:
                 torch._foreach_lerp_(d_exp_avgs, d_grads, 1 - beta1)
@@ -440,6 +458,7 @@ def _multi_tensor_lamb(
                 torch._foreach_add_(d_exp_avgs, d_grads)
             torch._foreach_mul_(d_exp_avg_sqs, beta2)
             torch._foreach_addcmul_(d_exp_avg_sqs, d_grads, d_grads, value=1 - beta2)
+            d_exp_avgs, d_exp_avg_sqs = foreach_store_(stored[0], d_exp_avgs), foreach_store_(stored[1], d_exp_avg_sqs)
             if not bias_correction:
                 bc1s = bc2s = [1.0] * len(d_steps)
             elif capturable:

@@ -34,6 +34,7 @@ from ._kahan import (
     kahan_add_,
 )
 from ._sharding import ShardReduction, complete_norms, locals_of
+from ._state_precision import foreach_store_, foreach_widened, new_state, store_, widened
 from ._trust import trust_ratio
 
 if TYPE_CHECKING:
@@ -91,12 +92,20 @@ class LARS(LargeBatchOptimizer):
         kahan_sum: compensate the updates of bf16/fp16 parameters (state ``"kahan_comp"``, see
             above). None (default) and True: on for bf16/fp16 parameters, while fp32/fp64 ones
             have no buffer and step exactly as without the option; False: off.
+        state_dtype: the momentum buffer's dtype: None (default) like the parameter,
+            ``torch.float32`` or ``torch.bfloat16`` (or their names) whatever the parameter's.
+            Arithmetic is fp32; a narrower buffer is written back rounded to nearest each step
+            and the parameter steps with the stored value (see
+            ``largebatch.optimizers._state_precision``). load_state_dict converts a
+            checkpoint's buffers to this optimizer's option.
     """
 
     _name = "LARS"
     _has_fused = True
     _has_kahan = True
     _OPTIONAL_STATE_KEYS = ("momentum_buffer", KAHAN_KEY)
+    _PRECISION_STATE_KEYS = ("momentum_buffer",)
+    _LIVE_GROUP_KEYS = (*LargeBatchOptimizer._LIVE_GROUP_KEYS, "state_dtype")
     _NO_ADAPTATION_ADVICE = (
         "every group has layer_adaptation=False, so the local rate is 1 everywhere and this LARS is "
         "SGD with momentum. Set layer_adaptation=True on the weight groups (it is the default)."
@@ -122,6 +131,7 @@ class LARS(LargeBatchOptimizer):
         differentiable: bool = False,
         fused: bool | None = None,
         kahan_sum: bool | None = None,
+        state_dtype: torch.dtype | str | None = None,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -140,6 +150,7 @@ class LARS(LargeBatchOptimizer):
             differentiable=differentiable,
             fused=fused,
             kahan_sum=kahan_sum,
+            state_dtype=state_dtype,
         )
         super().__init__(params, defaults)
 
@@ -162,6 +173,7 @@ class LARS(LargeBatchOptimizer):
             "trust_clip": False,
             "layer_adaptation": True,
             "lr_in_momentum": False,
+            "state_dtype": None,
         }
 
     def _group_adapts(self, group: dict[str, Any]) -> bool:
@@ -170,7 +182,7 @@ class LARS(LargeBatchOptimizer):
     def _init_state(self, param: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
         super()._init_state(param, state, group)
         if group["momentum"] != 0 and "momentum_buffer" not in state:
-            state["momentum_buffer"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            state["momentum_buffer"] = new_state(param, group)
 
     def _group_lists(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> list[list[Tensor]]:
         has_momentum = group["momentum"] != 0
@@ -357,12 +369,16 @@ def _lars_update_(
     w is `value` (the parameter, or p + c with the compensation buffer `comp`)."""
     # What multiplies g + λw in the buffer, and what multiplies the buffer in the step.
     rate, step_lr = (local * lr, 1.0) if lr_in_momentum else (local, lr)
+    if buf is not None:  # of another dtype than the gradient: updated in the wider one, stored rounded
+        stored_buf, buf = buf, widened(buf, grad)
+        grad = widened(grad, buf)
     if buf is not None and not nesterov:
         damped = rate if dampening == 0 else rate * (1 - dampening)
         buf.mul_(momentum)
         add_scaled_(buf, grad, damped)
         if weight_decay != 0:
             add_scaled_(buf, value, damped * weight_decay)
+        buf = store_(stored_buf, buf)
         apply_update_(param, buf, -step_lr, comp)
         return
     direction = grad.add(value, alpha=weight_decay) if weight_decay != 0 else grad
@@ -371,6 +387,7 @@ def _lars_update_(
         return
     buf.mul_(momentum)  # nesterov: dampening is 0
     add_scaled_(buf, direction, rate)
+    buf = store_(stored_buf, buf)
     if comp is not None:
         kahan_add_(param, comp, fp32_combination((direction, -rate * step_lr), (buf, -step_lr * momentum)))
         return
@@ -417,6 +434,9 @@ def _multi_tensor_lars(
     for index, (d_params, d_grads, d_steps, *_) in enumerate(chunks):
         d_buffers, d_comps, d_values = buffers[index], comps[index], values[index]
         torch._foreach_add_(d_steps, 1)
+        if d_buffers is not None:  # of another dtype than the gradients: updated in the wider one, stored rounded
+            stored_buffers = d_buffers
+            d_grads, (d_buffers,) = foreach_widened(d_grads, d_buffers)
         if maximize:
             d_grads = torch._foreach_neg(d_grads)  # a new list: the caller's .grad tensors are never modified
         count = len(d_params)
@@ -440,6 +460,7 @@ def _multi_tensor_lars(
             foreach_add_scaled_(d_buffers, d_grads, per_tensor(damped))
             if weight_decay != 0:
                 foreach_add_scaled_(d_buffers, d_values, per_tensor(damped * weight_decay))
+            d_buffers = foreach_store_(stored_buffers, d_buffers)
             foreach_apply_updates_(d_params, d_buffers, per_tensor(-step_lr), d_comps)
             continue
         directions = torch._foreach_add(d_grads, d_values, alpha=weight_decay) if weight_decay != 0 else d_grads
@@ -448,6 +469,7 @@ def _multi_tensor_lars(
             continue
         torch._foreach_mul_(d_buffers, momentum)
         foreach_add_scaled_(d_buffers, directions, per_tensor(rate))
+        d_buffers = foreach_store_(stored_buffers, d_buffers)
         direction_coefs, buffer_coefs = per_tensor(-rate * step_lr), per_tensor(-step_lr * momentum)
         if d_comps is not None:
             updates = [fp32_combination(*terms) for terms in zip(zip(directions, direction_coefs), zip(d_buffers, buffer_coefs))]
