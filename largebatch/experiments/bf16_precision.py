@@ -21,7 +21,9 @@ Three precisions (:data:`PRECISIONS`):
 * **bf16 + Kahan**: the same with ``kahan_sum=True``: a bf16 buffer :math:`c` per parameter
   carries what the rounding dropped, :math:`y = u + c,\ t = \mathrm{bf16}(p + y),\ c = y - (t - p),\ p = t`.
 
-The loss is taken in fp32 from the bf16 logits. Every row runs seeds 0, 1, 2; the table gives the
+LAMB also runs at a sixteenth of its best lr (:data:`LOW_LR_ROWS`), a BERT-sized relative step
+whose decay ends far below bf16's half ulp. The loss is taken in fp32 from the bf16 logits.
+Every row runs seeds 0, 1, 2; the table gives the
 mean ± std of the final test accuracy and each bf16 row's gap to fp32. The CPU has no bf16
 arithmetic units, so the bf16 rows' times here say nothing about a GPU's.
 """
@@ -43,7 +45,7 @@ import torch
 from largebatch.experiments import deep_scaling
 from largebatch.experiments.deep_scaling import FULL, QUICK, Config, Data, Results, make_data
 
-__all__ = ["LABELS", "PRECISIONS", "Run", "large_batch_lr", "main", "run_experiment", "train"]
+__all__ = ["LABELS", "LOW_LR_ROWS", "PRECISIONS", "ROWS", "Run", "large_batch_lr", "main", "run_experiment", "train"]
 
 #: The rows' methods, as deep_scaling labels them.
 LABELS: tuple[str, ...] = ("LAMB + sqrt", "LARS, adapt (excluded adapted, not decayed)", "Adan + sqrt")
@@ -68,24 +70,40 @@ def large_batch_lr(label: str, config: Config) -> float:
     return base * (config.large_batch_size / config.base_batch_size) ** k
 
 
+#: Rows at a fraction of the best lr: LAMB's step moves each tensor by about lr·‖w‖, so its lr is
+#: the relative size of the step, and at 0.0951 most steps are far above bf16's half ulp
+#: (2⁻⁹ ≈ 0.002 of the weight). A sixteenth (0.0059) is the range of BERT's LAMB lrs, where the
+#: end of the decay is well below it: the regime compensation is for.
+LOW_LR_ROWS: tuple[tuple[str, float], ...] = (("LAMB + sqrt", 1 / 16),)
+
+
 @dataclass(frozen=True)
 class Run:
-    """One training run: a method in a precision, for one seed."""
+    """One training run: a method in a precision, for one seed, at `lr_factor` × its best lr."""
 
     method: str
     precision: str
     seed: int
+    lr_factor: float = 1.0
 
     @property
     def key(self) -> str:
-        """The run's identity in the JSON cache."""
-        return json.dumps(asdict(self), sort_keys=True)
+        """The run's identity in the JSON cache (`lr_factor` only when it is not 1)."""
+        fields = asdict(self)
+        if self.lr_factor == 1.0:
+            del fields["lr_factor"]
+        return json.dumps(fields, sort_keys=True)
+
+    @property
+    def row(self) -> tuple[str, float]:
+        return self.method, self.lr_factor
 
 
 def train(config: Config, data: Data, run: Run) -> dict[str, Any]:
     """deep_scaling's run of ``run.method`` at the large batch, in ``run.precision``."""
     dtype, kahan_sum = PRECISIONS[run.precision]
-    plain = deep_scaling.Run(run.method, config.large_batch_size, large_batch_lr(run.method, config), run.seed)
+    lr = large_batch_lr(run.method, config) * run.lr_factor
+    plain = deep_scaling.Run(run.method, config.large_batch_size, lr, run.seed)
     return deep_scaling.train(config, data, plain, dtype=dtype, kahan_sum=kahan_sum)
 
 
@@ -99,8 +117,12 @@ def _run_in_worker(args: tuple[Config, Run]) -> tuple[str, dict[str, Any]]:
     return run.key, train(config, _DATA[config], run)
 
 
+#: Every row of the table: (method, lr factor).
+ROWS: tuple[tuple[str, float], ...] = (*((label, 1.0) for label in LABELS), *LOW_LR_ROWS)
+
+
 def _runs(config: Config) -> list[Run]:
-    return [Run(label, precision, seed) for label in LABELS for precision in PRECISIONS for seed in config.seeds]
+    return [Run(label, precision, seed, factor) for label, factor in ROWS for precision in PRECISIONS for seed in config.seeds]
 
 
 def run_experiment(config: Config, results: Results, log: Callable[[str], None] = print) -> None:
@@ -123,18 +145,18 @@ def run_experiment(config: Config, results: Results, log: Callable[[str], None] 
 
 def _log(log: Callable[[str], None], key: str, result: dict[str, Any]) -> None:
     run = json.loads(key)
-    log(f"    {run['method'][:12]:<12} {run['precision']:<12} seed={run['seed']} "
+    log(f"    {run['method'][:12]:<12} ×{run.get('lr_factor', 1.0):<6g} {run['precision']:<12} seed={run['seed']} "
         f"test={100 * result['test_accuracy']:.1f}% ({result['cpu_seconds']:.0f} CPU-s)")
 
 
-def _row_results(config: Config, results: Results, label: str, precision: str) -> list[dict[str, Any]] | None:
+def _row_results(config: Config, results: Results, row: tuple[str, float], precision: str) -> list[dict[str, Any]] | None:
     """The runs of every seed of one cell, or None while one is missing."""
-    done = [results.runs.get(Run(label, precision, seed).key) for seed in config.seeds]
+    done = [results.runs.get(Run(row[0], precision, seed, row[1]).key) for seed in config.seeds]
     return None if any(r is None for r in done) else done  # type: ignore[return-value]
 
 
-def _accuracies(config: Config, results: Results, label: str, precision: str) -> list[float] | None:
-    done = _row_results(config, results, label, precision)
+def _accuracies(config: Config, results: Results, row: tuple[str, float], precision: str) -> list[float] | None:
+    done = _row_results(config, results, row, precision)
     return None if done is None else [100 * r["test_accuracy"] for r in done]
 
 
@@ -158,7 +180,8 @@ def write_report(config: Config, results: Results, out: Path, seconds: float | N
         "",
         "Written by `python -m largebatch.experiments.bf16_precision` (the module docstring has the setting).",
         f"deep_scaling's network and budget at batch {config.large_batch_size} ({config.epochs} epochs of "
-        f"{config.train_size} examples), each method at its best lr there. Test accuracy (%) after the budget, "
+        f"{config.train_size} examples), each method at its best lr there (and LAMB also at a sixteenth of it: "
+        f"`LOW_LR_ROWS`). Test accuracy (%) after the budget, "
         f"mean ± std over seeds {seeds}; the gaps are to the fp32 row's mean.",
     ]
     if seconds is not None:
@@ -168,14 +191,16 @@ def write_report(config: Config, results: Results, out: Path, seconds: float | N
         "| method | lr | fp32 | bf16 | bf16 gap | bf16 + Kahan | Kahan gap | CPU-s per run (fp32 / bf16 / Kahan) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for label in LABELS:
-        accs = {precision: _accuracies(config, results, label, precision) for precision in PRECISIONS}
+    for row in ROWS:
+        label, factor = row
+        accs = {precision: _accuracies(config, results, row, precision) for precision in PRECISIONS}
         cpu = []
         for precision in PRECISIONS:
-            done = _row_results(config, results, label, precision)
+            done = _row_results(config, results, row, precision)
             cpu.append("—" if done is None else f"{statistics.mean(r['cpu_seconds'] for r in done):.0f}")
+        name = label if factor == 1.0 else f"{label}, lr × 1/{round(1 / factor)}"
         lines.append(
-            f"| {label} | {large_batch_lr(label, config):.3g} | {_mean_std(accs['fp32'])} | {_mean_std(accs['bf16'])} | "
+            f"| {name} | {large_batch_lr(label, config) * factor:.3g} | {_mean_std(accs['fp32'])} | {_mean_std(accs['bf16'])} | "
             f"{_gap(accs['bf16'], accs['fp32'])} | {_mean_std(accs['bf16 + Kahan'])} | "
             f"{_gap(accs['bf16 + Kahan'], accs['fp32'])} | {' / '.join(cpu)} |"
         )

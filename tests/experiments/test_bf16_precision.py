@@ -49,8 +49,9 @@ def test_quick_run_writes_the_table_and_resumes_from_its_cache(tmp_path, monkeyp
     bp.main(["--quick", "--workers", "1", "--out", str(tmp_path)])
     text = (tmp_path / "bf16_precision.md").read_text()
     saved = json.loads((tmp_path / "bf16_precision_quick_runs.json").read_text())
-    assert len(saved["runs"]) == len(bp.LABELS) * len(bp.PRECISIONS) * len(ds.QUICK.seeds)
+    assert len(saved["runs"]) == len(bp.ROWS) * len(bp.PRECISIONS) * len(ds.QUICK.seeds)
     assert all(any(line.startswith(f"| {label} |") for line in text.splitlines()) for label in bp.LABELS)
+    assert any(line.startswith("| LAMB + sqrt, lr × 1/16 |") for line in text.splitlines())
     assert "not run" not in text
 
     def no_training(*args, **kwargs):
@@ -61,6 +62,14 @@ def test_quick_run_writes_the_table_and_resumes_from_its_cache(tmp_path, monkeyp
     assert (tmp_path / "bf16_precision.md").read_text() == text.replace(
         next(line + "\n" for line in text.splitlines() if line.startswith("This run took")), ""
     )
+
+
+def test_a_low_lr_run_scales_the_lr_and_keeps_the_best_lr_runs_keys():
+    assert bp.Run("LAMB + sqrt", "fp32", 0).key == '{"method": "LAMB + sqrt", "precision": "fp32", "seed": 0}'
+    assert json.loads(bp.Run("LAMB + sqrt", "fp32", 0, 1 / 16).key)["lr_factor"] == 1 / 16
+    data = ds.make_data(TINY.train_size, TINY.val_size, TINY.test_size)
+    low = bp.train(TINY, data, bp.Run("LAMB + sqrt", "fp32", 0, 1 / 16))
+    assert low["peak_lr"] == pytest.approx(bp.large_batch_lr("LAMB + sqrt", TINY) / 16)
 
 
 def test_bad_workers_is_a_usage_error(tmp_path):
