@@ -204,6 +204,27 @@ def write_report(config: Config, results: Results, out: Path, seconds: float | N
             f"{_gap(accs['bf16'], accs['fp32'])} | {_mean_std(accs['bf16 + Kahan'])} | "
             f"{_gap(accs['bf16 + Kahan'], accs['fp32'])} | {' / '.join(cpu)} |"
         )
+    lines += [
+        "",
+        "Per seed, paired (the same initialisation and shuffling in every precision): each bf16 row's test accuracy "
+        "and final training loss minus fp32's.",
+        "",
+        "| method | seed | bf16: Δ acc. | bf16: Δ loss | bf16 + Kahan: Δ acc. | bf16 + Kahan: Δ loss |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for row in ROWS:
+        cells = {precision: _row_results(config, results, row, precision) for precision in PRECISIONS}
+        if any(done is None for done in cells.values()):
+            continue
+        name = row[0] if row[1] == 1.0 else f"{row[0]}, lr × 1/{round(1 / row[1])}"
+        for index, seed in enumerate(config.seeds):
+            base = cells["fp32"][index]  # type: ignore[index]
+            deltas = []
+            for precision in ("bf16", "bf16 + Kahan"):
+                run = cells[precision][index]  # type: ignore[index]
+                deltas += [f"{100 * (run['test_accuracy'] - base['test_accuracy']):+.1f}",
+                           f"{run['train_loss'] - base['train_loss']:+.3f}"]  # fmt: skip
+            lines.append(f"| {name} | {seed} | " + " | ".join(deltas) + " |")
     text = "\n".join(lines) + "\n"
     (out / "bf16_precision.md").write_text(text)
     return text
