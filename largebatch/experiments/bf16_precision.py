@@ -94,10 +94,6 @@ class Run:
             del fields["lr_factor"]
         return json.dumps(fields, sort_keys=True)
 
-    @property
-    def row(self) -> tuple[str, float]:
-        return self.method, self.lr_factor
-
 
 def train(config: Config, data: Data, run: Run) -> dict[str, Any]:
     """deep_scaling's run of ``run.method`` at the large batch, in ``run.precision``."""
