@@ -36,14 +36,16 @@ import multiprocessing
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from largebatch.experiments import deep_scaling
-from largebatch.experiments.deep_scaling import FULL, QUICK, Config, Data, Results, make_data
+from largebatch.experiments.deep_scaling import (
+    Config, Data, Results, add_experiment_arguments, experiment_config, make_data,
+)  # fmt: skip
 
 __all__ = ["LABELS", "LOW_LR_ROWS", "PRECISIONS", "ROWS", "Run", "large_batch_lr", "main", "run_experiment", "train"]
 
@@ -229,18 +231,9 @@ def write_report(config: Config, results: Results, out: Path, seconds: float | N
 def main(argv: Sequence[str] | None = None) -> None:
     """The command line: run (or resume) the experiment and write the table."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("bf16_precision_out"),
-                        help="folder for bf16_precision.md and _runs.json (default bf16_precision_out; "
-                             "--out docs refreshes the committed results)")
-    parser.add_argument("--quick", action="store_true", help="a seconds-long smoke version")
-    parser.add_argument("--workers", type=int, default=None, help="worker processes (default 2)")
+    add_experiment_arguments(parser, "bf16_precision", "bf16_precision.md and _runs.json")
     args = parser.parse_args(argv)
-    config = QUICK if args.quick else FULL
-    if args.workers is not None:
-        if args.workers < 1:
-            parser.error(f"--workers must be >= 1, got {args.workers}")
-        config = replace(config, workers=args.workers)
-    args.out.mkdir(parents=True, exist_ok=True)
+    config = experiment_config(parser, args)
     results = Results(args.out / ("bf16_precision_quick_runs.json" if args.quick else "bf16_precision_runs.json"))
     started, cached = time.perf_counter(), len(results.runs)
     run_experiment(config, results, lambda line: print(line, flush=True))

@@ -38,7 +38,7 @@ import multiprocessing
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +47,8 @@ from torch import nn
 
 from largebatch.adversarial import ConAdv, convert_to_auxiliary_batchnorm
 from largebatch.experiments.deep_scaling import (
-    FULL, METHODS, QUICK, Config, Data, accuracy, build_optimizer, make_data, make_model,
+    METHODS, Config, Data, accuracy, add_experiment_arguments, build_optimizer, experiment_config, make_data,
+    make_model,
 )  # fmt: skip
 from largebatch.schedules import WarmupPolynomialDecay
 
@@ -344,18 +345,9 @@ def write_report(config: Config, results: Results, out: Path, seconds: float | N
 def main(argv: Sequence[str] | None = None) -> None:
     """The command line: run (or resume) the experiment and write its table."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("conadv_scaling_out"),
-                        help="folder for conadv_scaling.md and conadv_scaling_runs.json (default conadv_scaling_out; "
-                             "--out docs refreshes the committed results)")
-    parser.add_argument("--quick", action="store_true", help="a seconds-long smoke version")
-    parser.add_argument("--workers", type=int, default=None, help="worker processes (default 2)")
+    add_experiment_arguments(parser, "conadv_scaling", "conadv_scaling.md and conadv_scaling_runs.json")
     args = parser.parse_args(argv)
-    config = QUICK if args.quick else FULL
-    if args.workers is not None:
-        if args.workers < 1:
-            parser.error(f"--workers must be >= 1, got {args.workers}")
-        config = replace(config, workers=args.workers)
-    args.out.mkdir(parents=True, exist_ok=True)
+    config = experiment_config(parser, args)
     results = Results(args.out / ("conadv_scaling_quick_runs.json" if args.quick else "conadv_scaling_runs.json"))
     started, cached = time.perf_counter(), len(results.runs)
     run_experiment(config, results, lambda line: print(line, flush=True))

@@ -94,7 +94,9 @@ __all__ = [
     "Data",
     "Method",
     "accuracy",
+    "add_experiment_arguments",
     "build_optimizer",
+    "experiment_config",
     "main",
     "make_data",
     "make_model",
@@ -814,15 +816,31 @@ def _cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
+def add_experiment_arguments(parser: argparse.ArgumentParser, name: str, files: str) -> None:
+    """--out (default ``{name}_out``, holding `files`), --quick and --workers: the options this
+    experiment shares with the ones built on it (conadv_scaling, bf16_precision)."""
+    parser.add_argument("--out", type=Path, default=Path(f"{name}_out"),
+                        help=f"folder for {files} (default {name}_out; --out docs refreshes the committed results)")
+    parser.add_argument("--quick", action="store_true", help="a seconds-long smoke version")
+    parser.add_argument("--workers", type=int, default=None, help="worker processes (default 2)")
+
+
+def experiment_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Config:
+    """QUICK or FULL as --quick says, with --workers (at least 1: a usage error otherwise); makes --out."""
+    config = QUICK if args.quick else FULL
+    if args.workers is not None:
+        if args.workers < 1:
+            parser.error(f"--workers must be >= 1, got {args.workers}")
+        config = replace(config, workers=args.workers)
+    args.out.mkdir(parents=True, exist_ok=True)
+    return config
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """The command line: run (or resume) the experiment, write the tables and the plot."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path("deep_scaling_out"),
-                        help="folder for deep_scaling.md/.png/_runs.json (default deep_scaling_out; "
-                             "--out docs refreshes the committed results)")
-    parser.add_argument("--quick", action="store_true", help="a seconds-long smoke version")
+    add_experiment_arguments(parser, "deep_scaling", "deep_scaling.md/.png/_runs.json")
     parser.add_argument("--no-plot", action="store_true", help="skip the plot (no matplotlib needed)")
-    parser.add_argument("--workers", type=int, default=None, help="worker processes (default 2)")
     parser.add_argument("--report-only", action="store_true",
                         help="write the tables and plot from the runs in --out's cache, running nothing "
                              "(cells not run yet read 'not run')")
@@ -832,12 +850,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             import matplotlib  # noqa: F401
         except ImportError:
             sys.exit('the plot needs matplotlib: pip install "largebatch[demo]", or pass --no-plot')
-    config = QUICK if args.quick else FULL
-    if args.workers is not None:
-        if args.workers < 1:
-            parser.error(f"--workers must be >= 1, got {args.workers}")
-        config = replace(config, workers=args.workers)
-    args.out.mkdir(parents=True, exist_ok=True)
+    config = experiment_config(parser, args)
     cache = args.out / ("deep_scaling_quick_runs.json" if args.quick else "deep_scaling_runs.json")
     results = Results(cache)
     seconds = cpu_seconds = runs_run = None
