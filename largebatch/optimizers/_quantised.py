@@ -21,7 +21,8 @@ m / (√v + ε) would blow up (tests/optimizers/test_quantised_states.py shows i
 The absolute error is at most half the gap between neighbouring map values:
 ``|x − deq(q(x))| ≤ absmax · HALF_GAP`` overall (0.0071 signed, 0.0036 unsigned), and at most
 absmax · 0.45·10^(i−6) / n_i in decade i (n_i steps there): about 0.35-7 % of |x| in the top
-decade, growing towards the bottom; below absmax · 5·10⁻⁸ an element reads 0.
+decade, growing towards the bottom; below absmax · 5·10⁻⁷ (signed) or 2·10⁻⁷ (unsigned) an
+element reads 0.
 
 A step dequantises the states of a slice of the parameters to float32 (float64 for float64
 parameters) working tensors, runs the optimizer's ordinary per-tensor or foreach body on them,
