@@ -14,7 +14,6 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from largebatch import LAMB, LARS, Adan
 from largebatch.optimizers._quantised import (
     BLOCK_SIZE,
     HALF_GAP,
