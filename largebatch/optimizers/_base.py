@@ -654,8 +654,8 @@ class LargeBatchOptimizer(Optimizer):
                 continue
             scales = saved.get(scale_key(key))
             if is_quantised(group) and scales is not None:
-                device = param.device
-                loaded[key], loaded[scale_key(key)] = value.to(device, copy=True), scales.to(device, copy=True)
+                codes = torch.empty(value.shape, dtype=value.dtype, device=param.device)  # contiguous
+                loaded[key], loaded[scale_key(key)] = codes.copy_(value), scales.to(param.device, copy=True)
             elif is_quantised(group):
                 signed = key not in self._SQUARED_STATE_KEYS
                 loaded[key], loaded[scale_key(key)] = quantised(value.to(param.device), signed)

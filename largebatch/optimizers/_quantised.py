@@ -119,33 +119,52 @@ def new_codes(param: Tensor, signed: bool) -> tuple[Tensor, Tensor]:
     return codes, torch.zeros(num_blocks(param.numel()), dtype=torch.float32, device=param.device)
 
 
-def _blocked(flat: Tensor) -> Tensor:
-    """A flat tensor as (blocks, BLOCK_SIZE) rows, the last padded with zeros."""
-    padding = num_blocks(flat.numel()) * BLOCK_SIZE - flat.numel()
-    if padding:
-        flat = torch.cat([flat, flat.new_zeros(padding)])
-    return flat.view(-1, BLOCK_SIZE)
+def _block_rows(flat: Tensor) -> list[Tensor]:
+    """Views of a flat tensor whose rows, in order, are its blocks: the full blocks as one
+    (blocks, BLOCK_SIZE) view and a shorter last block as a (1, rest) view."""
+    full = flat.numel() // BLOCK_SIZE * BLOCK_SIZE
+    rows = [flat[:full].view(-1, BLOCK_SIZE)]
+    if full < flat.numel():
+        rows.append(flat[full:].view(1, -1))
+    return rows
 
 
-def quantise_(codes: Tensor, scales: Tensor, values: Tensor) -> None:
-    """Write `values` (shaped like `codes`, any floating dtype) into `codes` and `scales`, in
-    place: each block's absmax as its scale, each element as its nearest map value's code."""
-    blocks = _blocked(values.detach().reshape(-1).float())
-    absmax = blocks.abs().amax(dim=1)
-    normalised = blocks / torch.where(absmax > 0, absmax, 1.0).unsqueeze(1)
-    dtype = codes.dtype
-    indices = torch.bucketize(normalised, _MIDPOINTS[dtype].to(values.device))
-    flat = (indices - _OFFSETS[dtype]).reshape(-1)[: codes.numel()]
-    codes.copy_(flat.view(codes.shape))
-    scales.copy_(absmax)
+def quantise_(codes: Tensor, scales: Tensor, values: Tensor, *, consume: bool = False) -> None:
+    """Write `values` (shaped like `codes`, any floating dtype) into `codes` (contiguous) and
+    `scales`, in place: each block's absmax as its scale, each element as the code of the map
+    value nearest to it. `consume`: `values` may be overwritten (a dead working copy), which
+    saves a temporary of its size; the others are one int32 per element, a block at a time."""
+    flat = values.detach().reshape(-1)
+    if flat.dtype != torch.float32:
+        flat, consume = flat.float(), True
+    dtype, out = codes.dtype, codes.view(-1)
+    midpoints = _MIDPOINTS[dtype].to(values.device)
+    start = 0
+    for rows in _block_rows(flat):
+        absmax = torch.maximum(rows.amax(dim=1), -rows.amin(dim=1)) if rows.numel() else rows.new_zeros(rows.shape[0])
+        blocks = slice(start // BLOCK_SIZE, start // BLOCK_SIZE + rows.shape[0])
+        divisor = torch.where(absmax > 0, absmax, 1.0).unsqueeze(1)
+        normalised = rows.div_(divisor) if consume else rows / divisor
+        indices = torch.bucketize(normalised, midpoints, out_int32=True)
+        if _OFFSETS[dtype]:
+            indices.sub_(_OFFSETS[dtype])
+        out[start : start + rows.numel()].copy_(indices.view(-1))
+        scales[blocks] = absmax
+        start += rows.numel()
 
 
 def dequantised(codes: Tensor, scales: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
     """The values `codes` and `scales` stand for, a new tensor of `dtype` shaped like `codes`."""
-    table = _MAPS[codes.dtype].to(codes.device)
-    normalised = table[codes.reshape(-1).long() + _OFFSETS[codes.dtype]]
-    values = _blocked(normalised) * scales.unsqueeze(1)
-    return values.reshape(-1)[: codes.numel()].view(codes.shape).to(dtype)
+    indices = codes.reshape(-1).int()
+    if _OFFSETS[codes.dtype]:
+        indices.add_(_OFFSETS[codes.dtype])
+    values = _MAPS[codes.dtype].to(codes.device).index_select(0, indices)
+    del indices
+    start = 0
+    for rows in _block_rows(values):
+        rows.mul_(scales[start // BLOCK_SIZE : start // BLOCK_SIZE + rows.shape[0]].unsqueeze(1))
+        start += rows.numel()
+    return values.view(codes.shape).to(dtype)
 
 
 def quantised(values: Tensor, signed: bool) -> tuple[Tensor, Tensor]:
@@ -236,4 +255,4 @@ def step_on_working_states(
         step(*sliced)
         for i, working in workings.items():
             for codes, scale, values in zip(tensors[i][chunk], scales[i][chunk], working):
-                quantise_(codes, scale, values)
+                quantise_(codes, scale, values, consume=True)
