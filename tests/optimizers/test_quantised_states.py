@@ -323,19 +323,6 @@ def test_a_refused_8bit_load_changes_nothing(name, how):
 
 
 @pytest.mark.parametrize("name", OPTIMIZERS)
-def test_a_refused_step_creates_no_8bit_state(name):
-    cls, hyper, _ = OPTIMIZERS[name]
-    first, second = _make(name, torch.float32, None)[1], _make(name, torch.float32, None)[1]
-    optimizer = cls([{"params": first, "state_dtype": "8bit"}, {"params": second}], **hyper)
-    for p in first + second:
-        p.grad = torch.ones_like(p)
-    second[0].grad = torch.ones_like(second[0]).to_sparse()
-    with pytest.raises(RuntimeError, match="sparse"):
-        optimizer.step()
-    assert not optimizer.state
-
-
-@pytest.mark.parametrize("name", OPTIMIZERS)
 def test_a_fused_optimizer_loads_an_8bit_checkpoint_dequantised(name):
     """`state_dtype` is the live optimizer's (like `fused`): a fused fp32 optimizer never
     becomes 8-bit by loading; it dequantises the checkpoint's states, and steps."""
