@@ -753,10 +753,27 @@ class LargeBatchOptimizer(Optimizer):
         group), and the per-parameter loop only where a state is missing something."""
         states = list(map(self.state.__getitem__, params))
         try:
-            return [list(map(itemgetter(key), states)) for key in keys]
+            lists = [list(map(itemgetter(key), states)) for key in keys]
         except KeyError:
             self._fill_states(params, states, group)
-            return [list(map(itemgetter(key), states)) for key in keys]
+            lists = [list(map(itemgetter(key), states)) for key in keys]
+        if self._QUANTISED_STATE_KEYS:
+            self._check_states_match_option(group, keys, lists)
+        return lists
+
+    def _check_states_match_option(self, group: dict[str, Any], keys: Sequence[str], lists: list[list[Tensor]]) -> None:
+        """The quantised keys' states are 8-bit codes exactly when the group's option is "8bit":
+        a group whose ``state_dtype`` was edited in place to or from "8bit" still holds the
+        other kind, which only load_state_dict converts (ValueError, before anything steps)."""
+        quantised_group = is_quantised(group)
+        for key, values in zip(keys, lists):
+            if key in self._QUANTISED_STATE_KEYS and any(v.is_floating_point() == quantised_group for v in values):
+                raise ValueError(
+                    f"Invalid state_dtype={group['state_dtype']!r} for states {key!r} kept "
+                    f"{'in floating point' if quantised_group else 'as 8-bit codes'}: the option of a group with states "
+                    "was changed in place; to convert them, load a state_dict after the change "
+                    "(optimizer.load_state_dict(optimizer.state_dict()))"
+                )
 
     def _fill_states(self, params: Sequence[Tensor], states: Sequence[dict[str, Any]], group: dict[str, Any]) -> None:
         """`_init_state` for each parameter, the entries it creates noted in the journal of

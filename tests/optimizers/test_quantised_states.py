@@ -340,3 +340,20 @@ def test_a_fused_optimizer_loads_an_8bit_checkpoint_dequantised(name):
             assert torch.equal(loader.state[q][key], expected)
     _train(loader, loader_params, 1)
     assert [g["state_dtype"] for g in loader.param_groups] == [None]
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+@pytest.mark.parametrize("before, after", [(None, "8bit"), ("8bit", torch.float32)])
+def test_an_option_changed_in_place_is_refused_until_a_load_converts(name, before, after):
+    optimizer, params, _ = _make(name, torch.float32, before)
+    _train(optimizer, params, 1)
+    optimizer.param_groups[0]["state_dtype"] = after
+    saved = [p.detach().clone() for p in params]
+    state_before = {p: {k: v.clone() for k, v in optimizer.state[p].items()} for p in params}
+    with pytest.raises(ValueError, match="state_dtype"):
+        _train(optimizer, params, 1)
+    assert all(torch.equal(p, q) for p, q in zip(params, saved))
+    assert all(torch.equal(optimizer.state[p][k], v) for p in params for k, v in state_before[p].items())
+    optimizer.load_state_dict(optimizer.state_dict())
+    _train(optimizer, params, 1)
+    assert optimizer.state[params[0]][QUANTISED[name][0]].is_floating_point() == (after != "8bit")
