@@ -12,16 +12,17 @@ A state x (a tensor shaped like its parameter) is stored as
 The value of an element is ``scale[block] · MAP[code]``, with a *dynamic* code map (after
 Dettmers et al. 2021, "8-bit Optimizers via Block-wise Quantization"): the map's values are
 spread over seven decades of |x| / absmax, from 10⁻⁶ to 1, each decade split linearly, with
-more steps in the larger decades (1, 2, 4, …, 64 per decade and sign for signed maps; twice that
-for the unsigned map, which has no sign to encode). Quantising picks the nearest map value.
-A linear map (absmax · k/127) would round every |x| < absmax/254 of a block to zero: second
-moments, which span many decades within a block, would then read 0 and the step
-m / (√v + ε) would blow up (tests/optimizers/test_quantised_states.py shows it).
+more steps in the larger decades (1, 2, 4, …, 64 per decade and sign for the signed map; twice
+that, 3 in the lowest decade, for the unsigned map, which has no sign to encode). Quantising
+picks the nearest map value. A linear map (absmax · k/255 for unsigned states) would round every
+|x| < absmax/510 of a block to zero: second moments, which span many decades within a block,
+would then read 0 and the step m / (√v + ε) would blow up (tests/optimizers/
+test_quantised_states.py shows the zeros).
 
 The absolute error is at most half the gap between neighbouring map values:
 ``|x − deq(q(x))| ≤ absmax · HALF_GAP`` overall (0.0071 signed, 0.0036 unsigned), and at most
-absmax · 0.45·10^(i−6) / n_i in decade i (n_i steps there): about 0.35-7 % of |x| in the top
-decade, growing towards the bottom; below absmax · 5·10⁻⁷ (signed) or 2·10⁻⁷ (unsigned) an
+absmax · 0.45·10^(i−6) / n_i in decade i (n_i steps there): 0.35–3.5 % (unsigned) or 0.7–7 %
+(signed) of |x| in the top decade, more in the lower ones; below absmax · 5·10⁻⁷ (signed) or 2·10⁻⁷ (unsigned) an
 element reads 0.
 
 A step dequantises the states of a slice of the parameters to float32 (float64 for float64
@@ -81,7 +82,7 @@ def _positive_values(steps: Sequence[int]) -> Tensor:
 
 def _maps() -> dict[torch.dtype, Tensor]:
     positive = _positive_values(_SIGNED_STEPS)  # 127 values
-    # int8 code c reads SIGNED[c + 128]: c = 0 is 0, ±127 are ±1; -128 repeats -1 (never produced).
+    # int8 code c reads SIGNED[c + 128]: c = 0 is 0, ±127 are ±1, and -128 is -1 too (256 codes, 255 values).
     signed = torch.cat([-positive[-1:], -positive.flip(0), torch.zeros(1, dtype=torch.float64), positive])
     unsigned = torch.cat([torch.zeros(1, dtype=torch.float64), _positive_values(_UNSIGNED_STEPS)])  # 256 values
     assert signed.numel() == unsigned.numel() == 256
