@@ -357,3 +357,16 @@ def test_an_option_changed_in_place_is_refused_until_a_load_converts(name, befor
     optimizer.load_state_dict(optimizer.state_dict())
     _train(optimizer, params, 1)
     assert optimizer.state[params[0]][QUANTISED[name][0]].is_floating_point() == (after != "8bit")
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_a_shard_group_is_refused_with_8bit(name):
+    """Flat shards' blocks are not their parameters' (a ProcessGroup object without a job is
+    enough: the group is refused before anything could step it)."""
+    dist = pytest.importorskip("torch.distributed")
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    cls, hyper, _ = OPTIMIZERS[name]
+    group = {"params": [torch.nn.Parameter(torch.ones(3))], "shard_group": dist.ProcessGroup(dist.HashStore(), 0, 1)}
+    with pytest.raises(ValueError, match="state_dtype='8bit' with a shard_group"):
+        cls([group], **hyper, state_dtype="8bit")
