@@ -3,14 +3,12 @@ without gradient release.
 
     python -m bench.memory [--width 1024] [--depth 6] [--batch 64] [--markdown]
 
-Bytes per parameter. "measured" rows are read from real optimizers after one step: the bytes of
-every state tensor (step counters included) over the number of parameters, plus the parameters'
-own bytes and their gradients'; a Kahan compensation buffer (``kahan_sum``, state
-``kahan_comp``) is counted with the weights, as its measured bytes. "definition" rows are
-configurations planned by issue 17 (fp32 states under bf16 parameters, 8-bit states) that do not
-exist yet: their bytes are computed from what they are defined to hold, with the number of
-full-size state tensors taken from the real fp32 optimizer (LAMB 2, LARS 1 with momentum, Adan 4,
-AdaGrad-Norm 0). AdaGrad-Norm has no Kahan option: "n/a" in the Kahan rows.
+Bytes per parameter. Every row is read from real optimizers after one step: the bytes of every
+state tensor (step counters and the per-block scales of 8-bit states included) over the number
+of parameters, plus the parameters' own bytes and their gradients'; a Kahan compensation buffer
+(``kahan_sum``, state ``kahan_comp``) is counted with the weights, as its measured bytes.
+AdaGrad-Norm has no Kahan option: "n/a" in the Kahan rows; nor ``state_dtype`` (its state is two
+scalars per tensor): its rows with the option show its ordinary state.
 
 Peak memory of one training step (forward, backward, step, zero_grad), fp32, on a multilayer
 perceptron, after one warm-up step (so the optimizer states exist before the measured one):
@@ -85,51 +83,40 @@ def state_bytes(optimizer: torch.optim.Optimizer) -> int:
 @dataclass(frozen=True)
 class Config:
     name: str
-    source: str  # "measured" or "definition"
     weights: float  # bytes per parameter: the model's parameter, a master copy, a compensation buffer
     grad: float
-    #: measured rows: the dtype of the parameters the real optimizer's states are read from;
-    #: definition rows: the bytes of each element of a full-size state tensor
-    states: torch.dtype | float
-    #: with a Kahan compensation buffer: measured rows run the optimizers with kahan_sum=True (the
-    #: buffers' measured bytes join `weights`); optimizers without the option are "n/a"
+    #: the dtype of the parameters the real optimizer's states are read from
+    states: torch.dtype
+    #: with a Kahan compensation buffer: the optimizers run with kahan_sum=True (the buffers'
+    #: measured bytes join `weights`); optimizers without the option are "n/a"
     kahan_sum: bool = False
-    #: measured rows: the optimizers' ``state_dtype`` (None: like the parameters; AdaGrad-Norm,
-    #: whose state is two scalars per tensor, has no such option and is measured without it)
-    state_dtype: torch.dtype | None = None
+    #: the optimizers' ``state_dtype`` (None: like the parameters; "8bit": block-quantised)
+    state_dtype: torch.dtype | str | None = None
 
 
-# 8-bit states as issue 17 defines them: one byte per element and one fp32 scale per block; the
-# block size is not fixed yet, 256 is bitsandbytes' and FlashOptim's choice.
-BLOCK = 256
 CONFIGS = [
-    Config("fp32", "measured", 4, 4, torch.float32),
-    Config("bf16 params, bf16 states, kahan_sum=False", "measured", 2, 2, torch.bfloat16),
-    Config("bf16 params + fp32 master (optimizer over fp32 copies)", "measured", 2 + 4, 2 + 4, torch.float32),
-    Config(
-        "bf16 + Kahan (bf16 compensation), bf16 states: the default for bf16 parameters",
-        "measured", 2, 2, torch.bfloat16, kahan_sum=True,
-    ),  # fmt: skip
-    Config("fp32 params, bf16 states (state_dtype=torch.bfloat16)", "measured", 4, 4, torch.float32, state_dtype=torch.bfloat16),
-    Config(
-        "bf16 params, fp32 states (state_dtype=torch.float32), kahan_sum=False",
-        "measured", 2, 2, torch.bfloat16, state_dtype=torch.float32,
-    ),  # fmt: skip
+    Config("fp32", 4, 4, torch.float32),
+    Config("bf16 params, bf16 states, kahan_sum=False", 2, 2, torch.bfloat16),
+    Config("bf16 params + fp32 master (optimizer over fp32 copies)", 2 + 4, 2 + 4, torch.float32),
+    Config("bf16 + Kahan (bf16 compensation), bf16 states: the default for bf16 parameters", 2, 2, torch.bfloat16, kahan_sum=True),
+    Config("fp32 params, bf16 states (state_dtype=torch.bfloat16)", 4, 4, torch.float32, state_dtype=torch.bfloat16),
+    Config("bf16 params, fp32 states (state_dtype=torch.float32), kahan_sum=False", 2, 2, torch.bfloat16, state_dtype=torch.float32),
     Config(
         "bf16 + Kahan (bf16 compensation), fp32 states (state_dtype=torch.float32)",
-        "measured", 2, 2, torch.bfloat16, kahan_sum=True, state_dtype=torch.float32,
+        2, 2, torch.bfloat16, kahan_sum=True, state_dtype=torch.float32,
     ),  # fmt: skip
-    Config(f"bf16 + Kahan, 8-bit states (fp32 scale per {BLOCK})", "definition", 2 + 2, 2, 1 + 4 / BLOCK, kahan_sum=True),
+    Config("fp32 params, 8-bit states (state_dtype='8bit')", 4, 4, torch.float32, state_dtype="8bit"),
+    Config("bf16 + Kahan (bf16 compensation), 8-bit states (state_dtype='8bit')", 2, 2, torch.bfloat16, kahan_sum=True, state_dtype="8bit"),
 ]
 
 
 def measured_state_bytes(
-    name: str, dtype: torch.dtype, width: int, depth: int, kahan_sum: bool, state_dtype: torch.dtype | None = None
-) -> tuple[float, int, float] | None:
+    name: str, dtype: torch.dtype, width: int, depth: int, kahan_sum: bool, state_dtype: torch.dtype | str | None = None
+) -> tuple[float, float] | None:
     """After one step of optimizer `name` on the MLP in `dtype` with `kahan_sum` (and its groups'
-    ``state_dtype`` when not None): the bytes per parameter of its states, how many state tensors
-    of the parameter's size each parameter has (both without the compensation buffers), and the
-    buffers' bytes per parameter. None where the optimizer has no kahan_sum and it is asked for."""
+    ``state_dtype`` when not None): the bytes per parameter of its states without the
+    compensation buffers, and the buffers' bytes per parameter. None where the optimizer has no
+    kahan_sum and it is asked for."""
     model = mlp(width, depth).to(dtype)
     group = {"params": list(model.parameters())} | ({} if state_dtype is None else {"state_dtype": state_dtype})
     if name == "AdaGradNorm":  # two scalars per tensor: neither option
@@ -143,10 +130,8 @@ def measured_state_bytes(
     model(torch.ones(2, width, dtype=dtype)).sum().backward()
     optimizer.step()
     numel = sum(p.numel() for p in model.parameters())
-    first = next(iter(model.parameters()))
     comps = [state.pop("kahan_comp") for state in optimizer.state.values() if "kahan_comp" in state]
-    full = sum(1 for v in optimizer.state[first].values() if torch.is_tensor(v) and v.shape == first.shape)
-    return state_bytes(optimizer) / numel, full, storage_bytes(comps) / numel
+    return state_bytes(optimizer) / numel, storage_bytes(comps) / numel
 
 
 def bytes_per_parameter(width: int, depth: int) -> list[dict]:
@@ -157,22 +142,15 @@ def bytes_per_parameter(width: int, depth: int) -> list[dict]:
         )
         for name in OPTIMIZERS
         for config in CONFIGS
-        if config.source == "measured"
     }
     rows = []
     for config in CONFIGS:
-        row = {"config": config.name, "source": config.source, "weights": config.weights, "grad": config.grad}
-        measured_row = isinstance(config.states, torch.dtype)
-        if measured_row and config.kahan_sum:  # the buffers' measured bytes (alike for every optimizer with them)
-            row["weights"] += measured["LAMB", config.states, True, config.state_dtype][2]
+        row = {"config": config.name, "weights": config.weights, "grad": config.grad}
+        if config.kahan_sum:  # the buffers' measured bytes (alike for every optimizer with them)
+            row["weights"] += measured["LAMB", config.states, True, config.state_dtype][1]
         for name in OPTIMIZERS:
-            if config.kahan_sum and measured[name, torch.bfloat16, True, None] is None:
-                row[name] = None  # no kahan_sum option
-            elif measured_row:
-                found = measured[name, config.states, config.kahan_sum, config.state_dtype]
-                row[name] = config.weights + found[2] + found[0]
-            else:  # the fp32 optimizer's full-size state tensors, at the defined bytes per element
-                row[name] = config.weights + measured[name, torch.float32, False, None][1] * config.states
+            found = measured[name, config.states, config.kahan_sum, config.state_dtype]
+            row[name] = None if found is None else config.weights + found[1] + found[0]  # None: no kahan_sum option
         rows.append(row)
     return rows
 
@@ -181,7 +159,7 @@ def bytes_per_parameter(width: int, depth: int) -> list[dict]:
 
 
 def peak_of_step(
-    name: str, foreach: bool, release: bool, width: int, depth: int, batch: int, state_dtype: torch.dtype | None = None
+    name: str, foreach: bool, release: bool, width: int, depth: int, batch: int, state_dtype: torch.dtype | str | None = None
 ) -> dict:
     """One fp32 training step's peak, after a warm-up step (states in `state_dtype` when not
     None); and the final parameters."""
@@ -215,8 +193,10 @@ def peak_of_step(
 
 
 #: The peak rows: every optimizer with its states like the parameters, and those with the
-#: ``state_dtype`` option with bf16 states.
-PEAK_CASES = [(name, None) for name in OPTIMIZERS] + [(name, torch.bfloat16) for name in ("LAMB", "LARS", "Adan")]
+#: ``state_dtype`` option with bf16 and with 8-bit states.
+PEAK_CASES = [(name, None) for name in OPTIMIZERS] + [
+    (name, state_dtype) for state_dtype in (torch.bfloat16, "8bit") for name in ("LAMB", "LARS", "Adan")
+]
 
 
 def peak_rows(width: int, depth: int, batch: int) -> list[dict]:
@@ -245,11 +225,11 @@ def main(argv: list[str] | None = None) -> None:
         f"batch {args.batch}\n"
     )
     names = list(OPTIMIZERS)
-    print("| configuration | source | weights B | grad B | " + " | ".join(f"{n} B" for n in names) + " |")
-    print("|---|---|---:|---:|" + "---:|" * len(names))
+    print("| configuration | weights B | grad B | " + " | ".join(f"{n} B" for n in names) + " |")
+    print("|---|---:|---:|" + "---:|" * len(names))
     for row in bytes_per_parameter(args.width, args.depth):
         cells = " | ".join("n/a" if row[n] is None else f"{row[n]:.2f}" for n in names)
-        print(f"| {row['config']} | {row['source']} | {row['weights']:g} | {row['grad']:g} | {cells} |")
+        print(f"| {row['config']} | {row['weights']:g} | {row['grad']:g} | {cells} |")
     print("\n(optimizer columns: weights + optimizer states per parameter; add the grad column unless released)\n")
     print("| optimizer | path | release | params + states MiB | gradients MiB | peak above MiB | peak MiB | release / plain | bit-identical |")
     print("|---|---|---|---:|---:|---:|---:|---:|---|")

@@ -28,8 +28,9 @@ from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT, _default_to_fused_or_foreach, _use_grad_for_differentiable
 
 from ._kahan import COMPENSATED_DTYPES, KAHAN_KEY, check_kahan_sum
-from ._sharding import ShardReduction, complete_squares, locals_of, shard_reduction, to_local
-from ._state_precision import check_state_dtype, loaded_state, new_state
+from ._sharding import ShardReduction, complete_squares, is_dtensor, locals_of, shard_reduction, to_local
+from ._quantised import EIGHT_BIT, dequantised, new_codes, num_blocks, quantised, scale_key
+from ._state_precision import check_state_dtype, is_quantised, loaded_state, new_state
 
 __all__ = [
     "LargeBatchOptimizer",
@@ -295,6 +296,9 @@ class LargeBatchOptimizer(Optimizer):
     #: The moment states kept in the group's ``state_dtype`` (see `_state_precision`); optimizers
     #: that have the option list them, and their groups then hold a validated ``state_dtype``.
     _PRECISION_STATE_KEYS: tuple[str, ...] = ()
+    #: Those of them kept block-quantised under ``state_dtype="8bit"`` (see `_quantised`): codes
+    #: under the key, scales under `scale_key(key)`; int8 codes, uint8 for `_SQUARED_STATE_KEYS`.
+    _QUANTISED_STATE_KEYS: tuple[str, ...] = ()
     #: LAMB and LARS: why no group is adapted and what to do, when that is the case (warned once,
     #: at construction); None for optimizers without layer adaptation.
     _NO_ADAPTATION_ADVICE: str | None = None
@@ -388,6 +392,7 @@ class LargeBatchOptimizer(Optimizer):
             )
         if self._PRECISION_STATE_KEYS:
             group["state_dtype"] = check_state_dtype(group["state_dtype"])  # a name becomes its dtype
+            self._check_quantised_group(group)
         shard_group = group["shard_group"]
         if shard_group is not None and not (dist.is_available() and isinstance(shard_group, dist.ProcessGroup)):
             raise ValueError(f"Invalid shard_group: {shard_group!r} (must be a torch.distributed ProcessGroup or None)")
@@ -403,6 +408,28 @@ class LargeBatchOptimizer(Optimizer):
             # Meta parameters (deferred initialisation, then `model.to_empty(...)`) are accepted
             # here, as torch's fused optimizers accept them; step() checks the real tensors.
             check_fused_supported([p for p in group["params"] if not p.is_meta])
+
+    def _check_quantised_group(self, group: dict[str, Any]) -> None:
+        """8-bit states go with the per-tensor and foreach paths of unsharded parameters only:
+        the fused plan lays every list out like the parameters, which a list of per-block scales
+        is not; autograd has no derivative through the rounding; and a block of a shard is not
+        a block of its parameter."""
+        if not is_quantised(group):
+            return
+        for flag, why in (
+            ("fused", "the fused kernels need every state laid out like the parameters, and the scales are per block"),
+            ("differentiable", "rounding to 8-bit codes has no derivative"),
+        ):
+            if group[flag]:
+                raise ValueError(
+                    f"Invalid state_dtype={EIGHT_BIT!r} with {flag}=True: {why}; use {flag}=False, or "
+                    "state_dtype=torch.bfloat16 / torch.float32 / None"
+                )
+        if group["shard_group"] is not None:
+            raise ValueError(
+                f"Invalid state_dtype={EIGHT_BIT!r} with a shard_group: the blocks of a flat shard are not "
+                "those of its parameter; use state_dtype=torch.bfloat16 for sharded parameters"
+            )
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -517,7 +544,7 @@ class LargeBatchOptimizer(Optimizer):
                 raise ValueError(f"state_dict state has an entry for parameter {saved_id!r}, which no param group lists")
             param, group = owners[saved_id]
             self._check_param_state(saved_param_state, param, group, f"state_dict state[{saved_id!r}]")
-            state[param] = {key: self._loaded_value(key, value, param, group) for key, value in saved_param_state.items()}
+            state[param] = self._loaded_param_state(saved_param_state, param, group)
         return state, groups
 
     def _loaded_group(self, saved: Any, live: dict[str, Any], where: str) -> dict[str, Any]:
@@ -556,7 +583,7 @@ class LargeBatchOptimizer(Optimizer):
             raise ValueError(f"{where} is a {type(saved).__name__}, not a dict of state")
         if not saved:
             return  # a parameter that never had a gradient
-        allowed = self._STATE_KEYS + self._OPTIONAL_STATE_KEYS
+        allowed = self._STATE_KEYS + self._OPTIONAL_STATE_KEYS + tuple(map(scale_key, self._QUANTISED_STATE_KEYS))
         unknown = [key for key in saved if key not in allowed]
         missing = [key for key in self._STATE_KEYS if key not in saved]
         if unknown or missing:
@@ -571,11 +598,72 @@ class LargeBatchOptimizer(Optimizer):
                 continue
             if not isinstance(value, Tensor):
                 raise ValueError(f"{where}[{key!r}] is a {type(value).__name__}, not a tensor")
+            if key in self._scale_keys():
+                self._check_scales(saved, key, value, param, where)
+                continue
+            if key in self._QUANTISED_STATE_KEYS:
+                self._check_codes(saved, key, value, where)
             expected = () if key in self._SCALAR_STATE_KEYS else tuple(param.shape)
             if tuple(value.shape) != expected:
                 raise ValueError(f"{where}[{key!r}] has shape {tuple(value.shape)}, its parameter needs {expected}")
             if key in self._SQUARED_STATE_KEYS and not bool((to_local([value])[0] >= 0).all()):
                 raise ValueError(f"{where}[{key!r}] has negative or NaN entries: a sum of squares is >= 0")
+
+    def _scale_keys(self) -> dict[str, str]:
+        """The state keys of per-block scales, and the key of the codes each belongs to."""
+        return {scale_key(key): key for key in self._QUANTISED_STATE_KEYS}
+
+    def _check_codes(self, saved: Mapping[str, Any], key: str, value: Tensor, where: str) -> None:
+        """A quantised state's codes come with their scales, in the dtype of their code map; an
+        unquantised state is floating-point."""
+        signed_dtype = torch.uint8 if key in self._SQUARED_STATE_KEYS else torch.int8
+        if scale_key(key) in saved and value.dtype != signed_dtype:
+            raise ValueError(f"{where}[{key!r}] has 8-bit scales but dtype {value.dtype}: its codes must be {signed_dtype}")
+        if scale_key(key) not in saved and not value.is_floating_point():
+            raise ValueError(
+                f"{where}[{key!r}] has dtype {value.dtype} without {scale_key(key)!r}: a state is floating-point, "
+                "or 8-bit codes with their per-block scales"
+            )
+
+    def _check_scales(self, saved: Mapping[str, Any], key: str, value: Tensor, param: Tensor, where: str) -> None:
+        """A quantised state's scales: float32, one per block of its parameter, finite and >= 0."""
+        codes_key = self._scale_keys()[key]
+        if codes_key not in saved:
+            raise ValueError(f"{where} has {key!r} but no {codes_key!r}: scales without their codes")
+        expected = (num_blocks(param.numel()),)
+        if value.dtype != torch.float32 or tuple(value.shape) != expected:
+            raise ValueError(
+                f"{where}[{key!r}] is {value.dtype} of shape {tuple(value.shape)}: the scales of an 8-bit "
+                f"state are float32, one per block, shape {expected}"
+            )
+        if not bool(torch.isfinite(value).all() and (value >= 0).all()):
+            raise ValueError(f"{where}[{key!r}] has negative or non-finite entries: a scale is a block's absmax")
+
+    def _loaded_param_state(self, saved: Mapping[str, Any], param: Tensor, group: dict[str, Any]) -> dict[str, Any]:
+        """One parameter's checked saved state, copied (`_loaded_value`), its quantised states
+        converted to the group's option: 8-bit codes and scales copied as they are, or
+        dequantised for an fp32/bf16 group; floating states of another option quantised for an
+        8-bit group."""
+        scale_keys = self._scale_keys()
+        loaded: dict[str, Any] = {}
+        for key, value in saved.items():
+            if key in scale_keys:
+                continue
+            if key not in self._QUANTISED_STATE_KEYS:
+                loaded[key] = self._loaded_value(key, value, param, group)
+                continue
+            scales = saved.get(scale_key(key))
+            if is_quantised(group) and scales is not None:
+                codes = torch.empty(value.shape, dtype=value.dtype, device=param.device)  # contiguous
+                loaded[key], loaded[scale_key(key)] = codes.copy_(value), scales.to(param.device, copy=True)
+            elif is_quantised(group):
+                signed = key not in self._SQUARED_STATE_KEYS
+                loaded[key], loaded[scale_key(key)] = quantised(value.to(param.device), signed)
+            elif scales is not None:
+                loaded[key] = loaded_state(dequantised(value, scales), param, group)
+            else:
+                loaded[key] = loaded_state(value, param, group)
+        return loaded
 
     def _loaded_value(self, key: str, value: Any, param: Tensor, group: dict[str, Any]) -> Tensor:
         """A checked state entry, copied where this optimizer keeps it: the step counter where
@@ -665,10 +753,27 @@ class LargeBatchOptimizer(Optimizer):
         group), and the per-parameter loop only where a state is missing something."""
         states = list(map(self.state.__getitem__, params))
         try:
-            return [list(map(itemgetter(key), states)) for key in keys]
+            lists = [list(map(itemgetter(key), states)) for key in keys]
         except KeyError:
             self._fill_states(params, states, group)
-            return [list(map(itemgetter(key), states)) for key in keys]
+            lists = [list(map(itemgetter(key), states)) for key in keys]
+        if self._QUANTISED_STATE_KEYS:
+            self._check_states_match_option(group, keys, lists)
+        return lists
+
+    def _check_states_match_option(self, group: dict[str, Any], keys: Sequence[str], lists: list[list[Tensor]]) -> None:
+        """The quantised keys' states are 8-bit codes exactly when the group's option is "8bit":
+        a group whose ``state_dtype`` was edited in place to or from "8bit" still holds the
+        other kind, which only load_state_dict converts (ValueError, before anything steps)."""
+        quantised_group = is_quantised(group)
+        for key, values in zip(keys, lists):
+            if key in self._QUANTISED_STATE_KEYS and any(v.is_floating_point() == quantised_group for v in values):
+                raise ValueError(
+                    f"Invalid state_dtype={group['state_dtype']!r} for states {key!r} kept "
+                    f"{'in floating point' if quantised_group else 'as 8-bit codes'}: the option of a group with states "
+                    "was changed in place; to convert them, load a state_dict after the change "
+                    "(optimizer.load_state_dict(optimizer.state_dict()))"
+                )
 
     def _fill_states(self, params: Sequence[Tensor], states: Sequence[dict[str, Any]], group: dict[str, Any]) -> None:
         """`_init_state` for each parameter, the entries it creates noted in the journal of
@@ -693,12 +798,35 @@ class LargeBatchOptimizer(Optimizer):
         if "step" not in state:
             state["step"] = self._new_step(param, group)
         for key in self._STATE_KEYS:
-            if key in self._PRECISION_STATE_KEYS and key not in state:
+            if key in self._QUANTISED_STATE_KEYS and key not in state and is_quantised(group):
+                self._init_quantised(param, state, key)
+            elif key in self._PRECISION_STATE_KEYS and key not in state:
                 state[key] = new_state(param, group)  # zeros in the group's state_dtype
             elif key not in state:
                 state[key] = torch.zeros_like(param, memory_format=torch.preserve_format)
         if KAHAN_KEY not in state and self._compensates(param, group):
             state[KAHAN_KEY] = torch.zeros_like(param, memory_format=torch.preserve_format)
+
+    def _init_quantised(self, param: Tensor, state: dict[str, Any], key: str) -> None:
+        """Zero 8-bit codes and scales for state `key` of `param` (see `_quantised`)."""
+        if is_dtensor(param):
+            raise ValueError(
+                f"Invalid state_dtype={EIGHT_BIT!r} for a DTensor parameter: the blocks of a local shard are not "
+                "those of its parameter; use state_dtype=torch.bfloat16 for sharded parameters"
+            )
+        state[key], state[scale_key(key)] = new_codes(param, signed=key not in self._SQUARED_STATE_KEYS)
+
+    def _state_scales(self, group: dict[str, Any], params: Sequence[Tensor]) -> dict[str, list[Tensor]]:
+        """For an 8-bit group, the functional form's ``<key>_scales`` lists of `params` (in the
+        state since `_group_lists`); nothing otherwise."""
+        if not is_quantised(group):
+            return {}
+        states = list(map(self.state.__getitem__, params))
+        return {
+            f"{key}_scales": [state[scale_key(key)] for state in states]
+            for key in self._QUANTISED_STATE_KEYS
+            if key in states[0]
+        }
 
     def _kahan_comps(self, params: list[Tensor], group: dict[str, Any]) -> list[Tensor | None] | None:
         """Per parameter its compensation buffer (local shard), None for those without one; None

@@ -22,6 +22,11 @@ Round-to-nearest loses a bf16 state's increments below half its ulp (2⁻⁹ rel
 still. Stochastic rounding would remove that bias in expectation, at the cost of random numbers
 in every path and of fused == reference agreement; it is not done (see README, "Memory").
 
+``"8bit"`` keeps the moments block-quantised (one byte per element and one float32 scale per
+256 elements; see `largebatch.optimizers._quantised`); the optimizer's other precision states
+(Adan's g_prev, which the next step subtracts from a gradient element by element) are then
+kept in bfloat16.
+
 Loading a checkpoint casts its states to this optimizer's ``state_dtype`` (`loaded_state`), as
 torch casts states to the parameter's dtype: a checkpoint of another option, or of a version
 without the option, loads and converts.
@@ -37,11 +42,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._quantised import EIGHT_BIT
+
 __all__ = [
     "STATE_DTYPES",
     "check_state_dtype",
     "foreach_store_",
     "foreach_widened",
+    "is_quantised",
     "loaded_state",
     "new_state",
     "state_dtype_of",
@@ -57,12 +65,15 @@ STATE_DTYPES: dict[str, torch.dtype] = {
     "bf16": torch.bfloat16,
 }
 _DTYPE = attrgetter("dtype")
+#: Under "8bit", the dtype of the precision states that are not quantised (Adan's g_prev).
+UNQUANTISED_DTYPE = torch.bfloat16
 
 
-def check_state_dtype(value: Any) -> torch.dtype | None:
-    """`value` as a torch.dtype (None: like the parameter), or a ValueError naming state_dtype."""
-    if value is None:
-        return None
+def check_state_dtype(value: Any) -> torch.dtype | str | None:
+    """`value` as a torch.dtype (None: like the parameter; ``"8bit"``: block-quantised), or a
+    ValueError naming state_dtype."""
+    if value is None or value == EIGHT_BIT:
+        return value
     if isinstance(value, str):
         name = value.removeprefix("torch.")
         if name in STATE_DTYPES:
@@ -71,13 +82,21 @@ def check_state_dtype(value: Any) -> torch.dtype | None:
         return value
     raise ValueError(
         f"Invalid state_dtype: {value!r} (must be None, torch.float32 or torch.bfloat16, "
-        f"or one of the names {sorted(STATE_DTYPES)})"
+        f"one of the names {sorted(STATE_DTYPES)}, or {EIGHT_BIT!r} for block-quantised states)"
     )
 
 
 def state_dtype_of(param: Tensor, group: dict[str, Any]) -> torch.dtype:
-    """The dtype `param`'s moment states are kept in under `group`'s option."""
-    return group.get("state_dtype") or param.dtype
+    """The dtype `param`'s (unquantised) moment states are kept in under `group`'s option."""
+    option = group.get("state_dtype")
+    if option == EIGHT_BIT:
+        return UNQUANTISED_DTYPE
+    return option or param.dtype
+
+
+def is_quantised(group: dict[str, Any]) -> bool:
+    """Whether `group` keeps its moments 8-bit block-quantised."""
+    return group.get("state_dtype") == EIGHT_BIT
 
 
 def new_state(param: Tensor, group: dict[str, Any]) -> Tensor:

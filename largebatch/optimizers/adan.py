@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -30,6 +31,7 @@ from ._inplace import (
     step_values,
 )
 from ._kahan import KAHAN_KEY, check_kahan_comps, compensated, foreach_compensated, foreach_kahan_add_, fp32_combination, kahan_add_
+from ._quantised import check_not_quantised, run_body
 from ._sharding import locals_of
 from ._state_precision import foreach_store_, foreach_widened, store_, widened
 
@@ -83,8 +85,16 @@ class Adan(LargeBatchOptimizer):
             Arithmetic is fp32; a narrower state is written back rounded to nearest each step
             (see ``largebatch.optimizers._state_precision``). g_prev follows the option too: it
             costs as much memory as a moment, and rounding it perturbs Δ by at most 2⁻⁹·|g_prev|,
-            the same relative precision the bf16 moments keep. load_state_dict converts a
-            checkpoint's states to this optimizer's option.
+            the same relative precision the bf16 moments keep. ``"8bit"``: m, d and n
+            block-quantised, one byte per element (int8 codes for m and d, uint8 for n, on a
+            dynamic code map) plus one float32 absmax per 256 elements (states
+            ``"<key>_scale"``), dequantised to fp32 for each step and requantised after it (see
+            ``largebatch.optimizers._quantised``); g_prev is then kept in bf16, since Δ = g −
+            g_prev is taken element by element and a block-quantised g_prev would add the
+            block's rounding error (up to 0.7 % of the block's largest gradient) to every Δ.
+            Not with ``fused=True`` (a ValueError: use ``fused=False``, or bf16/fp32 states),
+            ``differentiable=True`` or sharded parameters. load_state_dict converts a
+            checkpoint's states to this optimizer's option, 8-bit included.
     """
 
     _name = "Adan"
@@ -94,6 +104,7 @@ class Adan(LargeBatchOptimizer):
     _OPTIONAL_STATE_KEYS = (KAHAN_KEY,)
     _SQUARED_STATE_KEYS = ("exp_avg_sq",)
     _PRECISION_STATE_KEYS = ("exp_avg", "exp_avg_diff", "exp_avg_sq", "prev_grad")
+    _QUANTISED_STATE_KEYS = ("exp_avg", "exp_avg_diff", "exp_avg_sq")
     _LIVE_GROUP_KEYS = (*LargeBatchOptimizer._LIVE_GROUP_KEYS, "state_dtype")
 
     def __init__(
@@ -162,6 +173,7 @@ class Adan(LargeBatchOptimizer):
         adan(
             *prepared.lists,
             prepared.kahan_comps,
+            **self._state_scales(group, prepared.params),
             foreach=group["foreach"],
             fused=group["fused"],
             fused_buckets=prepared.buckets,
@@ -199,6 +211,9 @@ def adan(
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
     kahan_sum: bool | None = None,
+    exp_avg_scales: list[Tensor] | None = None,
+    exp_avg_diff_scales: list[Tensor] | None = None,
+    exp_avg_sq_scales: list[Tensor] | None = None,
     lr: float | Tensor,
     beta1: float,
     beta2: float,
@@ -212,9 +227,12 @@ def adan(
 
     ``grad_scale``/``found_inf`` (GradScaler's protocol) are supported by the fused path only.
     ``kahan_comps``/``kahan_sum``: see :func:`largebatch.optimizers.lamb.lamb`.
+    ``exp_avg_scales``/``exp_avg_diff_scales``/``exp_avg_sq_scales``: given, that state's list
+    holds 8-bit codes with these per-block scales (see :func:`largebatch.optimizers.lamb.lamb`).
 
     Raises:
-        ValueError: the tensor lists differ in length, or ``kahan_comps`` does not fit.
+        ValueError: the tensor lists differ in length, ``kahan_comps`` does not fit, or scales
+            are given with ``fused=True``.
     """
     check_same_lengths(
         params=params,
@@ -224,6 +242,9 @@ def adan(
         exp_avg_sqs=exp_avg_sqs,
         prev_grads=prev_grads,
         state_steps=state_steps,
+        exp_avg_scales=exp_avg_scales,
+        exp_avg_diff_scales=exp_avg_diff_scales,
+        exp_avg_sq_scales=exp_avg_sq_scales,
     )
     if not check_kahan_comps(params, kahan_comps, kahan_sum):
         kahan_comps = None
@@ -239,17 +260,19 @@ def adan(
         grad_clip_coef=grad_clip_coef,
     )
     tensors = (params, grads, exp_avgs, exp_avg_diffs, exp_avg_sqs, prev_grads, state_steps, kahan_comps)
+    scales = {2: exp_avg_scales, 3: exp_avg_diff_scales, 4: exp_avg_sq_scales}
     if fused:
+        check_not_quantised(scales)
         from largebatch.fused import fused_adan
 
         fused_adan(*tensors, grad_scale=grad_scale, found_inf=found_inf, buckets=fused_buckets, **hyper)
         return
     if grad_scale is not None or found_inf is not None:
         raise RuntimeError("grad_scale/found_inf are only supported with fused=True")
-    if resolve_foreach(params, foreach, differentiable):
-        _multi_tensor_adan(*tensors, capturable=capturable, **hyper)
-    else:
-        _single_tensor_adan(*tensors, capturable=capturable, **hyper)
+    per_tensor = not resolve_foreach(params, foreach, differentiable)
+    body = partial(_single_tensor_adan if per_tensor else _multi_tensor_adan, capturable=capturable, **hyper)
+    # The update is elementwise (the clipping coefficient comes in whole): shards need no norm.
+    run_body(body, tensors, scales, per_tensor=per_tensor, sharded=False)
 
 
 def _single_tensor_adan(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -34,6 +35,7 @@ from ._inplace import (
     step_values,
 )
 from ._kahan import KAHAN_KEY, apply_update_, check_kahan_comps, compensated, foreach_apply_updates_, foreach_compensated
+from ._quantised import check_not_quantised, run_body
 from ._sharding import ShardReduction, complete_norms, locals_of
 from ._state_precision import foreach_store_, foreach_widened, store_, widened
 from ._trust import trust_ratio
@@ -103,8 +105,14 @@ class LAMB(LargeBatchOptimizer):
         state_dtype: the dtype of m and v: None (default) like the parameter, ``torch.float32``
             or ``torch.bfloat16`` (or their names) whatever the parameter's. Arithmetic is fp32;
             a narrower state is written back rounded to nearest each step (see
-            ``largebatch.optimizers._state_precision``). load_state_dict converts a checkpoint's
-            states to this optimizer's option.
+            ``largebatch.optimizers._state_precision``). ``"8bit"``: m and v block-quantised, one
+            byte per element (int8 codes for m, uint8 for v, on a dynamic code map) plus one
+            float32 absmax per 256 elements (states ``"exp_avg_scale"``, ``"exp_avg_sq_scale"``),
+            dequantised to fp32 for each step and requantised after it (see
+            ``largebatch.optimizers._quantised``); not with ``fused=True`` (a ValueError: use
+            ``fused=False``, or bf16/fp32 states), ``differentiable=True`` or sharded
+            parameters. load_state_dict converts a checkpoint's states to this optimizer's
+            option, 8-bit included.
     """
 
     _name = "LAMB"
@@ -114,6 +122,7 @@ class LAMB(LargeBatchOptimizer):
     _OPTIONAL_STATE_KEYS = (KAHAN_KEY,)
     _SQUARED_STATE_KEYS = ("exp_avg_sq",)
     _PRECISION_STATE_KEYS = ("exp_avg", "exp_avg_sq")
+    _QUANTISED_STATE_KEYS = ("exp_avg", "exp_avg_sq")
     _LIVE_GROUP_KEYS = (*LargeBatchOptimizer._LIVE_GROUP_KEYS, "state_dtype")
     _NO_ADAPTATION_ADVICE = (
         "every group has weight_decay=0 with always_adapt=False (or layer_adaptation=False), so the "
@@ -208,6 +217,7 @@ class LAMB(LargeBatchOptimizer):
         lamb(
             *prepared.lists,
             prepared.kahan_comps,
+            **self._state_scales(group, prepared.params),
             shard_reduction=prepared.reduction,
             foreach=group["foreach"],
             fused=group["fused"],
@@ -252,6 +262,8 @@ def lamb(
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
     kahan_sum: bool | None = None,
+    exp_avg_scales: list[Tensor] | None = None,
+    exp_avg_sq_scales: list[Tensor] | None = None,
     lr: float | Tensor,
     beta1: float,
     beta2: float,
@@ -271,13 +283,18 @@ def lamb(
     ``grad_scale``/``found_inf`` (GradScaler's protocol) are supported by the fused path only.
     ``kahan_comps``: per parameter its compensation buffer (bf16/fp16 parameters) or None; given,
     the updates are compensated (``kahan_sum`` None or True; see `check_kahan_comps`).
+    ``exp_avg_scales``/``exp_avg_sq_scales``: given, ``exp_avgs``/``exp_avg_sqs`` are 8-bit codes
+    (int8/uint8) with these per-block scales, dequantised for the step and requantised after
+    (see `largebatch.optimizers._quantised`; not with ``fused`` or sharded tensors).
 
     Raises:
-        ValueError: the tensor lists differ in length, or ``kahan_comps`` does not fit.
+        ValueError: the tensor lists differ in length, ``kahan_comps`` does not fit, or scales
+            are given with ``fused=True`` or sharded tensors.
     """
     check_same_lengths(
-        params=params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs, state_steps=state_steps
-    )
+        params=params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs, state_steps=state_steps,
+        exp_avg_scales=exp_avg_scales, exp_avg_sq_scales=exp_avg_sq_scales,
+    )  # fmt: skip
     if not check_kahan_comps(params, kahan_comps, kahan_sum):
         kahan_comps = None
     hyper = dict(
@@ -293,7 +310,9 @@ def lamb(
         maximize=maximize,
         grad_clip_coef=grad_clip_coef,
     )
+    scales = {2: exp_avg_scales, 3: exp_avg_sq_scales}
     if fused:
+        check_not_quantised(scales)
         from largebatch.fused import fused_lamb
 
         fused_lamb(
@@ -312,21 +331,15 @@ def lamb(
         return
     if grad_scale is not None or found_inf is not None:
         raise RuntimeError("grad_scale/found_inf are only supported with fused=True")
-    if resolve_foreach(params, foreach, differentiable):
-        impl: Any = _multi_tensor_lamb
-    else:
-        impl = _single_tensor_lamb
-    impl(
-        params,
-        grads,
-        exp_avgs,
-        exp_avg_sqs,
-        state_steps,
-        kahan_comps,
+    per_tensor = not resolve_foreach(params, foreach, differentiable)
+    body = partial(
+        _single_tensor_lamb if per_tensor else _multi_tensor_lamb,
         capturable=capturable,
         shard_reduction=shard_reduction,
         **hyper,
     )
+    tensors = [params, grads, exp_avgs, exp_avg_sqs, state_steps, kahan_comps]
+    run_body(body, tensors, scales, per_tensor=per_tensor, sharded=shard_reduction is not None)
 
 
 def _single_tensor_lamb(

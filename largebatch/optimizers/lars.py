@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -33,8 +34,9 @@ from ._kahan import (
     fp32_combination,
     kahan_add_,
 )
+from ._quantised import check_not_quantised, run_body
 from ._sharding import ShardReduction, complete_norms, locals_of
-from ._state_precision import foreach_store_, foreach_widened, new_state, store_, widened
+from ._state_precision import foreach_store_, foreach_widened, is_quantised, new_state, store_, widened
 from ._trust import trust_ratio
 
 if TYPE_CHECKING:
@@ -96,8 +98,13 @@ class LARS(LargeBatchOptimizer):
             ``torch.float32`` or ``torch.bfloat16`` (or their names) whatever the parameter's.
             Arithmetic is fp32; a narrower buffer is written back rounded to nearest each step
             and the parameter steps with the stored value (see
-            ``largebatch.optimizers._state_precision``). load_state_dict converts a
-            checkpoint's buffers to this optimizer's option.
+            ``largebatch.optimizers._state_precision``). ``"8bit"``: the buffer block-quantised,
+            int8 codes on a dynamic code map plus one float32 absmax per 256 elements (state
+            ``"momentum_buffer_scale"``), dequantised to fp32 for each step and requantised
+            after it (see ``largebatch.optimizers._quantised``); not with ``fused=True`` (a
+            ValueError: use ``fused=False``, or bf16/fp32 states), ``differentiable=True`` or
+            sharded parameters. load_state_dict converts a checkpoint's buffers to this
+            optimizer's option, 8-bit included.
     """
 
     _name = "LARS"
@@ -105,6 +112,7 @@ class LARS(LargeBatchOptimizer):
     _has_kahan = True
     _OPTIONAL_STATE_KEYS = ("momentum_buffer", KAHAN_KEY)
     _PRECISION_STATE_KEYS = ("momentum_buffer",)
+    _QUANTISED_STATE_KEYS = ("momentum_buffer",)
     _LIVE_GROUP_KEYS = (*LargeBatchOptimizer._LIVE_GROUP_KEYS, "state_dtype")
     _NO_ADAPTATION_ADVICE = (
         "every group has layer_adaptation=False, so the local rate is 1 everywhere and this LARS is "
@@ -182,7 +190,10 @@ class LARS(LargeBatchOptimizer):
     def _init_state(self, param: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
         super()._init_state(param, state, group)
         if group["momentum"] != 0 and "momentum_buffer" not in state:
-            state["momentum_buffer"] = new_state(param, group)
+            if is_quantised(group):
+                self._init_quantised(param, state, "momentum_buffer")
+            else:
+                state["momentum_buffer"] = new_state(param, group)
 
     def _group_lists(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> list[list[Tensor]]:
         has_momentum = group["momentum"] != 0
@@ -202,6 +213,7 @@ class LARS(LargeBatchOptimizer):
             buffers[0] if buffers else None,
             steps,
             prepared.kahan_comps,
+            **self._state_scales(group, prepared.params),
             shard_reduction=prepared.reduction,
             foreach=group["foreach"],
             fused=group["fused"],
@@ -237,6 +249,7 @@ def lars(
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
     kahan_sum: bool | None = None,
+    momentum_buffer_scales: list[Tensor] | None = None,
     lr: float | Tensor,
     momentum: float,
     dampening: float,
@@ -255,12 +268,18 @@ def lars(
     ``layer_adaptation``; ``shard_reduction`` completes the norms across ranks when the tensors
     are local shards. ``grad_scale``/``found_inf`` are supported by the fused path only.
     ``kahan_comps``/``kahan_sum``: see :func:`largebatch.optimizers.lamb.lamb`.
+    ``momentum_buffer_scales``: given, ``momentum_buffers`` are int8 codes with these per-block
+    scales (see ``exp_avg_scales`` of :func:`largebatch.optimizers.lamb.lamb`).
 
     Raises:
         ValueError: the tensor lists differ in length, ``momentum_buffers`` is given with
-            momentum 0 (or missing with momentum != 0), or ``kahan_comps`` does not fit.
+            momentum 0 (or missing with momentum != 0), ``kahan_comps`` does not fit, or scales
+            are given with ``fused=True`` or sharded tensors.
     """
-    check_same_lengths(params=params, grads=grads, momentum_buffers=momentum_buffers, state_steps=state_steps)
+    check_same_lengths(
+        params=params, grads=grads, momentum_buffers=momentum_buffers, state_steps=state_steps,
+        momentum_buffer_scales=momentum_buffer_scales,
+    )  # fmt: skip
     if not check_kahan_comps(params, kahan_comps, kahan_sum):
         kahan_comps = None
     hyper = dict(
@@ -278,7 +297,9 @@ def lars(
     )
     if (momentum_buffers is None) != (momentum == 0):
         raise ValueError("momentum_buffers must be given exactly when momentum != 0")
+    scales = {2: momentum_buffer_scales}
     if fused:
+        check_not_quantised(scales)
         from largebatch.fused import fused_lars
 
         fused_lars(
@@ -296,11 +317,10 @@ def lars(
         return
     if grad_scale is not None or found_inf is not None:
         raise RuntimeError("grad_scale/found_inf are only supported with fused=True")
-    if resolve_foreach(params, foreach, differentiable):
-        impl: Any = _multi_tensor_lars
-    else:
-        impl = _single_tensor_lars
-    impl(params, grads, momentum_buffers, state_steps, kahan_comps, shard_reduction=shard_reduction, **hyper)
+    per_tensor = not resolve_foreach(params, foreach, differentiable)
+    body = partial(_single_tensor_lars if per_tensor else _multi_tensor_lars, shard_reduction=shard_reduction, **hyper)
+    tensors = [params, grads, momentum_buffers, state_steps, kahan_comps]
+    run_body(body, tensors, scales, per_tensor=per_tensor, sharded=shard_reduction is not None)
 
 
 def _single_tensor_lars(

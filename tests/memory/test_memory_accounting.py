@@ -43,6 +43,23 @@ def test_measured_bytes_per_parameter_match_the_states_definitions():
     for name, full_states in {"LAMB": 2, "LARS": 1, "Adan": 4}.items():
         assert kahan[name] == pytest.approx(2 + 2 + 2 * full_states + counters, rel=1e-12)
     assert kahan["AdaGrad-Norm (per tensor)"] is None  # it has no kahan_sum
+    # 8-bit states: a byte per element and a float32 scale per block of 256, per tensor
+    scales = sum(4 * -(-n // 256) for n in [width * width, width] * depth + [width, 1]) / numel
+    eight_bit = rows["fp32 params, 8-bit states (state_dtype='8bit')"]
+    for name, quantised in {"LAMB": 2, "LARS": 1, "Adan": 3}.items():
+        prev_grad = 2 if name == "Adan" else 0  # bf16 under "8bit"
+        assert eight_bit[name] == pytest.approx(4 + quantised * (1 + scales) + prev_grad + counters, rel=1e-12)
+    eight_bit_kahan = rows["bf16 + Kahan (bf16 compensation), 8-bit states (state_dtype='8bit')"]
+    assert eight_bit_kahan["LAMB"] == pytest.approx(2 + 2 + 2 * (1 + scales) + counters, rel=1e-12)
+
+
+@pytest.mark.parametrize("foreach", [False, True], ids=["per_tensor", "foreach"])
+def test_release_with_8bit_states_changes_no_bit(foreach):
+    plain, released = (
+        peak_of_step("LAMB", foreach, release, width=128, depth=3, batch=16, state_dtype="8bit") for release in (False, True)
+    )
+    assert all(map(torch.equal, plain["params"], released["params"]))
+    assert plain["peak"] - released["peak"] >= 0.4 * plain["gradients"]
 
 
 @pytest.mark.parametrize("foreach", [False, True], ids=["per_tensor", "foreach"])

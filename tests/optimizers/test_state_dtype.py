@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from largebatch import LAMB, LARS, Adan
+from largebatch.optimizers._state_precision import check_state_dtype
 
 OPTIMIZERS = {
     "LAMB": (LAMB, dict(lr=1e-3, weight_decay=0.01), ("exp_avg", "exp_avg_sq")),
@@ -200,11 +201,16 @@ def test_a_refused_load_changes_nothing(name):
         assert all(torch.equal(optimizer.state[p][key], b) and b.dtype == torch.bfloat16 for p, b in zip(params, before[key]))
 
 
+#: The dtypes of the first group's states in the test below ("8bit": codes, and Adan's bf16 g_prev).
+FIRST_GROUP_DTYPES = {"bf16": {torch.bfloat16}, "8bit": {torch.int8, torch.uint8, torch.bfloat16}}
+
+
 @pytest.mark.parametrize("name", OPTIMIZERS)
-def test_the_option_is_per_group_and_a_refused_step_creates_no_state(name):
+@pytest.mark.parametrize("option", list(FIRST_GROUP_DTYPES))
+def test_the_option_is_per_group_and_a_refused_step_creates_no_state(name, option):
     cls, hyper, keys = OPTIMIZERS[name]
     first, second = _params(torch.float32), _params(torch.float32, seed=5)
-    optimizer = cls([{"params": first, "state_dtype": "bf16"}, {"params": second}], **hyper)
+    optimizer = cls([{"params": first, "state_dtype": option}, {"params": second}], **hyper)
     for p in first + second:
         p.grad = torch.ones_like(p)
     second[0].grad = torch.ones_like(second[0]).to_sparse()
@@ -213,6 +219,6 @@ def test_the_option_is_per_group_and_a_refused_step_creates_no_state(name):
     assert not optimizer.state
     second[0].grad = torch.ones_like(second[0])
     optimizer.step()
-    assert all(optimizer.state[p][key].dtype == torch.bfloat16 for p in first for key in keys)
+    assert all(optimizer.state[p][key].dtype in FIRST_GROUP_DTYPES[option] for p in first for key in keys)
     assert all(optimizer.state[p][key].dtype == torch.float32 for p in second for key in keys)
-    assert [g["state_dtype"] for g in optimizer.param_groups] == [torch.bfloat16, None]
+    assert [g["state_dtype"] for g in optimizer.param_groups] == [check_state_dtype(option), None]
