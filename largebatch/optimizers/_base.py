@@ -757,17 +757,23 @@ class LargeBatchOptimizer(Optimizer):
         except KeyError:
             self._fill_states(params, states, group)
             lists = [list(map(itemgetter(key), states)) for key in keys]
-        if self._QUANTISED_STATE_KEYS:
+        if self._QUANTISED_STATE_KEYS and not (group["fused"] and not is_quantised(group)):
             self._check_states_match_option(group, keys, lists)
         return lists
 
     def _check_states_match_option(self, group: dict[str, Any], keys: Sequence[str], lists: list[list[Tensor]]) -> None:
         """The quantised keys' states are 8-bit codes exactly when the group's option is "8bit":
         a group whose ``state_dtype`` was edited in place to or from "8bit" still holds the
-        other kind, which only load_state_dict converts (ValueError, before anything steps)."""
+        other kind, which only load_state_dict converts (ValueError, before anything steps).
+
+        A fused group that is not 8-bit skips this (its step plan refuses integer states with
+        the fused dtype error, and it runs every step: one C-level pass per key otherwise)."""
         quantised_group = is_quantised(group)
         for key, values in zip(keys, lists):
-            if key in self._QUANTISED_STATE_KEYS and any(v.is_floating_point() == quantised_group for v in values):
+            if key not in self._QUANTISED_STATE_KEYS:
+                continue
+            floating = list(map(Tensor.is_floating_point, values))
+            if any(floating) if quantised_group else not all(floating):
                 raise ValueError(
                     f"Invalid state_dtype={group['state_dtype']!r} for states {key!r} kept "
                     f"{'in floating point' if quantised_group else 'as 8-bit codes'}: the option of a group with states "
