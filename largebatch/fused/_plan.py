@@ -171,6 +171,9 @@ class StepPlan:
         # Per owned list, the sum of its tensors' version counters: counters only grow, so an
         # unchanged sum means no tensor of the list was modified in place.
         self._version_sums: list[int] = [0 for _ in lists]
+        # The owned lists' tensors end to end, and their versions' total (`_all_untouched`).
+        self._owned_flat: list[Tensor] = []
+        self._owned_version_sum = 0
         self._remember(lists, range(owned_from, len(lists)))
 
         chunk_tensors: list[int] = []
@@ -257,15 +260,18 @@ class StepPlan:
     def _all_untouched(self, lists: Sequence[Sequence[Tensor]]) -> bool:
         """`_untouched` of every owned list at once: two C-level passes over them all, not two
         per list (the steady state of every step)."""
-        owned = chain.from_iterable(lists[self.owned_from :])
-        if not all(map(is_, owned, chain.from_iterable(self._owned[self.owned_from :]))):
+        owned = list(chain.from_iterable(lists[self.owned_from :]))
+        if len(owned) != len(self._owned_flat) or not all(map(is_, owned, self._owned_flat)):
             return False
-        return sum(map(_version, chain.from_iterable(lists[self.owned_from :]))) == sum(self._version_sums)
+        return sum(map(_version, owned)) == self._owned_version_sum
 
     def _remember(self, lists: Sequence[Sequence[Tensor]], indices: Sequence[int]) -> None:
         """Note the tensors of lists[i] and their versions as checked."""
         for i in indices:
             self._owned[i], self._version_sums[i] = list(lists[i]), sum(map(_version, lists[i]))
+        if indices:
+            self._owned_flat = list(chain.from_iterable(self._owned[self.owned_from :]))
+            self._owned_version_sum = sum(self._version_sums)
 
     def _layouts_hold(self, lists: Sequence[Sequence[Tensor]], checked: Sequence[int]) -> bool:
         """The fast layout check of the lists that need one: shapes (the parameters' were compared
