@@ -38,7 +38,9 @@ freshly allocated by backward is one row: a few KB). How each list is checked:
   The one change that leaves `_version` alone is assigning `.data` of a state tensor, which no
   optimizer state should see. The kernels bump no version (`_engine.mark_written` bumps the
   parameters' for autograd; parameters are always re-checked; the step counters are counted
-  in-kernel).
+  in-kernel). A fused optimizer keeps each state of a group as views of one buffer per key
+  (`largebatch.optimizers._pooling`): views share their buffer's version counter, so such a
+  list costs one version read, not one per tensor.
 
 Device identity needs no per-tensor check while pointers stay put: CUDA's unified virtual
 addressing gives every allocation, host or any device, its own address, so an unchanged
@@ -140,6 +142,17 @@ def validate_lists(elementwise: Sequence[Sequence[Tensor]], scalars: Sequence[Se
                 )
 
 
+def _pooled_bases(lists: Sequence[Sequence[Tensor]]) -> list[Tensor] | None:
+    """Per list, the one tensor every tensor of it is a view of; None unless every list has one."""
+    bases = []
+    for lst in lists:
+        base = lst[0]._base if lst else None
+        if base is None or any(t._base is not base for t in lst):
+            return None
+        bases.append(base)
+    return bases
+
+
 class StepPlan:
     """The table, buffers and checks of one bucket (see the module docstring).
 
@@ -174,6 +187,10 @@ class StepPlan:
         # The owned lists' tensors end to end, and their versions' total (`_all_untouched`).
         self._owned_flat: list[Tensor] = []
         self._owned_version_sum = 0
+        # Per owned list, the buffer its tensors are all views of, when every list has one
+        # (largebatch.optimizers pools a fused group's states), and those buffers' versions.
+        self._pooled_bases: list[Tensor] | None = None
+        self._pooled_version_sum: int | None = None
         self._remember(lists, range(owned_from, len(lists)))
 
         chunk_tensors: list[int] = []
@@ -258,11 +275,14 @@ class StepPlan:
         return all(map(is_, lst, self._owned[index])) and sum(map(_version, lst)) == self._version_sums[index]
 
     def _all_untouched(self, lists: Sequence[Sequence[Tensor]]) -> bool:
-        """`_untouched` of every owned list at once: two C-level passes over them all, not two
-        per list (the steady state of every step)."""
+        """`_untouched` of every owned list at once: one identity pass over them all, then one
+        version read per list whose tensors are views of one pooled buffer (views share their
+        base's version counter, which any in-place op on any of them bumps), else one per tensor."""
         owned = list(chain.from_iterable(lists[self.owned_from :]))
         if len(owned) != len(self._owned_flat) or not all(map(is_, owned, self._owned_flat)):
             return False
+        if self._pooled_bases is not None:
+            return sum(map(_version, self._pooled_bases)) == self._pooled_version_sum
         return sum(map(_version, owned)) == self._owned_version_sum
 
     def _remember(self, lists: Sequence[Sequence[Tensor]], indices: Sequence[int]) -> None:
@@ -272,6 +292,8 @@ class StepPlan:
         if indices:
             self._owned_flat = list(chain.from_iterable(self._owned[self.owned_from :]))
             self._owned_version_sum = sum(self._version_sums)
+            self._pooled_bases = _pooled_bases(self._owned[self.owned_from :])
+            self._pooled_version_sum = None if self._pooled_bases is None else sum(map(_version, self._pooled_bases))
 
     def _layouts_hold(self, lists: Sequence[Sequence[Tensor]], checked: Sequence[int]) -> bool:
         """The fast layout check of the lists that need one: shapes (the parameters' were compared

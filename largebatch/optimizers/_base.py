@@ -29,6 +29,7 @@ from torch.optim.optimizer import Optimizer, ParamsT, _default_to_fused_or_forea
 
 from ._kahan import COMPENSATED_DTYPES, KAHAN_KEY, check_kahan_sum
 from ._sharding import ShardReduction, complete_squares, is_dtensor, locals_of, shard_reduction, to_local
+from ._pooling import pool_states
 from ._quantised import EIGHT_BIT, dequantised, new_codes, num_blocks, quantised, scale_key
 from ._state_precision import check_state_dtype, is_quantised, loaded_state, new_state
 
@@ -299,6 +300,9 @@ class LargeBatchOptimizer(Optimizer):
     #: Those of them kept block-quantised under ``state_dtype="8bit"`` (see `_quantised`): codes
     #: under the key, scales under `scale_key(key)`; int8 codes, uint8 for `_SQUARED_STATE_KEYS`.
     _QUANTISED_STATE_KEYS: tuple[str, ...] = ()
+    #: How many parameters' states `_fill_states` has added entries to (a fused group pools its
+    #: states when a step made some: `largebatch.optimizers._pooling`).
+    _states_created: int = 0
     #: LAMB and LARS: why no group is adapted and what to do, when that is the case (warned once,
     #: at construction); None for optimizers without layer adaptation.
     _NO_ADAPTATION_ADVICE: str | None = None
@@ -518,6 +522,10 @@ class LargeBatchOptimizer(Optimizer):
             if result is not None:
                 state_dict = result
         state, groups = self._loaded(state_dict)
+        for group in groups:
+            if group["fused"]:
+                with_state = [p for p in group["params"] if state.get(p)]
+                pool_states(with_state, [state[p] for p in with_state])
         self.__setstate__({"state": state, "param_groups": groups})
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
@@ -734,8 +742,13 @@ class LargeBatchOptimizer(Optimizer):
         if not params:
             return None
         try:
+            created = self._states_created
             lists = self._group_lists(group, params, grads)
             comps = self._kahan_comps(params, group)
+            if fused and self._states_created != created:  # new states: pooled, then gathered again
+                pool_states(params, list(map(self.state.__getitem__, params)))
+                lists = self._group_lists(group, params, grads)
+                comps = self._kahan_comps(params, group)
             buckets = None
             if fused:
                 from largebatch.fused._compensated import compensated_buckets
@@ -788,8 +801,10 @@ class LargeBatchOptimizer(Optimizer):
         for p, state in zip(params, states):
             before = set(state)
             self._init_state(p, state, group)
-            if journal is not None and len(state) != len(before):
-                journal.append((p, state, set(state) - before))
+            if len(state) != len(before):
+                self._states_created += 1
+                if journal is not None:
+                    journal.append((p, state, set(state) - before))
 
     def _compensates(self, param: Tensor, group: dict[str, Any]) -> bool:
         """Whether `param` has a Kahan compensation buffer: a bf16/fp16 parameter of a group whose
