@@ -163,8 +163,12 @@ def run(rank: int, out: str, store: str) -> None:
         torch.save(results, out)
     dist.barrier()  # no rank tears its gloo pairs down while the other still uses them
     dist.destroy_process_group()
-    # Leave without interpreter finalisation, where gloo threads that still hold tensors can take
-    # the GIL and abort a rank whose checks all passed (see tests/batching/_gloo.py).
+    leave_without_finalisation()
+
+
+def leave_without_finalisation() -> None:
+    """End a rank whose checks all passed without interpreter finalisation, where gloo threads
+    that still hold tensors can take the GIL and abort it (see tests/batching/_gloo.py)."""
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
