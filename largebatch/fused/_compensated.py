@@ -2,7 +2,8 @@
 
 A compensated parameter's bucket has one more elementwise list, its buffers, placed after the
 other elementwise lists (so the plan walks them in chunks like the states); the kernels take
-them as a `comp_ptrs` row after the step counters' (None for a bucket without buffers) and a
+them as a `comp_ptrs` row after the step counters' and any 8-bit states' scales' (None for a
+bucket without buffers; see `kernel_pointers`) and a
 KAHAN constexpr that compiles the compensation in or out. A group that mixes compensated (bf16,
 fp16) and plain (fp32) parameters gets buckets of each kind; the plans of both live in the
 same PlanCache, under different names.
@@ -30,38 +31,38 @@ def compensated_buckets(
     n_elementwise: int,
     n_table: int,
     plans: PlanCache | None,
+    n_blockwise: int = 0,
 ) -> list[Bucket]:
-    """`planned_buckets` of `lists` (layout `n_elementwise`, `n_table`), with `comps[i]` added
-    to row i where it is not None (see the module docstring). Every bucket is checked before
-    this returns."""
+    """`planned_buckets` of `lists` (layout `n_elementwise`, `n_table`, `n_blockwise`), with
+    `comps[i]` added to row i where it is not None (see the module docstring). Every bucket is
+    checked before this returns."""
+    layout = dict(n_elementwise=n_elementwise, n_table=n_table, n_blockwise=n_blockwise, plans=plans)
     if comps is None:
-        return planned_buckets(name, lists, n_elementwise=n_elementwise, n_table=n_table, plans=plans)
+        return planned_buckets(name, lists, **layout)
     rows = [i for i, comp in enumerate(comps) if comp is not None]
     plain = [i for i, comp in enumerate(comps) if comp is None]
     if not plain:
         with_comps = [*lists[:n_elementwise], list(comps), *lists[n_elementwise:]]
         return planned_buckets(
-            f"{name}+kahan", with_comps, n_elementwise=n_elementwise + 1, n_table=n_table + 1, plans=plans
+            f"{name}+kahan", with_comps, **{**layout, "n_elementwise": n_elementwise + 1, "n_table": n_table + 1}
         )
     buckets = []
     if rows:
-        buckets += compensated_buckets(
-            name, [[lst[i] for i in rows] for lst in lists], [comps[i] for i in rows],
-            n_elementwise=n_elementwise, n_table=n_table, plans=plans,
-        )  # fmt: skip
-    buckets += planned_buckets(
-        name, [[lst[i] for i in plain] for lst in lists], n_elementwise=n_elementwise, n_table=n_table, plans=plans
-    )
+        buckets += compensated_buckets(name, [[lst[i] for i in rows] for lst in lists], [comps[i] for i in rows], **layout)
+    buckets += planned_buckets(name, [[lst[i] for i in plain] for lst in lists], **layout)
     return buckets
 
 
-def kernel_pointers(table: StepPlan, n_elementwise: int, n_table: int) -> tuple[Tensor | None, ...]:
-    """The pointer rows of `table` in the kernels' order: those of the layout, then the
-    compensation buffers' row, or None for a bucket without buffers."""
+def kernel_pointers(table: StepPlan, n_elementwise: int, n_scales: int = 0) -> tuple[Tensor | None, ...]:
+    """The pointer rows of `table` in the kernels' order: the layout's `n_elementwise` lists',
+    the step counters', the `n_scales` scale lists' of 8-bit states (None each for a bucket
+    without them), then the compensation buffers' (None for a bucket without buffers)."""
     rows = table.pointers
-    if len(rows) == n_table:
-        return (*rows, None)
-    return (*rows[:n_elementwise], *rows[n_elementwise + 1 :], rows[n_elementwise])
+    assert table.n_blockwise in (0, n_scales), "the kernel takes another number of scale lists"
+    comp = rows[n_elementwise] if table.n_elementwise > n_elementwise else None
+    scales_from = len(rows) - table.n_blockwise
+    scales = rows[scales_from:] if table.n_blockwise else (None,) * n_scales
+    return (*rows[:n_elementwise], *rows[table.n_elementwise : scales_from], *scales, comp)
 
 
 @triton.jit

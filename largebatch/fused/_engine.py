@@ -47,6 +47,7 @@ __all__ = [
     "PRODUCTION_CHUNKING",
     "INTERPRETED",
     "TRITON_DTYPES",
+    "CODE_DTYPES",
     "check_device",
     "check_dtype",
     "dtype_constexprs",
@@ -75,6 +76,8 @@ TRITON_DTYPES: dict[torch.dtype, tl.dtype] = {
     torch.bfloat16: tl.bfloat16,
     torch.float16: tl.float16,
 }
+#: The dtypes of 8-bit state codes (``state_dtype="8bit"``, `_blockwise`): state lists only.
+CODE_DTYPES: dict[torch.dtype, tl.dtype] = {torch.int8: tl.int8, torch.uint8: tl.uint8}
 
 
 @triton.jit
@@ -219,8 +222,9 @@ def check_device(device: torch.device) -> None:
         raise RuntimeError(f"fused=True supports CUDA tensors (and CPU tensors under TRITON_INTERPRET=1), got {device}")
 
 
-def check_dtype(dtype: torch.dtype) -> None:
-    if dtype not in TRITON_DTYPES:
+def check_dtype(dtype: torch.dtype, codes: bool = False) -> None:
+    """A tensor dtype the kernels take (`codes`: a state list of 8-bit codes is allowed too)."""
+    if dtype not in TRITON_DTYPES and not (codes and dtype in CODE_DTYPES):
         supported = ", ".join(str(d) for d in TRITON_DTYPES)
         raise RuntimeError(f"fused=True supports tensors of dtype {supported}; got {dtype}")
 
@@ -289,7 +293,7 @@ def lr_arguments(lr: float | Tensor, device: torch.device) -> tuple[Tensor | Non
 
 def dtype_constexprs(names: Sequence[str], dtypes: Sequence[torch.dtype]) -> dict[str, tl.dtype]:
     """{NAME_DTYPE: triton dtype} for the kernel constexprs that type each pointer row."""
-    return {f"{name}_DTYPE": TRITON_DTYPES[dtype] for name, dtype in zip(names, dtypes)}
+    return {f"{name}_DTYPE": {**TRITON_DTYPES, **CODE_DTYPES}[dtype] for name, dtype in zip(names, dtypes)}
 
 
 def log_beta(beta: float) -> float:

@@ -60,6 +60,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from largebatch.optimizers._quantised import BLOCK_SIZE, num_blocks
+
 from ._engine import VECTOR_ALIGNMENT, check_device, check_dtype, current_chunking
 
 __all__ = ["Bucket", "PlanCache", "StepPlan", "bucket_tensor_lists", "planned_buckets", "validate_lists"]
@@ -103,15 +105,21 @@ def _is_dense(tensor: Tensor) -> bool:
     return True
 
 
-def validate_lists(elementwise: Sequence[Sequence[Tensor]], scalars: Sequence[Sequence[Tensor]]) -> None:
+def validate_lists(
+    elementwise: Sequence[Sequence[Tensor]],
+    scalars: Sequence[Sequence[Tensor]],
+    blockwise: Sequence[Sequence[Tensor]] = (),
+) -> None:
     """Raise RuntimeError, naming the tensor, unless the kernels can walk these lists: CUDA (or,
     interpreted, CPU) tensors of a supported dtype, one dtype per list, dense parameters, every
-    companion laid out like its parameter on its device, one-element float32 step counters."""
+    companion laid out like its parameter on its device, one-element float32 step counters, and
+    (8-bit states: `blockwise` lists given) contiguous float32 scales, one per BLOCK_SIZE
+    elements of their parameter; only then may state lists hold integer codes."""
     params = elementwise[0]
     device = params[0].device
     check_device(device)
     for index, lst in enumerate(elementwise):
-        check_dtype(lst[0].dtype)
+        check_dtype(lst[0].dtype, codes=bool(blockwise) and index >= 2)
         if len(lst) != len(params):
             raise RuntimeError(f"fused=True needs parallel tensor lists; list {index} has {len(lst)} tensors, not {len(params)}")
         if any(t.dtype != lst[0].dtype for t in lst):
@@ -140,6 +148,17 @@ def validate_lists(elementwise: Sequence[Sequence[Tensor]], scalars: Sequence[Se
                     "fused=True needs each step counter to be a one-element float32 tensor on its parameter's "
                     f"device; counter {i} is {tuple(scalar.shape)} {scalar.dtype} on {scalar.device}"
                 )
+    for lst in blockwise:
+        if len(lst) != len(params):
+            raise RuntimeError(f"fused=True needs one scale list per tensor; got {len(lst)} for {len(params)} tensors")
+        for i, (scales, param) in enumerate(zip(lst, params)):
+            blocks = num_blocks(param.numel())
+            if scales.dtype != torch.float32 or scales.device != device or scales.numel() != blocks or not scales.is_contiguous():
+                raise RuntimeError(
+                    f"fused=True needs the scales of 8-bit states to be {blocks} contiguous float32 values (one per "
+                    f"{BLOCK_SIZE} elements) on the parameter's device; those of tensor {i} are "
+                    f"{tuple(scales.shape)} {scales.dtype} on {scales.device}"
+                )
 
 
 def _pooled_bases(lists: Sequence[Sequence[Tensor]]) -> list[Tensor] | None:
@@ -157,9 +176,13 @@ class StepPlan:
     """The table, buffers and checks of one bucket (see the module docstring).
 
     lists: the bucket's parallel lists; the first `n_elementwise` are walked in chunks (all
-        shaped like lists[0]), the rest are one-element step counters.
+        shaped like lists[0]), the last `n_blockwise` are the per-block scales of 8-bit states
+        (`_blockwise`), the others one-element step counters.
     n_table: how many leading lists have a pointer row in the table (the kernels' arguments).
     owned_from: lists from this index on are the optimizer's own (states and counters).
+
+    A plan with scales needs chunks of whole blocks (the kernels take a block's absmax within one
+    chunk): a ValueError unless `chunk_size` is a multiple of BLOCK_SIZE.
     """
 
     def __init__(
@@ -170,12 +193,19 @@ class StepPlan:
         n_table: int,
         owned_from: int,
         chunk_size: int,
+        n_blockwise: int = 0,
     ) -> None:
-        validate_lists(lists[:n_elementwise], lists[n_elementwise:])
+        if n_blockwise and chunk_size % BLOCK_SIZE:
+            raise ValueError(
+                f"Invalid chunk_size={chunk_size} for 8-bit states: fused kernels quantise blocks of {BLOCK_SIZE} "
+                "elements within one chunk, so the chunk size must be a multiple of it"
+            )
+        self.n_elementwise, self.n_blockwise, self.n_lists = n_elementwise, n_blockwise, len(lists)
+        self._validate(lists)
         params = lists[0]
         self.device = params[0].device
-        self.chunk_size, self.n_elementwise, self.owned_from = chunk_size, n_elementwise, owned_from
-        self.n_lists, self.n_tensors = len(lists), len(params)
+        self.chunk_size, self.owned_from = chunk_size, owned_from
+        self.n_tensors = len(params)
         self.shapes = list(map(_shape, params))
         self.dtypes = [lst[0].dtype for lst in lists]
         self.strides = [list(map(Tensor.stride, lst)) for lst in lists[:n_elementwise]]
@@ -201,6 +231,7 @@ class StepPlan:
         self.n_chunks = len(chunk_tensors)
         first_chunks.append(self.n_chunks)
         numels = [t.numel() for t in params]
+        self.block_counts = list(map(num_blocks, numels)) if n_blockwise else []
         # Per elementwise list: every pointer on a 16-byte boundary (then every tensor's is).
         self._aligned_rows = [_aligned(row) for row in self.pointer_rows[:n_elementwise]]
         self.aligned_tensors = _aligned_tensors(self.pointer_rows[:n_elementwise], self._aligned_rows)
@@ -239,7 +270,7 @@ class StepPlan:
         if any(set(map(Tensor.get_device, lists[i])) != {self._device_index} for i in moved):
             return False
         if not self._layouts_hold(lists, checked):
-            validate_lists(lists[: self.n_elementwise], lists[self.n_elementwise :])  # raises where the kernels cannot go
+            self._validate(lists)  # raises where the kernels cannot go
             self.strides = [list(map(Tensor.stride, lst)) for lst in lists[: self.n_elementwise]]
         if moved and self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             raise RuntimeError(
@@ -259,6 +290,11 @@ class StepPlan:
                 self._upload_row(self.aligned, aligned_tensors)
         self._remember(lists, [i for i in checked if i >= self.owned_from])
         return True
+
+    def _validate(self, lists: Sequence[Sequence[Tensor]]) -> None:
+        """`validate_lists` of `lists`, split as this plan's layout says."""
+        scalars_end = self.n_lists - self.n_blockwise
+        validate_lists(lists[: self.n_elementwise], lists[self.n_elementwise : scalars_end], lists[scalars_end:])
 
     def scratch(self, name: str, per: str, columns: int) -> Tensor:
         """The float32 buffer `name` of `columns` per chunk (per="chunk") or per tensor
@@ -310,6 +346,9 @@ class StepPlan:
                 if not (params_contiguous and (i == 0 or all(map(Tensor.is_contiguous, lists[i])))):
                     if list(map(Tensor.stride, lists[i])) != self.strides[i]:
                         return False
+            elif i >= self.n_lists - self.n_blockwise:
+                if list(map(Tensor.numel, lists[i])) != self.block_counts or not all(map(Tensor.is_contiguous, lists[i])):
+                    return False
             elif set(map(Tensor.numel, lists[i])) != {1}:
                 return False
         return True
@@ -390,9 +429,11 @@ def planned_buckets(
     n_elementwise: int,
     n_table: int,
     plans: PlanCache | None,
+    n_blockwise: int = 0,
 ) -> list[Bucket]:
-    """Bucket `lists` (params, grads, states, then step counters: the first `n_elementwise`
-    walked in chunks, the first `n_table` in the kernels' table) and make each bucket's plan current.
+    """Bucket `lists` (params, grads, states, then step counters and the last `n_blockwise`
+    lists of 8-bit states' scales: the first `n_elementwise` walked in chunks, the first
+    `n_table` in the kernels' table) and make each bucket's plan current.
 
     Every bucket is checked before this returns, so a refused step raises before any bucket's
     tensors or counters change. Without `plans` (a functional call) each plan is built for this
@@ -403,6 +444,7 @@ def planned_buckets(
         n_table=n_table,
         owned_from=min(2, n_elementwise),  # params and grads come first; the rest is optimizer state
         chunk_size=current_chunking().chunk_size,
+        n_blockwise=n_blockwise,
     )
     if plans is not None:
         return plans.buckets(name, lists, **layout)

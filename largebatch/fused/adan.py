@@ -15,7 +15,9 @@ n: 44 bytes per fp32 parameter.
 
 With Kahan compensation buffers c (bf16/fp16 parameters, `kahan_sum`), x is p + c and the
 step u = x_new − x (prox: −lr·(η + λ·x) / (1 + lr·λ); no_prox: −lr·(η + λ·x)) is Kahan-added to
-p (see `_compensated.store_compensated`).
+p (see `_compensated.store_compensated`). With 8-bit m, d, n (`state_dtype="8bit"`, g_prev
+then bf16), the pass dequantises them, steps with the exact float32 moments and stores their
+new codes (`_blockwise`): 4 + 4 + 2 + 3 read and 4 + 2 + 3 written per fp32 parameter, 22 bytes.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from ._engine import (
     scalar_on,
     tensor_pointer,
 )
+from ._blockwise import load_state, quantised_lists, rounded_like_stored, store_state, tables_of
 from ._compensated import compensated_buckets, kernel_pointers, load_compensation, store_compensated
 from ._plan import Bucket
 
@@ -68,18 +71,16 @@ def _count_kernel(n_tensors, step_ptrs, corrections, found_inf, beta2, log_beta1
 
 @triton.jit
 def _adan_chunk(
-    param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_diff_ptrs, exp_avg_sq_ptrs, prev_grad_ptrs, comp_ptrs, tensor, offsets, numel,
+    param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_diff_ptrs, exp_avg_sq_ptrs, prev_grad_ptrs,
+    exp_avg_scale_ptrs, exp_avg_diff_scale_ptrs, exp_avg_sq_scale_ptrs, comp_ptrs, code_maps, midpoints, tensor, offsets, numel,
     grad_multiplier, has_previous, lr, beta1, one_minus_beta1, beta2, one_minus_beta2, beta3, one_minus_beta3,
     bc1, diff_scale, bc3, eps, weight_decay,
     PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr, EXP_AVG_DTYPE: tl.constexpr,
     EXP_AVG_DIFF_DTYPE: tl.constexpr, EXP_AVG_SQ_DTYPE: tl.constexpr, PREV_GRAD_DTYPE: tl.constexpr,
-    NO_PROX: tl.constexpr, KAHAN: tl.constexpr, ALIGNED: tl.constexpr, MASKED: tl.constexpr,
+    NO_PROX: tl.constexpr, KAHAN: tl.constexpr, ALIGNED: tl.constexpr, MASKED: tl.constexpr, CHUNK_SIZE: tl.constexpr,
 ):  # fmt: skip
     param = tensor_pointer(param_ptrs, tensor, PARAM_DTYPE, ALIGNED)
     grad = tensor_pointer(grad_ptrs, tensor, GRAD_DTYPE, ALIGNED)
-    exp_avg = tensor_pointer(exp_avg_ptrs, tensor, EXP_AVG_DTYPE, ALIGNED)
-    exp_avg_diff = tensor_pointer(exp_avg_diff_ptrs, tensor, EXP_AVG_DIFF_DTYPE, ALIGNED)
-    exp_avg_sq = tensor_pointer(exp_avg_sq_ptrs, tensor, EXP_AVG_SQ_DTYPE, ALIGNED)
     prev_grad = tensor_pointer(prev_grad_ptrs, tensor, PREV_GRAD_DTYPE, ALIGNED)
     mask = offsets < numel if MASKED else None
     other = 0.0 if MASKED else None
@@ -90,21 +91,24 @@ def _adan_chunk(
         x = stored + comp
     g = tl.load(grad + offsets, mask=mask, other=other).to(tl.float32) * grad_multiplier
     diff = (g - tl.load(prev_grad + offsets, mask=mask, other=other).to(tl.float32)) * has_previous
-    m = beta1 * tl.load(exp_avg + offsets, mask=mask, other=other).to(tl.float32) + one_minus_beta1 * g
-    d = beta2 * tl.load(exp_avg_diff + offsets, mask=mask, other=other).to(tl.float32) + one_minus_beta2 * diff
+    m = beta1 * load_state(exp_avg_ptrs, exp_avg_scale_ptrs, code_maps, tensor, offsets, mask, other, EXP_AVG_DTYPE, ALIGNED)
+    m = rounded_like_stored(m + one_minus_beta1 * g, exp_avg_scale_ptrs, EXP_AVG_DTYPE)
+    d = beta2 * load_state(exp_avg_diff_ptrs, exp_avg_diff_scale_ptrs, code_maps, tensor, offsets, mask, other,
+                           EXP_AVG_DIFF_DTYPE, ALIGNED)  # fmt: skip
+    d = rounded_like_stored(d + one_minus_beta2 * diff, exp_avg_diff_scale_ptrs, EXP_AVG_DIFF_DTYPE)
     nesterov_grad = g + beta2 * diff
-    n = beta3 * tl.load(exp_avg_sq + offsets, mask=mask, other=other).to(tl.float32) + one_minus_beta3 * (
-        nesterov_grad * nesterov_grad
-    )
-    m = m.to(EXP_AVG_DTYPE)
-    d = d.to(EXP_AVG_DIFF_DTYPE)
-    n = n.to(EXP_AVG_SQ_DTYPE)
-    tl.store(exp_avg + offsets, m, mask=mask)
-    tl.store(exp_avg_diff + offsets, d, mask=mask)
-    tl.store(exp_avg_sq + offsets, n, mask=mask)
+    n = beta3 * load_state(exp_avg_sq_ptrs, exp_avg_sq_scale_ptrs, code_maps, tensor, offsets, mask, other,
+                           EXP_AVG_SQ_DTYPE, ALIGNED)  # fmt: skip
+    n = rounded_like_stored(n + one_minus_beta3 * (nesterov_grad * nesterov_grad), exp_avg_sq_scale_ptrs, EXP_AVG_SQ_DTYPE)
+    store_state(exp_avg_ptrs, exp_avg_scale_ptrs, midpoints, tensor, offsets, mask, numel, m, EXP_AVG_DTYPE, ALIGNED,
+                MASKED, CHUNK_SIZE)  # fmt: skip
+    store_state(exp_avg_diff_ptrs, exp_avg_diff_scale_ptrs, midpoints, tensor, offsets, mask, numel, d,
+                EXP_AVG_DIFF_DTYPE, ALIGNED, MASKED, CHUNK_SIZE)  # fmt: skip
+    store_state(exp_avg_sq_ptrs, exp_avg_sq_scale_ptrs, midpoints, tensor, offsets, mask, numel, n, EXP_AVG_SQ_DTYPE,
+                ALIGNED, MASKED, CHUNK_SIZE)  # fmt: skip
     tl.store(prev_grad + offsets, g.to(PREV_GRAD_DTYPE), mask=mask)
 
-    update = (m.to(tl.float32) / bc1 + d.to(tl.float32) * diff_scale) / (tl.sqrt(n.to(tl.float32) / bc3) + eps)
+    update = (m / bc1 + d * diff_scale) / (tl.sqrt(n / bc3) + eps)
     if KAHAN:
         step = -lr * update - (lr * weight_decay) * x
         if not NO_PROX:
@@ -121,8 +125,9 @@ def _adan_chunk(
 @triton.jit
 def _adan_kernel(
     n_chunks, chunk_tensors, numels, first_chunks, aligned,
-    param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_diff_ptrs, exp_avg_sq_ptrs, prev_grad_ptrs, step_ptrs, comp_ptrs,
-    corrections, lr_tensor, grad_scale, found_inf, clip_coef,
+    param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_diff_ptrs, exp_avg_sq_ptrs, prev_grad_ptrs, step_ptrs,
+    exp_avg_scale_ptrs, exp_avg_diff_scale_ptrs, exp_avg_sq_scale_ptrs, comp_ptrs,
+    corrections, lr_tensor, grad_scale, found_inf, clip_coef, code_maps, midpoints,
     lr, beta1, one_minus_beta1, beta2, one_minus_beta2, beta3, one_minus_beta3, eps, weight_decay,
     PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr, EXP_AVG_DTYPE: tl.constexpr,
     EXP_AVG_DIFF_DTYPE: tl.constexpr, EXP_AVG_SQ_DTYPE: tl.constexpr, PREV_GRAD_DTYPE: tl.constexpr,
@@ -148,27 +153,30 @@ def _adan_kernel(
             if full_chunk:
                 if vector_aligned:
                     _adan_chunk(
-                        param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_diff_ptrs, exp_avg_sq_ptrs, prev_grad_ptrs, comp_ptrs, tensor,
+                        param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_diff_ptrs, exp_avg_sq_ptrs, prev_grad_ptrs, exp_avg_scale_ptrs,
+                        exp_avg_diff_scale_ptrs, exp_avg_sq_scale_ptrs, comp_ptrs, code_maps, midpoints, tensor,
                         offsets, numel, grad_multiplier, has_previous, lr, beta1, one_minus_beta1, beta2,
                         one_minus_beta2, beta3, one_minus_beta3, bc1, diff_scale, bc3, eps, weight_decay,
                         PARAM_DTYPE, GRAD_DTYPE, EXP_AVG_DTYPE, EXP_AVG_DIFF_DTYPE, EXP_AVG_SQ_DTYPE, PREV_GRAD_DTYPE,
-                        NO_PROX, KAHAN, True, False,
+                        NO_PROX, KAHAN, True, False, CHUNK_SIZE,
                     )  # fmt: skip
                 else:
                     _adan_chunk(
-                        param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_diff_ptrs, exp_avg_sq_ptrs, prev_grad_ptrs, comp_ptrs, tensor,
+                        param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_diff_ptrs, exp_avg_sq_ptrs, prev_grad_ptrs, exp_avg_scale_ptrs,
+                        exp_avg_diff_scale_ptrs, exp_avg_sq_scale_ptrs, comp_ptrs, code_maps, midpoints, tensor,
                         offsets, numel, grad_multiplier, has_previous, lr, beta1, one_minus_beta1, beta2,
                         one_minus_beta2, beta3, one_minus_beta3, bc1, diff_scale, bc3, eps, weight_decay,
                         PARAM_DTYPE, GRAD_DTYPE, EXP_AVG_DTYPE, EXP_AVG_DIFF_DTYPE, EXP_AVG_SQ_DTYPE, PREV_GRAD_DTYPE,
-                        NO_PROX, KAHAN, False, False,
+                        NO_PROX, KAHAN, False, False, CHUNK_SIZE,
                     )  # fmt: skip
             else:
                 _adan_chunk(
-                    param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_diff_ptrs, exp_avg_sq_ptrs, prev_grad_ptrs, comp_ptrs, tensor,
+                    param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_diff_ptrs, exp_avg_sq_ptrs, prev_grad_ptrs, exp_avg_scale_ptrs,
+                        exp_avg_diff_scale_ptrs, exp_avg_sq_scale_ptrs, comp_ptrs, code_maps, midpoints, tensor,
                     offsets, numel, grad_multiplier, has_previous, lr, beta1, one_minus_beta1, beta2,
                     one_minus_beta2, beta3, one_minus_beta3, bc1, diff_scale, bc3, eps, weight_decay,
                     PARAM_DTYPE, GRAD_DTYPE, EXP_AVG_DTYPE, EXP_AVG_DIFF_DTYPE, EXP_AVG_SQ_DTYPE, PREV_GRAD_DTYPE,
-                    NO_PROX, KAHAN, False, True,
+                    NO_PROX, KAHAN, False, True, CHUNK_SIZE,
                 )  # fmt: skip
 
 
@@ -181,6 +189,9 @@ def fused_adan(
     prev_grads: list[Tensor],
     state_steps: list[Tensor],
     kahan_comps: list[Tensor | None] | None = None,
+    exp_avg_scales: list[Tensor] | None = None,
+    exp_avg_diff_scales: list[Tensor] | None = None,
+    exp_avg_sq_scales: list[Tensor] | None = None,
     *,
     lr: float | Tensor,
     beta1: float,
@@ -198,14 +209,17 @@ def fused_adan(
     """One Adan step over the given tensors, in place (see the module docstring).
 
     The caller's gradients are read, never written. With `found_inf` nonzero nothing changes,
-    step counters included; nothing here synchronises with the host. `buckets`, `kahan_comps`:
-    see `fused_lamb`.
+    step counters included; nothing here synchronises with the host. `buckets`, `kahan_comps`
+    and the scales of 8-bit m, d, n (g_prev is never 8-bit): see `fused_lamb`.
     """
     if buckets is None:
-        lists = [params, grads, exp_avgs, exp_avg_diffs, exp_avg_sqs, prev_grads, state_steps]
-        buckets = compensated_buckets("adan", lists, kahan_comps, **ADAN_LAYOUT, plans=None)
+        lists, layout = quantised_lists(
+            [params, grads, exp_avgs, exp_avg_diffs, exp_avg_sqs, prev_grads, state_steps], ADAN_LAYOUT,
+            [exp_avg_scales, exp_avg_diff_scales, exp_avg_sq_scales],
+        )  # fmt: skip
+        buckets = compensated_buckets("adan", lists, kahan_comps, **layout, plans=None)
     for device, dtypes, lists, table in buckets:
-        pointers = kernel_pointers(table, **ADAN_LAYOUT)
+        pointers = kernel_pointers(table, ADAN_LAYOUT["n_elementwise"], 3)
         device_found_inf = scalar_on(found_inf, device)
         corrections = table.scratch("adan bias corrections", "tensor", _CORRECTIONS.value)
         launch_per_tensor(_count_kernel, table, pointers[6], corrections, device_found_inf, beta2,
@@ -220,6 +234,7 @@ def fused_adan(
             scalar_on(grad_scale, device),
             device_found_inf,
             scalar_on(grad_clip_coef, device),
+            *tables_of(table.n_blockwise > 0, device),
             lr_float,
             beta1,
             1.0 - beta1,

@@ -21,6 +21,12 @@ x: 40, the minimum without keeping u in memory.
 
 With Kahan compensation buffers c (bf16/fp16 parameters, `kahan_sum`), x is p + c in both
 passes and the last one Kahan-adds −lr·r·u to p (see `_compensated.store_compensated`).
+
+With 8-bit m and v (`state_dtype="8bit"`, `_blockwise`), u is taken from the exact float32
+moments, as the per-tensor path takes it, which the codes cannot give back. So pass 1 writes no
+state, and pass 3 is pass 1 again: it recomputes m, v and u from the old codes and g, applies
+x ← x − lr·r·u and stores the new codes. Bytes per fp32 parameter: 4 + 4 + 1 + 1 read, then
+the same read and 4 + 1 + 1 written: 26 (the scales add 1/64 of a byte per state).
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ from ._engine import (
     scalar_on,
     tensor_pointer,
 )
+from ._blockwise import load_state, quantised_lists, rounded_like_stored, store_state, tables_of
 from ._compensated import compensated_buckets, kernel_pointers, load_compensation, store_compensated
 from ._norms import segment_sums
 from ._plan import Bucket
@@ -82,16 +89,28 @@ def _bias_corrections(corrections, tensor, BIAS_CORRECTION: tl.constexpr):
 
 
 @triton.jit
+def _trust_step_size(norms_sq, tensor, lr, trust_clip, TRUST_CLIP: tl.constexpr):
+    """lr·r of `tensor`, r = ‖x‖ / ‖u‖ from norms_sq[i] = (‖x‖², ‖u‖²) (1 when either is 0;
+    ≤ trust_clip with TRUST_CLIP)."""
+    param_norm = tl.sqrt(tl.load(norms_sq + 2 * tensor))
+    update_norm = tl.sqrt(tl.load(norms_sq + 2 * tensor + 1))
+    adaptable = (param_norm > 0) & (update_norm > 0)
+    ratio = tl.where(adaptable, param_norm / tl.where(adaptable, update_norm, 1.0), 1.0)
+    if TRUST_CLIP:
+        ratio = tl.minimum(ratio, trust_clip)
+    return lr * ratio
+
+
+@triton.jit
 def _moments_chunk(
-    param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_sq_ptrs, comp_ptrs, tensor, partial, offsets, numel,
-    grad_multiplier, lr, beta1, grad_weight, beta2, one_minus_beta2, bc1, bc2, eps, weight_decay,
+    param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_sq_ptrs, exp_avg_scale_ptrs, exp_avg_sq_scale_ptrs, comp_ptrs,
+    code_maps, midpoints, tensor, partial, offsets, numel,
+    grad_multiplier, step_size, beta1, grad_weight, beta2, one_minus_beta2, bc1, bc2, eps, weight_decay,
     PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr, EXP_AVG_DTYPE: tl.constexpr, EXP_AVG_SQ_DTYPE: tl.constexpr,
-    ADAPT: tl.constexpr, KAHAN: tl.constexpr, ALIGNED: tl.constexpr, MASKED: tl.constexpr,
+    ADAPT: tl.constexpr, KAHAN: tl.constexpr, ALIGNED: tl.constexpr, MASKED: tl.constexpr, CHUNK_SIZE: tl.constexpr,
 ):  # fmt: skip
     param = tensor_pointer(param_ptrs, tensor, PARAM_DTYPE, ALIGNED)
     grad = tensor_pointer(grad_ptrs, tensor, GRAD_DTYPE, ALIGNED)
-    exp_avg = tensor_pointer(exp_avg_ptrs, tensor, EXP_AVG_DTYPE, ALIGNED)
-    exp_avg_sq = tensor_pointer(exp_avg_sq_ptrs, tensor, EXP_AVG_SQ_DTYPE, ALIGNED)
     mask = offsets < numel if MASKED else None
     other = 0.0 if MASKED else None
     stored = tl.load(param + offsets, mask=mask, other=other).to(tl.float32)
@@ -100,36 +119,44 @@ def _moments_chunk(
         comp = load_compensation(comp_ptrs, tensor, offsets, mask, other, PARAM_DTYPE, ALIGNED)
         x = stored + comp
     g = tl.load(grad + offsets, mask=mask, other=other).to(tl.float32) * grad_multiplier
-    m = beta1 * tl.load(exp_avg + offsets, mask=mask, other=other).to(tl.float32) + grad_weight * g
-    v = beta2 * tl.load(exp_avg_sq + offsets, mask=mask, other=other).to(tl.float32) + one_minus_beta2 * (g * g)
-    m = m.to(EXP_AVG_DTYPE)
-    v = v.to(EXP_AVG_SQ_DTYPE)
-    tl.store(exp_avg + offsets, m, mask=mask)
-    tl.store(exp_avg_sq + offsets, v, mask=mask)
-    # u from m and v as stored, so that the apply pass recomputes exactly this u.
-    update = (m.to(tl.float32) / bc1) / (tl.sqrt(v.to(tl.float32) / bc2) + eps) + weight_decay * x
+    m = load_state(exp_avg_ptrs, exp_avg_scale_ptrs, code_maps, tensor, offsets, mask, other, EXP_AVG_DTYPE, ALIGNED)
+    v = load_state(exp_avg_sq_ptrs, exp_avg_sq_scale_ptrs, code_maps, tensor, offsets, mask, other, EXP_AVG_SQ_DTYPE, ALIGNED)
+    # u from m and v as stored (float states, so that the apply pass recomputes exactly this u;
+    # 8-bit states: exact, as the apply pass recomputes them from the old codes too).
+    m = rounded_like_stored(beta1 * m + grad_weight * g, exp_avg_scale_ptrs, EXP_AVG_DTYPE)
+    v = rounded_like_stored(beta2 * v + one_minus_beta2 * (g * g), exp_avg_sq_scale_ptrs, EXP_AVG_SQ_DTYPE)
+    # 8-bit states are stored by the pass that applies the step (pass 1 only without adaptation).
+    if not ADAPT or exp_avg_scale_ptrs is None:
+        store_state(exp_avg_ptrs, exp_avg_scale_ptrs, midpoints, tensor, offsets, mask, numel, m,
+                    EXP_AVG_DTYPE, ALIGNED, MASKED, CHUNK_SIZE)  # fmt: skip
+        store_state(exp_avg_sq_ptrs, exp_avg_sq_scale_ptrs, midpoints, tensor, offsets, mask, numel, v,
+                    EXP_AVG_SQ_DTYPE, ALIGNED, MASKED, CHUNK_SIZE)  # fmt: skip
+    update = (m / bc1) / (tl.sqrt(v / bc2) + eps) + weight_decay * x
     if ADAPT:
         if MASKED:
             update = tl.where(mask, update, 0.0)  # 0/0 past the end when eps = 0
         tl.store(partial, tl.sum(x * x, axis=0))
         tl.store(partial + 1, tl.sum(update * update, axis=0))
     elif KAHAN:
-        store_compensated(param_ptrs, comp_ptrs, tensor, offsets, mask, stored, comp, -lr * update, PARAM_DTYPE, ALIGNED)
+        store_compensated(
+            param_ptrs, comp_ptrs, tensor, offsets, mask, stored, comp, -step_size * update, PARAM_DTYPE, ALIGNED
+        )
     else:
-        tl.store(param + offsets, (x - lr * update).to(PARAM_DTYPE), mask=mask)
+        tl.store(param + offsets, (x - step_size * update).to(PARAM_DTYPE), mask=mask)
 
 
 @triton.jit
 def _moments_kernel(
     n_chunks, chunk_tensors, numels, first_chunks, aligned,
-    param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_sq_ptrs, step_ptrs, comp_ptrs,
-    partials, corrections, lr_tensor, grad_scale, found_inf, clip_coef,
-    lr, beta1, grad_weight, beta2, one_minus_beta2, eps, weight_decay,
+    param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_sq_ptrs, step_ptrs, exp_avg_scale_ptrs, exp_avg_sq_scale_ptrs, comp_ptrs,
+    partials, norms_sq, corrections, lr_tensor, grad_scale, found_inf, clip_coef, code_maps, midpoints,
+    lr, beta1, grad_weight, beta2, one_minus_beta2, eps, weight_decay, trust_clip,
     PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr, EXP_AVG_DTYPE: tl.constexpr, EXP_AVG_SQ_DTYPE: tl.constexpr,
-    MAXIMIZE: tl.constexpr, BIAS_CORRECTION: tl.constexpr, ADAPT: tl.constexpr, KAHAN: tl.constexpr,
-    CHUNK_SIZE: tl.constexpr, CHUNKS_PER_PROGRAM: tl.constexpr,
+    MAXIMIZE: tl.constexpr, BIAS_CORRECTION: tl.constexpr, ADAPT: tl.constexpr, TRUST_CLIP: tl.constexpr,
+    KAHAN: tl.constexpr, CHUNK_SIZE: tl.constexpr, CHUNKS_PER_PROGRAM: tl.constexpr,
 ):  # fmt: skip
-    """Pass 1. With ADAPT, partials[c] = (Σx², Σu²) of chunk c; without, x is updated here."""
+    """Pass 1. With ADAPT, partials[c] = (Σx², Σu²) of chunk c; without, x ← x − lr·u here, or,
+    given `norms_sq` (pass 3 of 8-bit states, which recomputes u), x ← x − lr·r·u."""
     if found_inf is not None:
         if tl.load(found_inf) != 0:
             return
@@ -143,24 +170,30 @@ def _moments_kernel(
             )
             bc1, bc2 = _bias_corrections(corrections, tensor, BIAS_CORRECTION)
             partial = partials + 2 * chunk
+            step_size = lr
+            if norms_sq is not None:
+                step_size = _trust_step_size(norms_sq, tensor, lr, trust_clip, TRUST_CLIP)
             if full_chunk:
                 if vector_aligned:
                     _moments_chunk(
-                        param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_sq_ptrs, comp_ptrs, tensor, partial, offsets, numel,
-                        grad_multiplier, lr, beta1, grad_weight, beta2, one_minus_beta2, bc1, bc2, eps, weight_decay,
-                        PARAM_DTYPE, GRAD_DTYPE, EXP_AVG_DTYPE, EXP_AVG_SQ_DTYPE, ADAPT, KAHAN, True, False,
+                        param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_sq_ptrs, exp_avg_scale_ptrs, exp_avg_sq_scale_ptrs,
+                        comp_ptrs, code_maps, midpoints, tensor, partial, offsets, numel,
+                        grad_multiplier, step_size, beta1, grad_weight, beta2, one_minus_beta2, bc1, bc2, eps, weight_decay,
+                        PARAM_DTYPE, GRAD_DTYPE, EXP_AVG_DTYPE, EXP_AVG_SQ_DTYPE, ADAPT, KAHAN, True, False, CHUNK_SIZE,
                     )  # fmt: skip
                 else:
                     _moments_chunk(
-                        param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_sq_ptrs, comp_ptrs, tensor, partial, offsets, numel,
-                        grad_multiplier, lr, beta1, grad_weight, beta2, one_minus_beta2, bc1, bc2, eps, weight_decay,
-                        PARAM_DTYPE, GRAD_DTYPE, EXP_AVG_DTYPE, EXP_AVG_SQ_DTYPE, ADAPT, KAHAN, False, False,
+                        param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_sq_ptrs, exp_avg_scale_ptrs, exp_avg_sq_scale_ptrs,
+                        comp_ptrs, code_maps, midpoints, tensor, partial, offsets, numel,
+                        grad_multiplier, step_size, beta1, grad_weight, beta2, one_minus_beta2, bc1, bc2, eps, weight_decay,
+                        PARAM_DTYPE, GRAD_DTYPE, EXP_AVG_DTYPE, EXP_AVG_SQ_DTYPE, ADAPT, KAHAN, False, False, CHUNK_SIZE,
                     )  # fmt: skip
             else:
                 _moments_chunk(
-                    param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_sq_ptrs, comp_ptrs, tensor, partial, offsets, numel,
-                    grad_multiplier, lr, beta1, grad_weight, beta2, one_minus_beta2, bc1, bc2, eps, weight_decay,
-                    PARAM_DTYPE, GRAD_DTYPE, EXP_AVG_DTYPE, EXP_AVG_SQ_DTYPE, ADAPT, KAHAN, False, True,
+                    param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_sq_ptrs, exp_avg_scale_ptrs, exp_avg_sq_scale_ptrs,
+                    comp_ptrs, code_maps, midpoints, tensor, partial, offsets, numel,
+                    grad_multiplier, step_size, beta1, grad_weight, beta2, one_minus_beta2, bc1, bc2, eps, weight_decay,
+                    PARAM_DTYPE, GRAD_DTYPE, EXP_AVG_DTYPE, EXP_AVG_SQ_DTYPE, ADAPT, KAHAN, False, True, CHUNK_SIZE,
                 )  # fmt: skip
 
 
@@ -194,14 +227,14 @@ def _apply_chunk(
 @triton.jit
 def _apply_kernel(
     n_chunks, chunk_tensors, numels, first_chunks, aligned,
-    param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_sq_ptrs, step_ptrs, comp_ptrs,
+    param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_sq_ptrs, step_ptrs, exp_avg_scale_ptrs, exp_avg_sq_scale_ptrs, comp_ptrs,
     norms_sq, corrections, lr_tensor, found_inf,
     lr, eps, weight_decay, trust_clip,
     PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr, EXP_AVG_DTYPE: tl.constexpr, EXP_AVG_SQ_DTYPE: tl.constexpr,
     BIAS_CORRECTION: tl.constexpr, TRUST_CLIP: tl.constexpr, KAHAN: tl.constexpr,
     CHUNK_SIZE: tl.constexpr, CHUNKS_PER_PROGRAM: tl.constexpr,
 ):  # fmt: skip
-    """Pass 3: x ← x − lr·r·u with r from the per-tensor norms_sq[i] = (‖x‖², ‖u‖²)."""
+    """Pass 3 of float states: x ← x − lr·r·u, u from the stored m, v."""
     if found_inf is not None:
         if tl.load(found_inf) != 0:
             return
@@ -213,13 +246,7 @@ def _apply_kernel(
                 chunk, chunk_tensors, numels, first_chunks, aligned, CHUNK_SIZE
             )
             bc1, bc2 = _bias_corrections(corrections, tensor, BIAS_CORRECTION)
-            param_norm = tl.sqrt(tl.load(norms_sq + 2 * tensor))
-            update_norm = tl.sqrt(tl.load(norms_sq + 2 * tensor + 1))
-            adaptable = (param_norm > 0) & (update_norm > 0)
-            ratio = tl.where(adaptable, param_norm / tl.where(adaptable, update_norm, 1.0), 1.0)
-            if TRUST_CLIP:
-                ratio = tl.minimum(ratio, trust_clip)
-            step_size = lr * ratio
+            step_size = _trust_step_size(norms_sq, tensor, lr, trust_clip, TRUST_CLIP)
             if full_chunk:
                 if vector_aligned:
                     _apply_chunk(
@@ -245,6 +272,8 @@ def fused_lamb(
     exp_avg_sqs: list[Tensor],
     state_steps: list[Tensor],
     kahan_comps: list[Tensor | None] | None = None,
+    exp_avg_scales: list[Tensor] | None = None,
+    exp_avg_sq_scales: list[Tensor] | None = None,
     *,
     lr: float | Tensor,
     beta1: float,
@@ -270,15 +299,19 @@ def fused_lamb(
     synchronises with the host. `buckets` are the lists' buckets with their step plans already
     made current (an optimizer prepares every group, with the plans it keeps, before stepping
     any); without them the plans are built for this call. `kahan_comps`: per tensor its
-    compensation buffer or None (see `_compensated`); with `buckets`, the buckets carry them.
-    Every tensor is checked before anything changes: a refused step raises and leaves tensors and
-    counters as they were.
+    compensation buffer or None (see `_compensated`); `exp_avg_scales`, `exp_avg_sq_scales`:
+    given, m and v are 8-bit codes with these scales (see `_blockwise`); with `buckets`, the
+    buckets carry both. Every tensor is checked before anything changes: a refused step raises
+    and leaves tensors and counters as they were.
     """
     if buckets is None:
-        lists = [params, grads, exp_avgs, exp_avg_sqs, state_steps]
-        buckets = compensated_buckets("lamb", lists, kahan_comps, **LAMB_LAYOUT, plans=None)
+        lists, layout = quantised_lists(
+            [params, grads, exp_avgs, exp_avg_sqs, state_steps], LAMB_LAYOUT, [exp_avg_scales, exp_avg_sq_scales]
+        )
+        buckets = compensated_buckets("lamb", lists, kahan_comps, **layout, plans=None)
     for device, dtypes, lists, table in buckets:
-        pointers = kernel_pointers(table, **LAMB_LAYOUT)
+        pointers = kernel_pointers(table, LAMB_LAYOUT["n_elementwise"], 2)
+        quantised = table.n_blockwise > 0
         device_found_inf = scalar_on(found_inf, device)
         corrections = table.scratch("lamb bias corrections", "tensor", 2)
         launch_per_tensor(_count_kernel, table, pointers[4], corrections, device_found_inf,
@@ -287,15 +320,13 @@ def fused_lamb(
         lr_tensor, lr_float = lr_arguments(lr, device)
         dtype_args = dtype_constexprs(("PARAM", "GRAD", "EXP_AVG", "EXP_AVG_SQ"), dtypes)
         partials = table.scratch("lamb norms", "chunk", 2 if adapt else 0)
-        launch(
-            _moments_kernel,
-            table,
-            partials,
+        moments_args = (
             corrections,
             lr_tensor,
             scalar_on(grad_scale, device),
             device_found_inf,
             scalar_on(grad_clip_coef, device),
+            *tables_of(quantised, device),
             lr_float,
             beta1,
             1.0 - beta1 if grad_averaging else 1.0,
@@ -303,19 +334,26 @@ def fused_lamb(
             1.0 - beta2,
             eps,
             weight_decay,
-            pointers=pointers,
+            0.0 if trust_clip is None else trust_clip,
+        )
+        constexprs = dict(
             MAXIMIZE=maximize,
             BIAS_CORRECTION=bias_correction,
-            ADAPT=adapt,
+            TRUST_CLIP=trust_clip is not None,
             KAHAN=pointers[-1] is not None,
             **dtype_args,
         )
+        launch(_moments_kernel, table, partials, None, *moments_args, pointers=pointers, ADAPT=adapt, **constexprs)
         if not adapt:
+            continue
+        norms_sq = complete_squares(segment_sums(partials, table, "lamb norms"), shard_reduction)
+        if quantised:  # recompute m, v and u from the old codes, step, and store the new codes
+            launch(_moments_kernel, table, partials, norms_sq, *moments_args, pointers=pointers, ADAPT=False, **constexprs)
             continue
         launch(
             _apply_kernel,
             table,
-            complete_squares(segment_sums(partials, table, "lamb norms"), shard_reduction),
+            norms_sq,
             corrections,
             lr_tensor,
             device_found_inf,

@@ -19,7 +19,9 @@ the per-tensor path counts it too, so fused and non-fused optimizers keep identi
 (a checkpoint moves between them), and `step` is the count torch.optim's states carry.
 
 With Kahan compensation buffers c (bf16/fp16 parameters, `kahan_sum`), x is p + c in both
-passes and the update Kahan-adds −lr·step to p (see `_compensated.store_compensated`).
+passes and the update Kahan-adds −lr·step to p (see `_compensated.store_compensated`). With an
+8-bit buffer (`state_dtype="8bit"`), the update pass dequantises it, steps with the exact
+float32 buffer and stores its new codes (`_blockwise`).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from ._engine import (
     scalar_on,
     tensor_pointer,
 )
+from ._blockwise import load_state, quantised_lists, rounded_like_stored, store_state, tables_of
 from ._compensated import compensated_buckets, kernel_pointers, load_compensation, store_compensated
 from ._norms import segment_sums
 from ._plan import Bucket
@@ -76,8 +79,8 @@ def _norms_chunk(
 
 @triton.jit
 def _norms_kernel(
-    n_chunks, chunk_tensors, numels, first_chunks, aligned, param_ptrs, grad_ptrs, buf_ptrs, step_ptrs, comp_ptrs,
-    partials, grad_scale, found_inf,
+    n_chunks, chunk_tensors, numels, first_chunks, aligned, param_ptrs, grad_ptrs, buf_ptrs, step_ptrs, buf_scale_ptrs,
+    comp_ptrs, partials, grad_scale, found_inf,
     PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr, KAHAN: tl.constexpr,
     CHUNK_SIZE: tl.constexpr, CHUNKS_PER_PROGRAM: tl.constexpr,
 ):  # fmt: skip
@@ -109,11 +112,11 @@ def _norms_kernel(
 
 @triton.jit
 def _update_chunk(
-    param_ptrs, grad_ptrs, buf_ptrs, comp_ptrs, tensor, offsets, numel,
+    param_ptrs, grad_ptrs, buf_ptrs, buf_scale_ptrs, comp_ptrs, code_maps, midpoints, tensor, offsets, numel,
     grad_multiplier, direction_scale, lr, momentum, dampening_complement, weight_decay,
     PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr, BUF_DTYPE: tl.constexpr,
     MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, LR_IN_MOMENTUM: tl.constexpr, KAHAN: tl.constexpr,
-    ALIGNED: tl.constexpr, MASKED: tl.constexpr,
+    ALIGNED: tl.constexpr, MASKED: tl.constexpr, CHUNK_SIZE: tl.constexpr,
 ):  # fmt: skip
     param = tensor_pointer(param_ptrs, tensor, PARAM_DTYPE, ALIGNED)
     grad = tensor_pointer(grad_ptrs, tensor, GRAD_DTYPE, ALIGNED)
@@ -127,14 +130,14 @@ def _update_chunk(
     g = tl.load(grad + offsets, mask=mask, other=other).to(tl.float32) * grad_multiplier
     direction = (g + weight_decay * x) * direction_scale
     if MOMENTUM:
-        buf = tensor_pointer(buf_ptrs, tensor, BUF_DTYPE, ALIGNED)
-        b = momentum * tl.load(buf + offsets, mask=mask, other=other).to(tl.float32) + dampening_complement * direction
-        b = b.to(BUF_DTYPE)
-        tl.store(buf + offsets, b, mask=mask)
+        b = momentum * load_state(buf_ptrs, buf_scale_ptrs, code_maps, tensor, offsets, mask, other, BUF_DTYPE, ALIGNED)
+        b = rounded_like_stored(b + dampening_complement * direction, buf_scale_ptrs, BUF_DTYPE)
+        store_state(buf_ptrs, buf_scale_ptrs, midpoints, tensor, offsets, mask, numel, b, BUF_DTYPE, ALIGNED, MASKED,
+                    CHUNK_SIZE)  # fmt: skip
         if NESTEROV:
-            step = direction + momentum * b.to(tl.float32)
+            step = direction + momentum * b
         else:
-            step = b.to(tl.float32)
+            step = b
     else:
         step = direction
     if not LR_IN_MOMENTUM:
@@ -147,8 +150,8 @@ def _update_chunk(
 
 @triton.jit
 def _update_kernel(
-    n_chunks, chunk_tensors, numels, first_chunks, aligned, param_ptrs, grad_ptrs, buf_ptrs, step_ptrs, comp_ptrs,
-    norms_sq, lr_tensor, grad_scale, found_inf,
+    n_chunks, chunk_tensors, numels, first_chunks, aligned, param_ptrs, grad_ptrs, buf_ptrs, step_ptrs, buf_scale_ptrs,
+    comp_ptrs, norms_sq, lr_tensor, grad_scale, found_inf, code_maps, midpoints,
     lr, momentum, dampening_complement, weight_decay, trust_coefficient, eps,
     PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr, BUF_DTYPE: tl.constexpr,
     MAXIMIZE: tl.constexpr, ADAPT: tl.constexpr, TRUST_CLIP: tl.constexpr,
@@ -185,21 +188,21 @@ def _update_kernel(
             if full_chunk:
                 if vector_aligned:
                     _update_chunk(
-                        param_ptrs, grad_ptrs, buf_ptrs, comp_ptrs, tensor, offsets, numel,
+                        param_ptrs, grad_ptrs, buf_ptrs, buf_scale_ptrs, comp_ptrs, code_maps, midpoints, tensor, offsets, numel,
                         grad_multiplier, direction_scale, lr, momentum, dampening_complement, weight_decay,
-                        PARAM_DTYPE, GRAD_DTYPE, BUF_DTYPE, MOMENTUM, NESTEROV, LR_IN_MOMENTUM, KAHAN, True, False,
+                        PARAM_DTYPE, GRAD_DTYPE, BUF_DTYPE, MOMENTUM, NESTEROV, LR_IN_MOMENTUM, KAHAN, True, False, CHUNK_SIZE,
                     )  # fmt: skip
                 else:
                     _update_chunk(
-                        param_ptrs, grad_ptrs, buf_ptrs, comp_ptrs, tensor, offsets, numel,
+                        param_ptrs, grad_ptrs, buf_ptrs, buf_scale_ptrs, comp_ptrs, code_maps, midpoints, tensor, offsets, numel,
                         grad_multiplier, direction_scale, lr, momentum, dampening_complement, weight_decay,
-                        PARAM_DTYPE, GRAD_DTYPE, BUF_DTYPE, MOMENTUM, NESTEROV, LR_IN_MOMENTUM, KAHAN, False, False,
+                        PARAM_DTYPE, GRAD_DTYPE, BUF_DTYPE, MOMENTUM, NESTEROV, LR_IN_MOMENTUM, KAHAN, False, False, CHUNK_SIZE,
                     )  # fmt: skip
             else:
                 _update_chunk(
-                    param_ptrs, grad_ptrs, buf_ptrs, comp_ptrs, tensor, offsets, numel,
+                    param_ptrs, grad_ptrs, buf_ptrs, buf_scale_ptrs, comp_ptrs, code_maps, midpoints, tensor, offsets, numel,
                     grad_multiplier, direction_scale, lr, momentum, dampening_complement, weight_decay,
-                    PARAM_DTYPE, GRAD_DTYPE, BUF_DTYPE, MOMENTUM, NESTEROV, LR_IN_MOMENTUM, KAHAN, False, True,
+                    PARAM_DTYPE, GRAD_DTYPE, BUF_DTYPE, MOMENTUM, NESTEROV, LR_IN_MOMENTUM, KAHAN, False, True, CHUNK_SIZE,
                 )  # fmt: skip
 
 
@@ -209,6 +212,7 @@ def fused_lars(
     momentum_buffers: list[Tensor] | None,
     state_steps: list[Tensor],
     kahan_comps: list[Tensor | None] | None = None,
+    momentum_buffer_scales: list[Tensor] | None = None,
     *,
     lr: float | Tensor,
     momentum: float,
@@ -233,23 +237,27 @@ def fused_lars(
     all-reduce per (device, dtype) group) when the tensors are local shards. With `found_inf`
     nonzero nothing changes, step counters included. `buckets`: see `fused_lamb`. The kernels
     never read the step counters; the update pass still counts them, so that the state matches
-    the per-tensor implementation's (see the module docstring). `kahan_comps`: see `fused_lamb`.
+    the per-tensor implementation's (see the module docstring). `kahan_comps`,
+    `momentum_buffer_scales` (8-bit buffers): see `fused_lamb`.
     """
     has_momentum = momentum_buffers is not None
     if has_momentum == (momentum == 0):
         raise ValueError("momentum_buffers must be given exactly when momentum != 0")
+    layout = lars_layout(has_momentum)
     if buckets is None:
-        lists = [params, grads, *([momentum_buffers] if has_momentum else []), state_steps]
-        buckets = compensated_buckets("lars", lists, kahan_comps, **lars_layout(has_momentum), plans=None)
+        lists, scaled_layout = quantised_lists(
+            [params, grads, *([momentum_buffers] if has_momentum else []), state_steps], layout, [momentum_buffer_scales]
+        )
+        buckets = compensated_buckets("lars", lists, kahan_comps, **scaled_layout, plans=None)
     for device, dtypes, lists, table in buckets:
         device_found_inf = scalar_on(found_inf, device)
         device_grad_scale = scalar_on(grad_scale, device)
         mark_written(lists[0])
-        # The kernels take a buffer row in any case: without momentum it is None, never read, and
-        # typed like the params.
-        pointers = kernel_pointers(table, **lars_layout(has_momentum))
+        # The kernels take a buffer row and a scales row in any case: without momentum they are
+        # None, never read, and the buffer is typed like the params.
+        pointers = kernel_pointers(table, layout["n_elementwise"], 1 if has_momentum else 0)
         if not has_momentum:
-            pointers = (*pointers[:2], None, *pointers[2:])
+            pointers = (*pointers[:2], None, pointers[2], None, pointers[3])
         kahan = pointers[-1] is not None
         buffer_dtype = dtypes[2] if has_momentum else dtypes[0]
         dtype_args = dtype_constexprs(("PARAM", "GRAD", "BUF"), (dtypes[0], dtypes[1], buffer_dtype))
@@ -276,6 +284,7 @@ def fused_lars(
             lr_tensor,
             device_grad_scale,
             device_found_inf,
+            *tables_of(table.n_blockwise > 0, device),
             lr_float,
             momentum,
             1.0 - dampening,

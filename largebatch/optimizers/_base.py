@@ -414,21 +414,16 @@ class LargeBatchOptimizer(Optimizer):
             check_fused_supported([p for p in group["params"] if not p.is_meta])
 
     def _check_quantised_group(self, group: dict[str, Any]) -> None:
-        """8-bit states go with the per-tensor and foreach paths of unsharded parameters only:
-        the fused plan lays every list out like the parameters, which a list of per-block scales
-        is not; autograd has no derivative through the rounding; and a block of a shard is not
-        a block of its parameter."""
+        """8-bit states go with unsharded parameters only, and not with ``differentiable``:
+        autograd has no derivative through the rounding, and a block of a shard is not a block
+        of its parameter."""
         if not is_quantised(group):
             return
-        for flag, why in (
-            ("fused", "the fused kernels need every state laid out like the parameters, and the scales are per block"),
-            ("differentiable", "rounding to 8-bit codes has no derivative"),
-        ):
-            if group[flag]:
-                raise ValueError(
-                    f"Invalid state_dtype={EIGHT_BIT!r} with {flag}=True: {why}; use {flag}=False, or "
-                    "state_dtype=torch.bfloat16 / torch.float32 / None"
-                )
+        if group["differentiable"]:
+            raise ValueError(
+                f"Invalid state_dtype={EIGHT_BIT!r} with differentiable=True: rounding to 8-bit codes has no derivative; "
+                "use differentiable=False, or state_dtype=torch.bfloat16 / torch.float32 / None"
+            )
         if group["shard_group"] is not None:
             raise ValueError(
                 f"Invalid state_dtype={EIGHT_BIT!r} with a shard_group: the blocks of a flat shard are not "
@@ -751,9 +746,12 @@ class LargeBatchOptimizer(Optimizer):
                 comps = self._kahan_comps(params, group)
             buckets = None
             if fused:
+                from largebatch.fused._blockwise import quantised_lists
                 from largebatch.fused._compensated import compensated_buckets
 
-                buckets = compensated_buckets(self._name, lists, comps, **self._fused_layout(group), plans=plans)
+                scales = list(self._state_scales(group, params).values())
+                bucket_lists, layout = quantised_lists(lists, self._fused_layout(group), scales)
+                buckets = compensated_buckets(self._name, bucket_lists, comps, **layout, plans=plans)
         except Exception:
             if fused:
                 self._check_params_and_grads(params, grads)

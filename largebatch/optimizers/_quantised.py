@@ -30,13 +30,15 @@ parameters) working tensors, runs the optimizer's ordinary per-tensor or foreach
 and requantises them (`step_on_working_states`): the parameter update uses the exact fp32
 moments of this step, as bitsandbytes' kernels do, and only what is kept between steps is
 8-bit. The per-tensor path works one tensor at a time; the foreach path one cache-sized chunk
-(a bounded one on accelerators), (de)quantising tensor by tensor.
+(a bounded one on accelerators), (de)quantising tensor by tensor. The fused kernels do the same
+in registers, chunk by chunk (`largebatch.fused._blockwise`, with `kernel_tables`), and give the
+same codes for the same float32 values.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -46,10 +48,11 @@ __all__ = [
     "BLOCK_SIZE",
     "EIGHT_BIT",
     "HALF_GAP",
-    "check_not_quantised",
+    "check_unsharded",
     "code_map",
     "dequantised",
     "new_codes",
+    "kernel_tables",
     "num_blocks",
     "quantise_",
     "quantised",
@@ -124,6 +127,19 @@ def _device_tables(dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Te
     """The code map and the search tables of `dtype` on `device` (copied there once)."""
     table, midpoints = _SEARCH_TABLES[dtype]
     return _MAPS[dtype].to(device), table.to(device), midpoints.to(device)
+
+
+@functools.lru_cache(maxsize=None)
+def kernel_tables(device: torch.device) -> tuple[Tensor, Tensor]:
+    """The fused kernels' tables on `device` (`largebatch.fused._blockwise`): the int8 code map
+    then the uint8 one (512 float32 values), and each map's midpoints between its values >= 0
+    (those `_nearest_codes` searches), padded with +inf to 256 each."""
+    maps, midpoints = [], []
+    for dtype in (torch.int8, torch.uint8):
+        values = _SEARCH_TABLES[dtype][1]
+        maps.append(_MAPS[dtype])
+        midpoints.append(torch.cat([values, values.new_full((256 - values.numel(),), float("inf"))]))
+    return torch.cat(maps).to(device), torch.cat(midpoints).to(device)
 
 
 def _nearest_codes(normalised: Tensor, dtype: torch.dtype) -> Tensor:
@@ -244,15 +260,6 @@ def _index_chunks(params: Sequence[Tensor], per_tensor: bool) -> Iterator[slice]
     yield slice(start, len(params))
 
 
-def check_not_quantised(scales: Mapping[int, list[Tensor] | None]) -> None:
-    """The fused path takes no 8-bit states: a ValueError if any `scales` are given."""
-    if any(values is not None for values in scales.values()):
-        raise ValueError(
-            f"state_dtype={EIGHT_BIT!r} (8-bit states with scales) cannot run fused=True: the fused kernels need "
-            "every state laid out like the parameters; use fused=False, or bf16/fp32 states"
-        )
-
-
 def run_body(
     body: Callable[..., None],
     tensors: Sequence[list[Any] | None],
@@ -267,12 +274,17 @@ def run_body(
     if not given:
         body(*tensors)
         return
-    if sharded:
+    check_unsharded(given.values(), sharded)
+    step_on_working_states(body, tensors, given, per_tensor=per_tensor)
+
+
+def check_unsharded(scales: Iterable[list[Tensor] | None], sharded: bool) -> None:
+    """A ValueError when some `scales` are given for `sharded` parameters (every path's check)."""
+    if sharded and any(values is not None for values in scales):
         raise ValueError(
             f"state_dtype={EIGHT_BIT!r} (8-bit states with scales) cannot step sharded parameters: the blocks of a "
             "shard are not those of its parameter"
         )
-    step_on_working_states(body, tensors, given, per_tensor=per_tensor)
 
 
 def step_on_working_states(

@@ -31,7 +31,7 @@ from ._inplace import (
     step_values,
 )
 from ._kahan import KAHAN_KEY, check_kahan_comps, compensated, foreach_compensated, foreach_kahan_add_, fp32_combination, kahan_add_
-from ._quantised import check_not_quantised, run_body
+from ._quantised import run_body
 from ._sharding import locals_of
 from ._state_precision import foreach_store_, foreach_widened, store_, widened
 
@@ -92,7 +92,7 @@ class Adan(LargeBatchOptimizer):
             ``largebatch.optimizers._quantised``); g_prev is then kept in bf16, since Δ = g −
             g_prev is taken element by element and a block-quantised g_prev would add the
             block's rounding error (up to 0.7 % of the block's largest gradient) to every Δ.
-            Not with ``fused=True`` (a ValueError: use ``fused=False``, or bf16/fp32 states),
+            All three paths take it (``fused=True``: ``largebatch.fused._blockwise``); not
             ``differentiable=True`` or sharded parameters. load_state_dict converts a
             checkpoint's states to this optimizer's option, 8-bit included.
     """
@@ -231,8 +231,8 @@ def adan(
     holds 8-bit codes with these per-block scales (see :func:`largebatch.optimizers.lamb.lamb`).
 
     Raises:
-        ValueError: the tensor lists differ in length, ``kahan_comps`` does not fit, or scales
-            are given with ``fused=True``.
+        ValueError: the tensor lists differ in length, ``kahan_comps`` does not fit, or
+            (``fused=True``) scales are given for only some of the states.
     """
     check_same_lengths(
         params=params,
@@ -262,10 +262,9 @@ def adan(
     tensors = (params, grads, exp_avgs, exp_avg_diffs, exp_avg_sqs, prev_grads, state_steps, kahan_comps)
     scales = {2: exp_avg_scales, 3: exp_avg_diff_scales, 4: exp_avg_sq_scales}
     if fused:
-        check_not_quantised(scales)
         from largebatch.fused import fused_adan
 
-        fused_adan(*tensors, grad_scale=grad_scale, found_inf=found_inf, buckets=fused_buckets, **hyper)
+        fused_adan(*tensors, *scales.values(), grad_scale=grad_scale, found_inf=found_inf, buckets=fused_buckets, **hyper)
         return
     if grad_scale is not None or found_inf is not None:
         raise RuntimeError("grad_scale/found_inf are only supported with fused=True")

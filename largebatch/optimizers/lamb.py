@@ -35,7 +35,7 @@ from ._inplace import (
     step_values,
 )
 from ._kahan import KAHAN_KEY, apply_update_, check_kahan_comps, compensated, foreach_apply_updates_, foreach_compensated
-from ._quantised import check_not_quantised, run_body
+from ._quantised import check_unsharded, run_body
 from ._sharding import ShardReduction, complete_norms, locals_of
 from ._state_precision import foreach_store_, foreach_widened, store_, widened
 from ._trust import trust_ratio
@@ -109,8 +109,8 @@ class LAMB(LargeBatchOptimizer):
             byte per element (int8 codes for m, uint8 for v, on a dynamic code map) plus one
             float32 absmax per 256 elements (states ``"exp_avg_scale"``, ``"exp_avg_sq_scale"``),
             dequantised to fp32 for each step and requantised after it (see
-            ``largebatch.optimizers._quantised``); not with ``fused=True`` (a ValueError: use
-            ``fused=False``, or bf16/fp32 states), ``differentiable=True`` or sharded
+            ``largebatch.optimizers._quantised``; ``fused=True``: in the kernels' registers,
+            ``largebatch.fused._blockwise``); not with ``differentiable=True`` or sharded
             parameters. load_state_dict converts a checkpoint's states to this optimizer's
             option, 8-bit included.
     """
@@ -285,11 +285,12 @@ def lamb(
     the updates are compensated (``kahan_sum`` None or True; see `check_kahan_comps`).
     ``exp_avg_scales``/``exp_avg_sq_scales``: given, ``exp_avgs``/``exp_avg_sqs`` are 8-bit codes
     (int8/uint8) with these per-block scales, dequantised for the step and requantised after
-    (see `largebatch.optimizers._quantised`; not with ``fused`` or sharded tensors).
+    (see `largebatch.optimizers._quantised`; with ``fused=True`` every quantised state needs
+    its scales; not with sharded tensors).
 
     Raises:
-        ValueError: the tensor lists differ in length, ``kahan_comps`` does not fit, or scales
-            are given with ``fused=True`` or sharded tensors.
+        ValueError: the tensor lists differ in length, ``kahan_comps`` does not fit, scales are
+            given for sharded tensors, or (``fused=True``) for only some of the states.
     """
     check_same_lengths(
         params=params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs, state_steps=state_steps,
@@ -312,7 +313,7 @@ def lamb(
     )
     scales = {2: exp_avg_scales, 3: exp_avg_sq_scales}
     if fused:
-        check_not_quantised(scales)
+        check_unsharded(scales.values(), shard_reduction is not None)
         from largebatch.fused import fused_lamb
 
         fused_lamb(
@@ -322,6 +323,8 @@ def lamb(
             exp_avg_sqs,
             state_steps,
             kahan_comps,
+            exp_avg_scales,
+            exp_avg_sq_scales,
             grad_scale=grad_scale,
             found_inf=found_inf,
             shard_reduction=shard_reduction,

@@ -34,7 +34,7 @@ from ._kahan import (
     fp32_combination,
     kahan_add_,
 )
-from ._quantised import check_not_quantised, run_body
+from ._quantised import check_unsharded, run_body
 from ._sharding import ShardReduction, complete_norms, locals_of
 from ._state_precision import foreach_store_, foreach_widened, is_quantised, new_state, store_, widened
 from ._trust import trust_ratio
@@ -101,8 +101,8 @@ class LARS(LargeBatchOptimizer):
             ``largebatch.optimizers._state_precision``). ``"8bit"``: the buffer block-quantised,
             int8 codes on a dynamic code map plus one float32 absmax per 256 elements (state
             ``"momentum_buffer_scale"``), dequantised to fp32 for each step and requantised
-            after it (see ``largebatch.optimizers._quantised``); not with ``fused=True`` (a
-            ValueError: use ``fused=False``, or bf16/fp32 states), ``differentiable=True`` or
+            after it (see ``largebatch.optimizers._quantised``; ``fused=True``: in the kernels'
+            registers, ``largebatch.fused._blockwise``); not with ``differentiable=True`` or
             sharded parameters. load_state_dict converts a checkpoint's buffers to this
             optimizer's option, 8-bit included.
     """
@@ -274,7 +274,7 @@ def lars(
     Raises:
         ValueError: the tensor lists differ in length, ``momentum_buffers`` is given with
             momentum 0 (or missing with momentum != 0), ``kahan_comps`` does not fit, or scales
-            are given with ``fused=True`` or sharded tensors.
+            are given for sharded tensors.
     """
     check_same_lengths(
         params=params, grads=grads, momentum_buffers=momentum_buffers, state_steps=state_steps,
@@ -299,7 +299,7 @@ def lars(
         raise ValueError("momentum_buffers must be given exactly when momentum != 0")
     scales = {2: momentum_buffer_scales}
     if fused:
-        check_not_quantised(scales)
+        check_unsharded(scales.values(), shard_reduction is not None)
         from largebatch.fused import fused_lars
 
         fused_lars(
@@ -308,6 +308,7 @@ def lars(
             momentum_buffers,
             state_steps,
             kahan_comps,
+            momentum_buffer_scales,
             grad_scale=grad_scale,
             found_inf=found_inf,
             shard_reduction=shard_reduction,

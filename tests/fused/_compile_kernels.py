@@ -60,6 +60,12 @@ def _kahan(on: bool) -> dict[str, object]:
     return {"comp_ptrs": INDEX if on else None, "KAHAN": on}
 
 
+def _scales(*rows: str, on: bool) -> dict[str, object]:
+    """The scale rows of 8-bit states and the kernels' code tables: rows and tables, or None."""
+    return {**{row: INDEX if on else None for row in rows}, "code_maps": FLOAT if on else None,
+            "midpoints": FLOAT if on else None}  # fmt: skip
+
+
 def variants():
     warps = PRODUCTION_CHUNKING.num_warps
     amp = {"grad_scale": FLOAT, "found_inf": FLOAT}
@@ -80,47 +86,60 @@ def variants():
         **per_tensor, "found_inf": None, **_scalars("beta2 log_beta1 log_beta2 log_beta3")}, 4  # fmt: skip
 
     lamb_rows = _table("param_ptrs", "grad_ptrs", "exp_avg_ptrs", "exp_avg_sq_ptrs", "step_ptrs")
-    for adapt, dtype, kahan in ((True, tl.float32, False), (False, tl.bfloat16, False), (True, tl.bfloat16, True),
-                                (False, tl.bfloat16, True)):  # fmt: skip
-        yield f"lamb moments adapt={adapt} {dtype} kahan={kahan}", lamb._moments_kernel, {
-            **lamb_rows, **_kahan(kahan), "partials": FLOAT, "corrections": FLOAT, "lr_tensor": FLOAT, **amp,
-            "clip_coef": FLOAT, **_scalars("lr beta1 grad_weight beta2 one_minus_beta2 eps weight_decay"),
-            "PARAM_DTYPE": dtype, "GRAD_DTYPE": dtype, "EXP_AVG_DTYPE": tl.float32, "EXP_AVG_SQ_DTYPE": tl.float32,
-            "MAXIMIZE": True, "BIAS_CORRECTION": True, "ADAPT": adapt, **CHUNK}, warps  # fmt: skip
+    # (8-bit: pass 1 with adaptation, the one pass without, and pass 3, which recomputes from norms_sq.)
+    for adapt, dtype, kahan, eight_bit, recompute in (
+        (True, tl.float32, False, False, False), (False, tl.bfloat16, False, False, False),
+        (True, tl.bfloat16, True, False, False), (False, tl.bfloat16, True, False, False),
+        (True, tl.float32, False, True, False), (False, tl.bfloat16, True, True, False), (False, tl.float32, False, True, True),
+    ):  # fmt: skip
+        state_dtypes = (tl.int8, tl.uint8) if eight_bit else (tl.float32, tl.float32)
+        yield f"lamb moments adapt={adapt} {dtype} kahan={kahan} 8bit={eight_bit} recompute={recompute}", lamb._moments_kernel, {
+            **lamb_rows, **_scales("exp_avg_scale_ptrs", "exp_avg_sq_scale_ptrs", on=eight_bit), **_kahan(kahan),
+            "partials": FLOAT, "norms_sq": FLOAT if recompute else None, "corrections": FLOAT, "lr_tensor": FLOAT, **amp,
+            "clip_coef": FLOAT, **_scalars("lr beta1 grad_weight beta2 one_minus_beta2 eps weight_decay trust_clip"),
+            "PARAM_DTYPE": dtype, "GRAD_DTYPE": dtype, "EXP_AVG_DTYPE": state_dtypes[0], "EXP_AVG_SQ_DTYPE": state_dtypes[1],
+            "MAXIMIZE": True, "BIAS_CORRECTION": True, "ADAPT": adapt, "TRUST_CLIP": recompute, **CHUNK}, warps  # fmt: skip
     for dtype, kahan in ((tl.float16, False), (tl.bfloat16, True)):
         yield f"lamb apply {dtype} kahan={kahan}", lamb._apply_kernel, {
-            **lamb_rows, **_kahan(kahan), "norms_sq": FLOAT, "corrections": FLOAT, "lr_tensor": None, "found_inf": None,
+            **lamb_rows, **_scales("exp_avg_scale_ptrs", "exp_avg_sq_scale_ptrs", on=False), **_kahan(kahan),
+            "norms_sq": FLOAT, "corrections": FLOAT, "lr_tensor": None, "found_inf": None,
             **_scalars("lr eps weight_decay trust_clip"),
             "PARAM_DTYPE": dtype, "GRAD_DTYPE": dtype, "EXP_AVG_DTYPE": dtype, "EXP_AVG_SQ_DTYPE": dtype,
             "BIAS_CORRECTION": False, "TRUST_CLIP": True, **CHUNK}, warps  # fmt: skip
 
     for dtype, kahan in ((tl.float32, False), (tl.bfloat16, True)):
         yield f"lars norms {dtype} kahan={kahan}", lars._norms_kernel, {
-            **_table("param_ptrs", "grad_ptrs", "buf_ptrs", "step_ptrs"), **_kahan(kahan), "partials": FLOAT, **amp,
+            **_table("param_ptrs", "grad_ptrs", "buf_ptrs", "step_ptrs"), "buf_scale_ptrs": None, **_kahan(kahan),
+            "partials": FLOAT, **amp,
             "PARAM_DTYPE": dtype, "GRAD_DTYPE": dtype, **CHUNK}, warps  # fmt: skip
-    for momentum, nesterov, lr_in_momentum, kahan in (
-        (True, True, False, False), (True, False, True, False), (False, False, False, False),
-        (True, True, False, True), (True, False, False, True), (False, False, False, True),
+    for momentum, nesterov, lr_in_momentum, kahan, eight_bit in (
+        (True, True, False, False, False), (True, False, True, False, False), (False, False, False, False, False),
+        (True, True, False, True, False), (True, False, False, True, False), (False, False, False, True, False),
+        (True, True, False, False, True), (True, False, False, True, True),
     ):  # fmt: skip
         dtype = tl.bfloat16 if kahan else tl.float32
-        yield f"lars update momentum={momentum} nesterov={nesterov} lr_in_momentum={lr_in_momentum} kahan={kahan}", lars._update_kernel, {
+        yield (f"lars update momentum={momentum} nesterov={nesterov} lr_in_momentum={lr_in_momentum} kahan={kahan} "
+               f"8bit={eight_bit}"), lars._update_kernel, {
             **_table("param_ptrs", "grad_ptrs"), "buf_ptrs": INDEX if momentum else None, "step_ptrs": INDEX,
-            **_kahan(kahan), "norms_sq": FLOAT if momentum else None, "lr_tensor": FLOAT, **amp,
-            **_scalars("lr momentum dampening_complement weight_decay trust_coefficient eps"),
-            "PARAM_DTYPE": dtype, "GRAD_DTYPE": dtype, "BUF_DTYPE": tl.float32, "MAXIMIZE": False,
+            **_scales("buf_scale_ptrs", on=eight_bit), **_kahan(kahan), "norms_sq": FLOAT if momentum else None,
+            "lr_tensor": FLOAT, **amp, **_scalars("lr momentum dampening_complement weight_decay trust_coefficient eps"),
+            "PARAM_DTYPE": dtype, "GRAD_DTYPE": dtype, "BUF_DTYPE": tl.int8 if eight_bit else tl.float32, "MAXIMIZE": False,
             "ADAPT": momentum, "TRUST_CLIP": momentum, "MOMENTUM": momentum, "NESTEROV": nesterov,
             "LR_IN_MOMENTUM": lr_in_momentum, **CHUNK}, warps  # fmt: skip
 
-    for no_prox, dtype, kahan in ((False, tl.float32, False), (True, tl.float16, False), (False, tl.bfloat16, True),
-                                  (True, tl.bfloat16, True)):  # fmt: skip
-        yield f"adan no_prox={no_prox} {dtype} kahan={kahan}", adan._adan_kernel, {
+    for no_prox, dtype, kahan, eight_bit in ((False, tl.float32, False, False), (True, tl.float16, False, False),
+                                             (False, tl.bfloat16, True, False), (True, tl.bfloat16, True, False),
+                                             (False, tl.float32, False, True), (True, tl.bfloat16, True, True)):  # fmt: skip
+        signed, unsigned = (tl.int8, tl.uint8) if eight_bit else (tl.float32, tl.float32)
+        yield f"adan no_prox={no_prox} {dtype} kahan={kahan} 8bit={eight_bit}", adan._adan_kernel, {
             **_table("param_ptrs", "grad_ptrs", "exp_avg_ptrs", "exp_avg_diff_ptrs", "exp_avg_sq_ptrs", "prev_grad_ptrs",
                      "step_ptrs"),
+            **_scales("exp_avg_scale_ptrs", "exp_avg_diff_scale_ptrs", "exp_avg_sq_scale_ptrs", on=eight_bit),
             **_kahan(kahan), "corrections": FLOAT, "lr_tensor": None, **amp, "clip_coef": FLOAT,
             **_scalars("lr beta1 one_minus_beta1 beta2 one_minus_beta2 beta3 one_minus_beta3 eps weight_decay"),
-            "PARAM_DTYPE": dtype, "GRAD_DTYPE": dtype, "EXP_AVG_DTYPE": tl.float32, "EXP_AVG_DIFF_DTYPE": tl.float32,
-            "EXP_AVG_SQ_DTYPE": tl.float32, "PREV_GRAD_DTYPE": dtype, "MAXIMIZE": False, "NO_PROX": no_prox,
-            **CHUNK}, warps  # fmt: skip
+            "PARAM_DTYPE": dtype, "GRAD_DTYPE": dtype, "EXP_AVG_DTYPE": signed, "EXP_AVG_DIFF_DTYPE": signed,
+            "EXP_AVG_SQ_DTYPE": unsigned, "PREV_GRAD_DTYPE": tl.bfloat16 if eight_bit else dtype, "MAXIMIZE": False,
+            "NO_PROX": no_prox, **CHUNK}, warps  # fmt: skip
 
 
 def main() -> None:

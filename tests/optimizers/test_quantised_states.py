@@ -1,7 +1,7 @@
 """``state_dtype="8bit"`` (block-quantised moment states) of LAMB, LARS and Adan: the code maps
 and their error bound against a brute-force nearest-value oracle, per-tensor == foreach bit for
 bit, fp32 params + 8-bit states tracking fp32 states, state_dict round trips and conversions,
-and the refusals (fused, differentiable, bad values, bad checkpoints).
+and the refusals (differentiable, bad values, bad checkpoints).
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from largebatch.optimizers._quantised import (
     quantise_,
     quantised,
 )
-from largebatch.optimizers.functional import lamb
 from test_state_dtype import OPTIMIZERS, _make, _relative_drift, _train
 
 QUANTISED = {"LAMB": ("exp_avg", "exp_avg_sq"), "LARS": ("momentum_buffer",), "Adan": ("exp_avg", "exp_avg_diff", "exp_avg_sq")}
@@ -261,25 +260,15 @@ def test_loading_an_8bit_checkpoint_into_floats_dequantises_it(name, live_dtype)
 
 
 @pytest.mark.parametrize("name", OPTIMIZERS)
-def test_fused_and_differentiable_are_refused_with_8bit(name):
+def test_differentiable_is_refused_with_8bit(name):
+    """(fused=True takes 8-bit states: tests/fused/test_fused_quantised.py.)"""
     cls, hyper, _ = OPTIMIZERS[name]
-    for flag in ("fused", "differentiable"):
-        with pytest.raises(ValueError, match=f"state_dtype='8bit' with {flag}=True"):
-            cls(_make(name, torch.float32, None)[1], **hyper, state_dtype="8bit", **{flag: True})
-        optimizer = cls(_make(name, torch.float32, None)[1], **hyper)
-        with pytest.raises(ValueError, match="state_dtype"):
-            optimizer.add_param_group({"params": [torch.nn.Parameter(torch.ones(3))], "state_dtype": "8bit", flag: True})
-        assert len(optimizer.param_groups) == 1
-
-
-def test_the_functional_form_refuses_scales_with_fused():
-    p, g = torch.zeros(4), torch.ones(4)
-    codes, scales = quantised(torch.zeros(4), signed=True)
-    sq_codes, sq_scales = quantised(torch.zeros(4), signed=False)
-    with pytest.raises(ValueError, match="fused=True"):
-        lamb([p], [g], [codes], [sq_codes], [torch.zeros(())], fused=True, exp_avg_scales=[scales],
-             exp_avg_sq_scales=[sq_scales], lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-6, weight_decay=0.0,
-             bias_correction=True, grad_averaging=True, trust_clip=None, adapt=False, maximize=False)  # fmt: skip
+    with pytest.raises(ValueError, match="state_dtype='8bit' with differentiable=True"):
+        cls(_make(name, torch.float32, None)[1], **hyper, state_dtype="8bit", differentiable=True)
+    optimizer = cls(_make(name, torch.float32, None)[1], **hyper)
+    with pytest.raises(ValueError, match="state_dtype"):
+        optimizer.add_param_group({"params": [torch.nn.Parameter(torch.ones(3))], "state_dtype": "8bit", "differentiable": True})
+    assert len(optimizer.param_groups) == 1
 
 
 @pytest.mark.parametrize("name", OPTIMIZERS)
