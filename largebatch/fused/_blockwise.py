@@ -43,8 +43,14 @@ def quantised_lists(
     lists: Sequence[Sequence[Tensor]], layout: dict[str, int], scales: Sequence[list[Tensor] | None]
 ) -> tuple[list[Sequence[Tensor]], dict[str, int]]:
     """A fused step's lists and layout with the scale lists of its 8-bit states appended (as
-    `StepPlan` takes them), or unchanged when there are none. A ValueError when only some of the
-    quantised states have scales: the kernels take all of an optimizer's moments 8-bit, or none."""
+    `StepPlan` takes them), or unchanged when there are none.
+
+    Raises:
+        ValueError: only some of the quantised states have scales (the kernels take all of an
+            optimizer's moments 8-bit, or none), or a parameter is not contiguous: its blocks
+            are runs of its elements in row-major order on every path, and the kernels walk a
+            tensor's storage, which for another layout (channels_last) is another order.
+    """
     given = [values for values in scales if values is not None]
     if not given:
         return list(lists), layout
@@ -52,6 +58,14 @@ def quantised_lists(
         raise ValueError(
             "fused=True with 8-bit states needs the scales of every quantised state (all of the functional form's "
             "*_scales lists, or none)"
+        )
+    if not all(map(Tensor.is_contiguous, lists[0])):
+        index = next(i for i, p in enumerate(lists[0]) if not p.is_contiguous())
+        raise ValueError(
+            f"fused=True with state_dtype='8bit' needs contiguous parameters; tensor {index} is "
+            f"{tuple(lists[0][index].shape)} with strides {lists[0][index].stride()} (channels_last or another "
+            "layout): 8-bit blocks are runs of elements in row-major order, the kernels walk storage order. Use "
+            "fused=False, or bf16 states, for such parameters"
         )
     return [*lists, *given], {**layout, "n_table": layout["n_table"] + len(given), "n_blockwise": len(given)}
 

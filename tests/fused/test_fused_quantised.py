@@ -291,3 +291,15 @@ def test_scales_of_the_wrong_size_are_refused():
     with chunking(QUANTISED_CHUNKING), pytest.raises(RuntimeError, match="scales of 8-bit states"):
         lamb([p], [g], [m], [v], [step], fused=True, exp_avg_scales=[m_scales[:1]], exp_avg_sq_scales=[v_scales],
              **LAMB_HYPER)  # fmt: skip
+
+
+def test_a_channels_last_parameter_is_refused_and_changes_nothing():
+    """Blocks are row-major runs on every path; the kernels walk storage order, which for a
+    channels_last weight is another: refused (the non-fused paths take it)."""
+    weight = torch.nn.Parameter(torch.randn(4, 3, 5, 5).to(memory_format=torch.channels_last))
+    optimizer = LAMB([weight], lr=0.01, weight_decay=0.01, state_dtype="8bit", fused=True)
+    before = weight.detach().clone()
+    weight.grad = torch.ones_like(weight)
+    with chunking(QUANTISED_CHUNKING), pytest.raises(ValueError, match="contiguous parameters; tensor 0"):
+        optimizer.step()
+    assert torch.equal(weight, before) and not optimizer.state[weight]

@@ -9,7 +9,7 @@ import copy
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -114,10 +114,11 @@ def test_release_is_bit_identical_to_backward_then_step(case, foreach, data):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("state_dtype", [None, "8bit"])
 @pytest.mark.parametrize("case", PER_TENSOR_CASES, ids=lambda c: c.name)
 @settings(max_examples=6)
 @given(data=st.data())
-def test_fused_release_is_bit_identical(case, data):
+def test_fused_release_is_bit_identical(case, state_dtype, data):
     from largebatch.fused import Chunking, chunking
     from largebatch.fused._engine import INTERPRETED
 
@@ -125,7 +126,11 @@ def test_fused_release_is_bit_identical(case, data):
         pytest.skip("the fused kernels run on CPU tensors only under TRITON_INTERPRET=1")
     hyper, params, schedule = data.draw(runs(case))
     hyper["maximize"] = False  # a fused step takes maximize too; fewer draws keep this test short
-    with chunking(Chunking(chunk_size=16, num_warps=1)):  # several chunks per tensor
+    hyper["state_dtype"] = state_dtype
+    if state_dtype:  # fused 8-bit states need contiguous parameters (tests/fused/test_fused_quantised.py)
+        assume(all(p.is_contiguous() for p in params))
+    # Several chunks per tensor; 8-bit states need chunks of whole 256-element blocks.
+    with chunking(Chunking(chunk_size=256 if state_dtype else 16, num_warps=1)):
         reference = _train(case, hyper, params, schedule, {"fused": True}, release=False)
         _assert_identical(reference, _train(case, hyper, params, schedule, {"fused": True}, release=True))
 
