@@ -107,6 +107,9 @@ CANDIDATES = [
     Candidate("LARS fused", lambda p: largebatch.LARS(p, lr=0.1, momentum=0.9, fused=True)),
     Candidate("Adan fused", lambda p: largebatch.Adan(p, lr=1e-3, fused=True)),
     Candidate("Adan fused + max_grad_norm", lambda p: largebatch.Adan(p, lr=1e-3, max_grad_norm=1.0, fused=True)),
+    Candidate("LAMB fused, 8-bit states", lambda p: largebatch.LAMB(p, lr=1e-3, fused=True, state_dtype="8bit")),
+    Candidate("LARS fused, 8-bit states", lambda p: largebatch.LARS(p, lr=0.1, momentum=0.9, fused=True, state_dtype="8bit")),
+    Candidate("Adan fused, 8-bit states", lambda p: largebatch.Adan(p, lr=1e-3, fused=True, state_dtype="8bit")),
 ]
 
 

@@ -749,7 +749,7 @@ class LargeBatchOptimizer(Optimizer):
                 from largebatch.fused._blockwise import quantised_lists
                 from largebatch.fused._compensated import compensated_buckets
 
-                scales = list(self._state_scales(group, params).values())
+                scales = list(self._scale_lists(params).values()) if is_quantised(group) else []
                 bucket_lists, layout = quantised_lists(lists, self._fused_layout(group), scales)
                 buckets = compensated_buckets(self._name, bucket_lists, comps, **layout, plans=plans)
         except Exception:
@@ -836,16 +836,19 @@ class LargeBatchOptimizer(Optimizer):
         state[key], state[scale_key(key)] = new_codes(param, signed=key not in self._SQUARED_STATE_KEYS)
 
     def _state_scales(self, group: dict[str, Any], params: Sequence[Tensor]) -> dict[str, list[Tensor]]:
-        """For an 8-bit group, the functional form's ``<key>_scales`` lists of `params` (in the
-        state since `_group_lists`); nothing otherwise."""
-        if not is_quantised(group):
+        """For an 8-bit group that is not fused, the functional form's ``<key>_scales`` lists of
+        `params` (in the state since `_group_lists`); nothing otherwise (a fused group's buckets
+        carry its scales: `_prepared`)."""
+        if group["fused"] or not is_quantised(group):
             return {}
+        return self._scale_lists(params)
+
+    def _scale_lists(self, params: Sequence[Tensor]) -> dict[str, list[Tensor]]:
+        """``<key>_scales``: the scales of each quantised state `params` have, in
+        `_QUANTISED_STATE_KEYS` order."""
         states = list(map(self.state.__getitem__, params))
-        return {
-            f"{key}_scales": [state[scale_key(key)] for state in states]
-            for key in self._QUANTISED_STATE_KEYS
-            if key in states[0]
-        }
+        keys = [key for key in self._QUANTISED_STATE_KEYS if key in states[0]]
+        return {f"{key}_scales": list(map(itemgetter(scale_key(key)), states)) for key in keys}
 
     def _kahan_comps(self, params: list[Tensor], group: dict[str, Any]) -> list[Tensor | None] | None:
         """Per parameter its compensation buffer (local shard), None for those without one; None
