@@ -323,15 +323,22 @@ def accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
 
 
 def build_optimizer(
-    method: Method, model: nn.Module, lr: float, excluded_lr: float | None = None, kahan_sum: bool | None = None
+    method: Method,
+    model: nn.Module,
+    lr: float,
+    excluded_lr: float | None = None,
+    kahan_sum: bool | None = None,
+    state_dtype: str | None = None,
 ) -> torch.optim.Optimizer:
     """`method`'s optimizer for `model` at peak `lr`, as every run here builds it (conadv_scaling
-    and bf16_precision too); `kahan_sum` is passed on when not None."""
+    and bf16_precision too); `kahan_sum` and `state_dtype` are passed on when not None."""
     extra: dict[str, Any] = {} if method.exclusion is None else {"exclusion": method.exclusion}
     if excluded_lr is not None:
         extra["excluded_lr"] = excluded_lr
     if kahan_sum is not None:
         extra["kahan_sum"] = kahan_sum
+    if state_dtype is not None:
+        extra["state_dtype"] = state_dtype
     # foreach: one kernel per operation for all tensors; this model's ~25 small tensors make the
     # per-tensor loop cost up to half of a batch-64 step.
     return create_optimizer(model, method.name, lr, foreach=True, **method.kwargs, **extra)
@@ -353,18 +360,25 @@ def _micro_batch_step(model: nn.Module, x: Tensor, y: Tensor, parts: int = 8) ->
 
 
 def train(
-    config: Config, data: Data, run: Run, *, dtype: torch.dtype = torch.float32, kahan_sum: bool | None = None
+    config: Config,
+    data: Data,
+    run: Run,
+    *,
+    dtype: torch.dtype = torch.float32,
+    kahan_sum: bool | None = None,
+    state_dtype: str | None = None,
 ) -> dict[str, Any]:
     """Train one run; return its curve (steps, samples, test accuracy), final accuracies and lr.
 
     `dtype`: of the parameters and the inputs, so bfloat16 trains without fp32 master weights (the
-    loss is taken in fp32); `kahan_sum`: the optimizer's, when not None (bf16_precision's rows).
+    loss is taken in fp32); `kahan_sum`, `state_dtype`: the optimizer's, when not None
+    (bf16_precision's rows).
     """
     method = _BY_LABEL[run.method]
     torch.set_num_threads(1)
     started, cpu_started = time.perf_counter(), time.process_time()
     model = make_model(run.seed, config.channels, method.ghost_batch_size).to(dtype)
-    optimizer = build_optimizer(method, model, run.lr, run.excluded_lr, kahan_sum)
+    optimizer = build_optimizer(method, model, run.lr, run.excluded_lr, kahan_sum, state_dtype)
     n = config.train_size
     order = torch.Generator().manual_seed(1000 + run.seed)
     peak_lr = run.lr
