@@ -107,7 +107,7 @@ def train(config: Config, data: Data, run: Run) -> dict[str, Any]:
     )
     order = torch.Generator().manual_seed(1000 + run.seed)  # deep_scaling's shuffling
     epoch_order, position = torch.randperm(n, generator=order), 0
-    eval_every = n // config.evals_per_epoch
+    eval_every = config.eval_interval
     curve: list[tuple[int, float]] = []
     seen = steps = 0
     train_seconds = 0.0

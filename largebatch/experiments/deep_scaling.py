@@ -269,6 +269,7 @@ class Config:
     #: each further seed costs one batch-64 run per row, about a third of the whole budget for two.
     base_batch_seeds: tuple[int, ...] = (0,)
     channels: int = 8
+    #: Points of the test-accuracy curve per epoch; 0: the test set only at the end of the budget.
     evals_per_epoch: int = 2
     probe_steps: int = 40
     workers: int = 2
@@ -280,11 +281,18 @@ class Config:
                 not set(self.base_batch_seeds) <= set(self.seeds):
             raise ValueError(f"base_batch_seeds must be seeds of {self.seeds} starting with {self.seeds[0]} (the "
                              f"tuning's), got {self.base_batch_seeds}")
+        if self.evals_per_epoch < 0:
+            raise ValueError(f"evals_per_epoch must be >= 0, got {self.evals_per_epoch}")
 
     @property
     def total_samples(self) -> int:
         """Samples in the whole budget: ``epochs · train_size`` at every batch size."""
         return self.epochs * self.train_size
+
+    @property
+    def eval_interval(self) -> int:
+        """Training samples between two points of the test-accuracy curve (the last is at the end)."""
+        return self.train_size // self.evals_per_epoch if self.evals_per_epoch else self.total_samples
 
 
 FULL = Config()
@@ -402,7 +410,7 @@ def train(
     controller = AdaptiveBatchSize(
         config.base_batch_size, run.batch_size, test="norm", eta=0.1, interval=5, multiple=config.base_batch_size
     ) if method.grows_batch else None
-    eval_every = n // config.evals_per_epoch
+    eval_every = config.eval_interval
     curve: list[tuple[int, int, float]] = []
     batch_sizes: list[int] = []
     seen = steps = 0

@@ -1,4 +1,5 @@
-"""The bf16 experiment: deep_scaling's lrs and loop, each precision reaching the optimizer, --quick end to end."""
+"""The bf16 experiment: deep_scaling's lrs and loop, each precision reaching the optimizer, its own config and
+cache keys, the paired gaps, --quick end to end."""
 
 import json
 from dataclasses import replace
@@ -49,10 +50,12 @@ def test_quick_run_writes_the_table_and_resumes_from_its_cache(tmp_path, monkeyp
     bp.main(["--quick", "--workers", "1", "--out", str(tmp_path)])
     text = (tmp_path / "bf16_precision.md").read_text()
     saved = json.loads((tmp_path / "bf16_precision_quick_runs.json").read_text())
-    assert len(saved["runs"]) == len(bp.ROWS) * len(bp.PRECISIONS) * len(ds.QUICK.seeds)
+    assert len(saved["runs"]) == len(bp.ROWS) * len(bp.PRECISIONS) * len(bp.QUICK.seeds)
     assert all(any(line.startswith(f"| {label} |") for line in text.splitlines()) for label in bp.LABELS)
-    assert any(line.startswith("| LAMB + sqrt, lr × 1/16 |") for line in text.splitlines())
-    assert "not run" not in text
+    for name in ("LAMB + sqrt, lr × 1/16", "LAMB + sqrt, lr × 1/4, 4× steps"):
+        assert any(line.startswith(f"| {name} |") for line in text.splitlines())
+    lamb = next(line for line in text.splitlines() if line.startswith("| LAMB + sqrt |"))
+    assert "not run" not in text and " ± " in lamb.split(" | ")[4]  # the paired gap with its standard error
 
     def no_training(*args, **kwargs):
         raise AssertionError("a cached run was run again")
@@ -64,12 +67,66 @@ def test_quick_run_writes_the_table_and_resumes_from_its_cache(tmp_path, monkeyp
     )
 
 
-def test_a_low_lr_run_scales_the_lr_and_keeps_the_best_lr_runs_keys():
-    assert bp.Run("LAMB + sqrt", "fp32", 0).key == '{"method": "LAMB + sqrt", "precision": "fp32", "seed": 0}'
-    assert json.loads(bp.Run("LAMB + sqrt", "fp32", 0, 1 / 16).key)["lr_factor"] == 1 / 16
+def test_a_low_lr_run_scales_the_lr_and_a_longer_budget_stretches_the_schedule():
     data = ds.make_data(TINY.train_size, TINY.val_size, TINY.test_size)
     low = bp.train(TINY, data, bp.Run("LAMB + sqrt", "fp32", 0, 1 / 16))
     assert low["peak_lr"] == pytest.approx(bp.large_batch_lr("LAMB + sqrt", TINY) / 16)
+    long = bp.train(TINY, data, bp.Run("LAMB + sqrt", "fp32", 0, 1.0, 3))
+    stretched = replace(TINY, epochs=3 * TINY.epochs, warmup_epochs=3 * TINY.warmup_epochs)
+    theirs = ds.train(stretched, data, ds.Run("LAMB + sqrt", TINY.large_batch_size, bp.large_batch_lr("LAMB + sqrt", TINY), 0))
+    assert long["steps"] == 3 * low["steps"] and long["curve"] == theirs["curve"]
+    assert bp.Row("LAMB + sqrt", 1 / 4, 4).name == "LAMB + sqrt, lr × 1/4, 4× steps"
+    assert bp.Row("LAMB + sqrt", 1 / 4, 4).run("bf16", 5) == bp.Run("LAMB + sqrt", "bf16", 5, 1 / 4, 4)
+
+
+def test_the_config_is_deep_scalings_with_a_large_test_set_more_seeds_and_one_final_test():
+    changed = {name for name in ds.FULL.__dataclass_fields__ if getattr(ds.FULL, name) != getattr(bp.FULL, name)}
+    assert changed == {"test_size", "seeds", "evals_per_epoch"}
+    assert bp.FULL.test_size >= 16 * ds.FULL.test_size and len(bp.FULL.seeds) >= 8 and bp.FULL.evals_per_epoch == 0
+    assert ds.FULL.test_size == 4_096 and ds.FULL.evals_per_epoch == 2  # deep_scaling's own setting is untouched
+    end_only = replace(TINY, evals_per_epoch=0)
+    one_test = bp.train(end_only, ds.make_data(TINY.train_size, TINY.val_size, TINY.test_size), bp.Run("LAMB + sqrt", "fp32", 0))
+    assert len(one_test["curve"]) == 1 and one_test["curve"][0][1] == TINY.total_samples
+    with pytest.raises(ValueError, match="evals_per_epoch"):
+        replace(TINY, evals_per_epoch=-1)
+
+
+def test_the_cache_key_holds_every_setting_that_changes_a_run():
+    run = bp.Run("LAMB + sqrt", "fp32", 0)
+    key = run.key(bp.FULL)
+    assert json.loads(key)["config"]["test_size"] == bp.FULL.test_size
+    # Another test set, budget or data size is another run; the seeds and workers of the config are not.
+    for other in (ds.FULL, replace(bp.FULL, test_size=32_768), replace(bp.FULL, epochs=20), replace(bp.FULL, train_size=1024)):
+        assert run.key(other) != key
+    assert run.key(replace(bp.FULL, seeds=(0,), workers=1)) == key
+    assert len({bp.Run("LAMB + sqrt", "fp32", 0, f, b).key(bp.FULL) for f, b in ((1.0, 1), (0.25, 1), (1.0, 4))}) == 3
+
+
+def test_a_cache_of_another_config_is_not_read(tmp_path):
+    results = ds.Results(tmp_path / "runs.json")
+    small = replace(TINY, seeds=(0,), workers=1)
+    cell = bp.Row("LAMB + sqrt")
+    fake = {"test_accuracy": 0.5, "train_loss": 1.0, "cpu_seconds": 0.0}
+    for precision in bp.PRECISIONS:
+        results.add(cell.run(precision, 0).key(replace(small, test_size=2 * small.test_size)), fake)
+    assert bp._row_results(small, results, cell, "fp32") is None
+    row = next(line for line in bp.write_report(small, results, tmp_path, None).splitlines() if line.startswith("| LAMB + sqrt |"))
+    assert row.split(" | ")[2:4] == ["not run", "not run"]
+    results.add(cell.run("fp32", 0).key(small), fake)  # the same config's run is read
+    assert bp._row_results(small, results, cell, "fp32") == [fake]
+
+
+def test_the_paired_gap_is_the_mean_difference_and_its_standard_error():
+    mean, error = bp.paired_gap([90.0, 88.0, 91.0, 87.0], [89.0, 89.0, 90.0, 88.0])
+    # differences 1, -1, 1, -1: mean 0, sample std sqrt(4/3), SE sqrt(4/3)/2
+    assert mean == pytest.approx(0.0) and error == pytest.approx((4 / 3) ** 0.5 / 2)
+    assert bp.paired_gap([90.0], [88.5]) == (pytest.approx(1.5), None)
+    # pairing removes what the seeds share: a constant offset has no error at all
+    assert bp.paired_gap([80.0, 90.0, 85.0], [79.0, 89.0, 84.0])[1] == pytest.approx(0.0)
+    with pytest.raises(ValueError, match="pairs"):
+        bp.paired_gap([1.0, 2.0], [1.0])
+    with pytest.raises(ValueError, match="pairs"):
+        bp.paired_gap([], [])
 
 
 def test_bad_workers_is_a_usage_error(tmp_path):
