@@ -71,8 +71,8 @@ from largebatch.experiments.deep_scaling import (
 )  # fmt: skip
 
 __all__ = [
-    "FULL", "LABELS", "PRECISIONS", "QUICK", "ROWS", "Row", "Run", "large_batch_lr", "main", "paired_gap", "run_experiment",
-    "train", "write_report",
+    "DIAGNOSED_ROWS", "DIAGNOSTICS", "FULL", "LABELS", "PRECISIONS", "QUICK", "ROWS", "Precision", "Row", "Run",
+    "large_batch_lr", "main", "paired_gap", "run_experiment", "train", "write_report",
 ]  # fmt: skip
 
 #: The rows' methods, as deep_scaling labels them.
@@ -84,11 +84,33 @@ _BASE_LR_AND_EXPONENT: dict[str, tuple[float, float]] = {
     "LARS, adapt (excluded adapted, not decayed)": (8.0, 0.5),
     "Adan + sqrt": (0.064, 0.25),
 }
-#: name -> (parameter dtype, kahan_sum passed to the optimizer).
-PRECISIONS: dict[str, tuple[torch.dtype, bool | None]] = {
-    "fp32": (torch.float32, None),
-    "bf16": (torch.bfloat16, False),
-    "bf16 + Kahan": (torch.bfloat16, True),
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How a run trains: its parameters' (and inputs') dtype, the optimizer's ``kahan_sum`` and
+    ``state_dtype`` (None: not passed), and whether its model is also tested as a float32 copy."""
+
+    dtype: torch.dtype
+    kahan_sum: bool | None = None
+    state_dtype: str | None = None
+    fp32_test: bool = False
+
+
+#: The table's precisions, run on every row.
+PRECISIONS: dict[str, Precision] = {
+    "fp32": Precision(torch.float32),
+    "bf16": Precision(torch.bfloat16, kahan_sum=False),
+    "bf16 + Kahan": Precision(torch.bfloat16, kahan_sum=True),
+}
+#: Further precisions, run on `DIAGNOSED_ROWS` only: which of bf16's roundings the bf16 rows'
+#: gap comes from (the trained bf16 weights tested in fp32: the same training, bit for bit, as the
+#: row of that name; fp32 moments for bf16 + Kahan weights), and what 8-bit moments cost fp32 weights.
+DIAGNOSTICS: dict[str, Precision] = {
+    "bf16, tested in fp32": Precision(torch.bfloat16, kahan_sum=False, fp32_test=True),
+    "bf16 + Kahan, tested in fp32": Precision(torch.bfloat16, kahan_sum=True, fp32_test=True),
+    "bf16 + Kahan, fp32 states": Precision(torch.bfloat16, kahan_sum=True, state_dtype="float32"),
+    "fp32, 8-bit states": Precision(torch.float32, state_dtype="8bit"),
 }
 #: deep_scaling's settings with this experiment's test set, seeds and end-only test (module docstring).
 FULL = replace(deep_scaling.FULL, test_size=65_536, seeds=tuple(range(8)), evals_per_epoch=0)
@@ -154,14 +176,19 @@ ROWS: tuple[Row, ...] = (
 )
 
 
+#: The rows the `DIAGNOSTICS` run on: LAMB at its best lr, the issue's bar.
+DIAGNOSED_ROWS: tuple[Row, ...] = (ROWS[0],)
+
+
 def train(config: Config, data: Data, run: Run) -> dict[str, Any]:
     """deep_scaling's run of ``run.method`` at the large batch, in ``run.precision``."""
-    dtype, kahan_sum = PRECISIONS[run.precision]
+    precision = {**PRECISIONS, **DIAGNOSTICS}[run.precision]
     lr = large_batch_lr(run.method, config) * run.lr_factor
     if run.budget != 1:
         config = replace(config, epochs=config.epochs * run.budget, warmup_epochs=config.warmup_epochs * run.budget)
     plain = deep_scaling.Run(run.method, config.large_batch_size, lr, run.seed)
-    return deep_scaling.train(config, data, plain, dtype=dtype, kahan_sum=kahan_sum)
+    return deep_scaling.train(config, data, plain, dtype=precision.dtype, kahan_sum=precision.kahan_sum,
+                              state_dtype=precision.state_dtype, fp32_test=precision.fp32_test)  # fmt: skip
 
 
 _DATA: dict[Config, Data] = {}  # per process: each worker builds the data once
@@ -175,8 +202,10 @@ def _run_in_worker(args: tuple[Config, Run]) -> tuple[str, dict[str, Any]]:
 
 
 def _runs(config: Config) -> list[Run]:
-    """Every run, row by row, a seed's three precisions together (so a run cut short has pairs)."""
-    return [row.run(precision, seed) for row in ROWS for seed in config.seeds for precision in PRECISIONS]
+    """Every run, row by row, a seed's precisions together (so a run cut short has pairs); the
+    diagnostics after."""
+    runs = [row.run(precision, seed) for row in ROWS for seed in config.seeds for precision in PRECISIONS]
+    return runs + [row.run(precision, seed) for row in DIAGNOSED_ROWS for seed in config.seeds for precision in DIAGNOSTICS]
 
 
 def run_experiment(config: Config, results: Results, log: Callable[[str], None] = print) -> None:
@@ -209,9 +238,11 @@ def _row_results(config: Config, results: Results, row: Row, precision: str) -> 
     return None if any(r is None for r in done) else done  # type: ignore[return-value]
 
 
-def _accuracies(config: Config, results: Results, row: Row, precision: str) -> list[float] | None:
+def _accuracies(
+    config: Config, results: Results, row: Row, precision: str, field: str = "test_accuracy"
+) -> list[float] | None:
     done = _row_results(config, results, row, precision)
-    return None if done is None else [100 * r["test_accuracy"] for r in done]
+    return None if done is None else [100 * r[field] for r in done]
 
 
 def paired_gap(values: Sequence[float], reference: Sequence[float]) -> tuple[float, float | None]:
@@ -274,6 +305,7 @@ def write_report(config: Config, results: Results, out: Path, seconds: float | N
             f"{_mean_std(accs['bf16'])} | {_gap(accs['bf16'], accs['fp32'])} | {_mean_std(accs['bf16 + Kahan'])} | "
             f"{_gap(accs['bf16 + Kahan'], accs['fp32'])} | {_gap(accs['bf16 + Kahan'], accs['bf16'])} | {' / '.join(cpu)} |"
         )
+    lines += _diagnostics_table(config, results)
     lines += [
         "",
         "Per seed, paired (the same initialisation and shuffling in every precision): each bf16 row's test accuracy "
@@ -297,6 +329,34 @@ def write_report(config: Config, results: Results, out: Path, seconds: float | N
     text = "\n".join(lines) + "\n"
     (out / "bf16_precision.md").write_text(text)
     return text
+
+
+def _diagnostics_table(config: Config, results: Results) -> list[str]:
+    """The `DIAGNOSTICS` of each of `DIAGNOSED_ROWS`: accuracy, and its paired gap to fp32 and
+    to the main precision of the same weights' dtype and compensation."""
+    lines = [
+        "",
+        "Where the gap comes from, and 8-bit moments (`DIAGNOSTICS`): the same seeds; \"tested in fp32\" is the same "
+        "training as the row of that name (its bf16 test accuracy is checked to be that row's, bit for bit), "
+        "its trained weights and BatchNorm statistics then tested as a float32 copy on float32 inputs.",
+        "",
+        "| method | precision | test accuracy | − fp32 | − the same training tested in bf16 |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for row in DIAGNOSED_ROWS:
+        fp32 = _accuracies(config, results, row, "fp32")
+        for name, precision in DIAGNOSTICS.items():
+            if precision.fp32_test:
+                accs = _accuracies(config, results, row, name, "test_accuracy_fp32")
+                twin = name.removesuffix(", tested in fp32")
+                same, replicated = _accuracies(config, results, row, twin), _accuracies(config, results, row, name)
+                if same is not None and replicated is not None and same != replicated:
+                    raise RuntimeError(f"{row.name}, {name}: the training did not replicate {twin!r}'s")
+                versus = _gap(accs, same)
+            else:
+                accs, versus = _accuracies(config, results, row, name), "—"
+            lines.append(f"| {row.name} | {name} | {_mean_std(accs)} | {_gap(accs, fp32)} | {versus} |")
+    return lines
 
 
 def main(argv: Sequence[str] | None = None) -> None:

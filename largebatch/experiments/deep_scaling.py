@@ -62,6 +62,7 @@ accuracy (evaluated every half epoch; "—" if not reached by every seed).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import multiprocessing
@@ -375,12 +376,14 @@ def train(
     dtype: torch.dtype = torch.float32,
     kahan_sum: bool | None = None,
     state_dtype: str | None = None,
+    fp32_test: bool = False,
 ) -> dict[str, Any]:
     """Train one run; return its curve (steps, samples, test accuracy), final accuracies and lr.
 
     `dtype`: of the parameters and the inputs, so bfloat16 trains without fp32 master weights (the
     loss is taken in fp32); `kahan_sum`, `state_dtype`: the optimizer's, when not None
-    (bf16_precision's rows).
+    (bf16_precision's rows); `fp32_test`: also the final test accuracy of a float32 copy of the
+    trained model (``"test_accuracy_fp32"``).
     """
     method = _BY_LABEL[run.method]
     torch.set_num_threads(1)
@@ -445,7 +448,9 @@ def train(
         before, seen = seen, seen + batch_size
         if seen // eval_every > before // eval_every or seen >= config.total_samples:
             curve.append((steps, seen, accuracy(model, data.x_test, data.y_test)))
+    extra = {"test_accuracy_fp32": accuracy(copy.deepcopy(model).float(), data.x_test, data.y_test)} if fp32_test else {}
     return {
+        **extra,
         "curve": curve,
         "test_accuracy": curve[-1][2],
         "val_accuracy": accuracy(model, data.x_val, data.y_val),

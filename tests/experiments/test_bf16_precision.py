@@ -31,8 +31,8 @@ def test_the_fp32_row_is_deep_scalings_run_and_the_bf16_rows_train_bf16_paramete
     built = []
     build = ds.build_optimizer
 
-    def recording(method, model, lr, excluded_lr=None, kahan_sum=None):
-        optimizer = build(method, model, lr, excluded_lr, kahan_sum)
+    def recording(*args):
+        optimizer = build(*args)
         built.append(optimizer)
         return optimizer
 
@@ -50,7 +50,9 @@ def test_quick_run_writes_the_table_and_resumes_from_its_cache(tmp_path, monkeyp
     bp.main(["--quick", "--workers", "1", "--out", str(tmp_path)])
     text = (tmp_path / "bf16_precision.md").read_text()
     saved = json.loads((tmp_path / "bf16_precision_quick_runs.json").read_text())
-    assert len(saved["runs"]) == len(bp.ROWS) * len(bp.PRECISIONS) * len(bp.QUICK.seeds)
+    runs = len(bp.ROWS) * len(bp.PRECISIONS) + len(bp.DIAGNOSED_ROWS) * len(bp.DIAGNOSTICS)
+    assert len(saved["runs"]) == runs * len(bp.QUICK.seeds)
+    assert all(f"| {name} |" in text for name in bp.DIAGNOSTICS)
     assert all(any(line.startswith(f"| {label} |") for line in text.splitlines()) for label in bp.LABELS)
     for name in ("LAMB + sqrt, lr × 1/16", "LAMB + sqrt, lr × 1/4, 4× steps"):
         assert any(line.startswith(f"| {name} |") for line in text.splitlines())
@@ -132,3 +134,46 @@ def test_the_paired_gap_is_the_mean_difference_and_its_standard_error():
 def test_bad_workers_is_a_usage_error(tmp_path):
     with pytest.raises(SystemExit):
         bp.main(["--quick", "--workers", "0", "--out", str(tmp_path)])
+
+
+def test_the_diagnostics_reach_the_optimizer_and_the_fp32_test_retests_the_same_training():
+    data = ds.make_data(TINY.train_size, TINY.val_size, TINY.test_size)
+    label = "LAMB + sqrt"
+    tested = bp.train(TINY, data, bp.Run(label, "bf16 + Kahan, tested in fp32", 0))
+    plain = bp.train(TINY, data, bp.Run(label, "bf16 + Kahan", 0))
+    assert tested["test_accuracy"] == plain["test_accuracy"] and tested["train_loss"] == plain["train_loss"]
+    assert "test_accuracy_fp32" in tested and "test_accuracy_fp32" not in plain
+    model = ds.make_model(0, TINY.channels)
+    assert ds.accuracy(model, data.x_test, data.y_test) == ds.accuracy(model.bfloat16().float(), data.x_test, data.y_test)
+
+    built = []
+    build = ds.build_optimizer
+
+    def recording(*args):
+        built.append(build(*args))
+        return built[-1]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ds, "build_optimizer", recording)
+        for name in ("bf16 + Kahan, fp32 states", "fp32, 8-bit states"):
+            bp.train(TINY, data, bp.Run(label, name, 0))
+    (kahan_fp32, eight_bit) = built
+    weight = next(p for group in kahan_fp32.param_groups for p in group["params"] if p.dim() > 1)
+    assert weight.dtype == torch.bfloat16 and kahan_fp32.state[weight]["exp_avg"].dtype == torch.float32
+    assert "kahan_comp" in kahan_fp32.state[weight]
+    weight = next(p for group in eight_bit.param_groups for p in group["params"] if p.dim() > 1)
+    assert weight.dtype == torch.float32 and eight_bit.state[weight]["exp_avg"].dtype == torch.int8
+
+
+def test_a_training_that_does_not_replicate_its_twin_is_refused(tmp_path):
+    results = ds.Results(None)
+    config = replace(bp.QUICK, seeds=(0,))
+    row = bp.DIAGNOSED_ROWS[0]
+    base = {"test_accuracy": 0.5, "train_loss": 1.0, "cpu_seconds": 1.0}
+    for name in [*bp.PRECISIONS, *bp.DIAGNOSTICS]:
+        result = dict(base, test_accuracy=0.6 if name == "bf16, tested in fp32" else 0.5)
+        if bp.DIAGNOSTICS.get(name, bp.PRECISIONS.get(name)).fp32_test:
+            result["test_accuracy_fp32"] = 0.55
+        results.runs[row.run(name, 0).key(config)] = result
+    with pytest.raises(RuntimeError, match="did not replicate 'bf16'"):
+        bp.write_report(config, results, tmp_path, None)
