@@ -377,14 +377,19 @@ def train(
     kahan_sum: bool | None = None,
     state_dtype: str | None = None,
     fp32_test: bool = False,
+    autocast: bool = False,
 ) -> dict[str, Any]:
     """Train one run; return its curve (steps, samples, test accuracy), final accuracies and lr.
 
     `dtype`: of the parameters and the inputs, so bfloat16 trains without fp32 master weights (the
     loss is taken in fp32); `kahan_sum`, `state_dtype`: the optimizer's, when not None
     (bf16_precision's rows); `fp32_test`: also the final test accuracy of a float32 copy of the
-    trained model (``"test_accuracy_fp32"``).
+    trained model (``"test_accuracy_fp32"``); `autocast`: each training step's forward pass under
+    ``torch.autocast("cpu", torch.bfloat16)`` (mixed precision: bf16 compute, `dtype` weights),
+    the tests without it.
     """
+    if autocast and _BY_LABEL[run.method].grows_batch:
+        raise ValueError(f"autocast is for fixed-batch methods; {run.method!r} grows its batch")
     method = _BY_LABEL[run.method]
     torch.set_num_threads(1)
     started, cpu_started = time.perf_counter(), time.process_time()
@@ -435,7 +440,8 @@ def train(
             optimizer.step()
             controller.step(stats)
         else:
-            loss = _loss(model, (x, y))
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                loss = _loss(model, (x, y))
             loss.backward()
             last_loss = float(loss.detach())
             optimizer.step()

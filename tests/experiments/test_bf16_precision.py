@@ -177,3 +177,24 @@ def test_a_training_that_does_not_replicate_its_twin_is_refused(tmp_path):
         results.runs[row.run(name, 0).key(config)] = result
     with pytest.raises(RuntimeError, match="did not replicate 'bf16'"):
         bp.write_report(config, results, tmp_path, None)
+
+
+def test_the_autocast_row_computes_in_bf16_with_fp32_weights(monkeypatch):
+    data = ds.make_data(TINY.train_size, TINY.val_size, TINY.test_size)
+    label = "LAMB + sqrt"
+    seen = []
+    forward = torch.nn.Conv1d.forward
+
+    def recording(self, x):
+        out = forward(self, x)
+        seen.append((self.weight.dtype, out.dtype))
+        return out
+
+    monkeypatch.setattr(torch.nn.Conv1d, "forward", recording)
+    mixed = bp.train(TINY, data, bp.Run(label, "fp32 weights, bf16 autocast", 0))
+    assert (torch.float32, torch.bfloat16) in seen  # training: fp32 weights, bf16 outputs
+    assert seen[-1] == (torch.float32, torch.float32)  # the test: no autocast
+    assert mixed["train_loss"] != bp.train(TINY, data, bp.Run(label, "fp32", 0))["train_loss"]
+    grows = next(m.label for m in ds.METHODS if m.grows_batch)
+    with pytest.raises(ValueError, match="autocast is for fixed-batch methods"):
+        ds.train(TINY, data, ds.Run(grows, TINY.large_batch_size, 0.1, 0), autocast=True)
