@@ -89,14 +89,16 @@ _BASE_LR_AND_EXPONENT: dict[str, tuple[float, float]] = {
 @dataclass(frozen=True)
 class Precision:
     """How a run trains: its parameters' (and inputs') dtype, the optimizer's ``kahan_sum`` and
-    ``state_dtype`` (None: not passed), whether its model is also tested as a float32 copy, and
-    whether its training forward passes run under bf16 autocast (mixed precision)."""
+    ``state_dtype`` (None: not passed), whether its model is also tested as a float32 copy,
+    whether its training forward passes run under bf16 autocast (mixed precision), and whether its
+    BatchNorm layers stay float32 in a bf16 model."""
 
     dtype: torch.dtype
     kahan_sum: bool | None = None
     state_dtype: str | None = None
     fp32_test: bool = False
     autocast: bool = False
+    fp32_norms: bool = False
 
 
 #: The table's precisions, run on every row.
@@ -108,10 +110,13 @@ PRECISIONS: dict[str, Precision] = {
 #: Further precisions, run on `DIAGNOSED_ROWS` only: which of bf16's roundings the bf16 rows'
 #: gap comes from (the trained bf16 weights tested in fp32: the same training, bit for bit, as the
 #: row of that name; fp32 moments for bf16 + Kahan weights; bf16 compute with fp32 weights, i.e.
-#: mixed precision with master weights, the setting bf16 + Kahan replaces), and what 8-bit moments
-#: cost fp32 weights.
+#: mixed precision with master weights, the setting bf16 + Kahan replaces, which keeps BatchNorm in
+#: fp32; the bf16 models with their BatchNorm layers in fp32, as autocast keeps them), and what
+#: 8-bit moments cost fp32 weights.
 DIAGNOSTICS: dict[str, Precision] = {
     "fp32 weights, bf16 autocast": Precision(torch.float32, autocast=True),
+    "bf16, BatchNorm in fp32": Precision(torch.bfloat16, kahan_sum=False, fp32_norms=True),
+    "bf16 + Kahan, BatchNorm in fp32": Precision(torch.bfloat16, kahan_sum=True, fp32_norms=True),
     "bf16, tested in fp32": Precision(torch.bfloat16, kahan_sum=False, fp32_test=True),
     "bf16 + Kahan, tested in fp32": Precision(torch.bfloat16, kahan_sum=True, fp32_test=True),
     "bf16 + Kahan, fp32 states": Precision(torch.bfloat16, kahan_sum=True, state_dtype="float32"),
@@ -194,7 +199,7 @@ def train(config: Config, data: Data, run: Run) -> dict[str, Any]:
     plain = deep_scaling.Run(run.method, config.large_batch_size, lr, run.seed)
     return deep_scaling.train(config, data, plain, dtype=precision.dtype, kahan_sum=precision.kahan_sum,
                               state_dtype=precision.state_dtype, fp32_test=precision.fp32_test,
-                              autocast=precision.autocast)  # fmt: skip
+                              autocast=precision.autocast, fp32_norms=precision.fp32_norms)  # fmt: skip
 
 
 _DATA: dict[Config, Data] = {}  # per process: each worker builds the data once

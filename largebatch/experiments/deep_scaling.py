@@ -378,6 +378,7 @@ def train(
     state_dtype: str | None = None,
     fp32_test: bool = False,
     autocast: bool = False,
+    fp32_norms: bool = False,
 ) -> dict[str, Any]:
     """Train one run; return its curve (steps, samples, test accuracy), final accuracies and lr.
 
@@ -386,7 +387,8 @@ def train(
     (bf16_precision's rows); `fp32_test`: also the final test accuracy of a float32 copy of the
     trained model (``"test_accuracy_fp32"``); `autocast`: each training step's forward pass under
     ``torch.autocast("cpu", torch.bfloat16)`` (mixed precision: bf16 compute, `dtype` weights),
-    the tests without it.
+    the tests without it; `fp32_norms`: the BatchNorm layers (weights, biases, running statistics
+    and their arithmetic) kept in float32 in a model of another `dtype`.
     """
     if autocast and _BY_LABEL[run.method].grows_batch:
         raise ValueError(f"autocast is for fixed-batch methods; {run.method!r} grows its batch")
@@ -394,6 +396,10 @@ def train(
     torch.set_num_threads(1)
     started, cpu_started = time.perf_counter(), time.process_time()
     model = make_model(run.seed, config.channels, method.ghost_batch_size).to(dtype)
+    if fp32_norms:
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.float()
     optimizer = build_optimizer(method, model, run.lr, run.excluded_lr, kahan_sum, state_dtype)
     n = config.train_size
     order = torch.Generator().manual_seed(1000 + run.seed)

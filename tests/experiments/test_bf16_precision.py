@@ -198,3 +198,23 @@ def test_the_autocast_row_computes_in_bf16_with_fp32_weights(monkeypatch):
     grows = next(m.label for m in ds.METHODS if m.grows_batch)
     with pytest.raises(ValueError, match="autocast is for fixed-batch methods"):
         ds.train(TINY, data, ds.Run(grows, TINY.large_batch_size, 0.1, 0), autocast=True)
+
+
+def test_the_fp32_norms_rows_keep_batchnorm_in_fp32_and_the_rest_bf16(monkeypatch):
+    data = ds.make_data(TINY.train_size, TINY.val_size, TINY.test_size)
+    built = []
+    build = ds.build_optimizer
+
+    def recording(*args):
+        built.append(build(*args))
+        return built[-1]
+
+    monkeypatch.setattr(ds, "build_optimizer", recording)
+    bp.train(TINY, data, bp.Run("LAMB + sqrt", "bf16 + Kahan, BatchNorm in fp32", 0))
+    (optimizer,) = built
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    by_dtype = {dtype: [p for p in params if p.dtype == dtype] for dtype in (torch.float32, torch.bfloat16)}
+    assert by_dtype[torch.float32] and by_dtype[torch.bfloat16] and len(params) == sum(map(len, by_dtype.values()))
+    assert all(p.dim() == 1 for p in by_dtype[torch.float32])  # BatchNorm weights and biases
+    assert all("kahan_comp" in optimizer.state[p] for p in by_dtype[torch.bfloat16])
+    assert not any("kahan_comp" in optimizer.state[p] for p in by_dtype[torch.float32])
