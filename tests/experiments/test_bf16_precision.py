@@ -50,7 +50,7 @@ def test_quick_run_writes_the_table_and_resumes_from_its_cache(tmp_path, monkeyp
     bp.main(["--quick", "--workers", "1", "--out", str(tmp_path)])
     text = (tmp_path / "bf16_precision.md").read_text()
     saved = json.loads((tmp_path / "bf16_precision_quick_runs.json").read_text())
-    runs = len(bp.ROWS) * len(bp.PRECISIONS) + len(bp.DIAGNOSED_ROWS) * len(bp.DIAGNOSTICS)
+    runs = len(bp.ROWS) * len(bp.PRECISIONS) + sum(len(bp.diagnosed_rows(name)) for name in bp.DIAGNOSTICS)
     assert len(saved["runs"]) == runs * len(bp.QUICK.seeds)
     assert all(f"| {name} |" in text for name in bp.DIAGNOSTICS)
     assert all(any(line.startswith(f"| {label} |") for line in text.splitlines()) for label in bp.LABELS)
