@@ -44,6 +44,12 @@ but under-trained), and a quarter of it over 4 times the budget (40 epochs, 600 
 schedule stretched: the same lr × steps as the best-lr row, the last 29 % of the decay below the half ulp).
 The loss is taken in fp32 from the bf16 logits.
 
+A second table (:data:`DIAGNOSTICS`, on the rows :func:`diagnosed_rows` names) separates the
+sources of the bf16 rows' gap: the same bf16 trainings tested as float32 copies, fp32 moments for
+bf16 + Kahan weights, bf16 compute with fp32 weights (``torch.autocast``: mixed precision with
+master weights), and bf16 models whose BatchNorm layers stay float32 (as autocast keeps them),
+with and without Kahan; and fp32 weights with 8-bit moments.
+
 The table gives the mean ± std over seeds of the final test accuracy and, per bf16 precision, the
 paired gap: the mean over seeds of the accuracy minus the same seed's fp32 accuracy, ± its standard
 error :math:`s_d / \sqrt{n}` (:func:`paired_gap`). The CPU has no bf16 arithmetic units, so the
