@@ -170,6 +170,7 @@ class Row:
 
     @property
     def name(self) -> str:
+        """The row's label in the tables: the method, then its lr factor and budget if not 1."""
         parts = [self.method]
         if self.lr_factor != 1.0:
             parts.append(f"lr × 1/{round(1 / self.lr_factor)}")
@@ -178,6 +179,7 @@ class Row:
         return ", ".join(parts)
 
     def run(self, precision: str, seed: int) -> Run:
+        """This row's run in `precision` for `seed`."""
         return Run(self.method, precision, seed, self.lr_factor, self.budget)
 
 
