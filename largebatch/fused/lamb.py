@@ -320,6 +320,7 @@ def fused_lamb(
         lr_tensor, lr_float = lr_arguments(lr, device)
         dtype_args = dtype_constexprs(("PARAM", "GRAD", "EXP_AVG", "EXP_AVG_SQ"), dtypes)
         partials = table.scratch("lamb norms", "chunk", 2 if adapt else 0)
+        trust_clip_value = 0.0 if trust_clip is None else trust_clip
         moments_args = (
             corrections,
             lr_tensor,
@@ -334,36 +335,22 @@ def fused_lamb(
             1.0 - beta2,
             eps,
             weight_decay,
-            0.0 if trust_clip is None else trust_clip,
+            trust_clip_value,
         )
-        constexprs = dict(
-            MAXIMIZE=maximize,
-            BIAS_CORRECTION=bias_correction,
-            TRUST_CLIP=trust_clip is not None,
-            KAHAN=pointers[-1] is not None,
-            **dtype_args,
+        # The constexprs both kernels take (the moments kernel also MAXIMIZE and ADAPT).
+        shared = dict(
+            BIAS_CORRECTION=bias_correction, TRUST_CLIP=trust_clip is not None, KAHAN=pointers[-1] is not None, **dtype_args
         )
-        launch(_moments_kernel, table, partials, None, *moments_args, pointers=pointers, ADAPT=adapt, **constexprs)
+        launch(_moments_kernel, table, partials, None, *moments_args, pointers=pointers, MAXIMIZE=maximize, ADAPT=adapt,
+               **shared)  # fmt: skip
         if not adapt:
             continue
         norms_sq = complete_squares(segment_sums(partials, table, "lamb norms"), shard_reduction)
         if quantised:  # recompute m, v and u from the old codes, step, and store the new codes
-            launch(_moments_kernel, table, partials, norms_sq, *moments_args, pointers=pointers, ADAPT=False, **constexprs)
+            launch(_moments_kernel, table, partials, norms_sq, *moments_args, pointers=pointers, MAXIMIZE=maximize,
+                   ADAPT=False, **shared)  # fmt: skip
             continue
         launch(
-            _apply_kernel,
-            table,
-            norms_sq,
-            corrections,
-            lr_tensor,
-            device_found_inf,
-            lr_float,
-            eps,
-            weight_decay,
-            0.0 if trust_clip is None else trust_clip,
-            pointers=pointers,
-            BIAS_CORRECTION=bias_correction,
-            TRUST_CLIP=trust_clip is not None,
-            KAHAN=pointers[-1] is not None,
-            **dtype_args,
-        )
+            _apply_kernel, table, norms_sq, corrections, lr_tensor, device_found_inf, lr_float, eps, weight_decay,
+            trust_clip_value, pointers=pointers, **shared,
+        )  # fmt: skip
